@@ -1,0 +1,25 @@
+"""The Redis connection every service uses (telemetry stream, config-changed signal)."""
+from __future__ import annotations
+
+import redis.asyncio as redis
+
+from .env import Settings
+
+CONFIG_CHANGED_CHANNEL = "config:changed"  # + key prefix: bridge → automation-engine reload signal
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis(
+        host=settings.redis_host,
+        port=settings.redis_port,
+        db=settings.redis_db,
+        password=settings.redis_pass or None,
+        socket_timeout=10,
+        socket_connect_timeout=5,
+        health_check_interval=15,
+    )
+
+
+def key(settings: Settings, name: str) -> str:
+    """A Redis key or channel under the configured prefix."""
+    return f"{settings.redis_key_prefix}{name}"

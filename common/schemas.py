@@ -1,0 +1,360 @@
+"""Pydantic v2 models for every payload and REST body of contract.md, with its aliases.
+
+Models reject NaN/Infinity, wrong types, over-long strings and missing required fields;
+`describe_error` turns a ValidationError into one line a person can act on.
+Normalisation rules (metric names, timestamps, statuses) live here beside the models.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+Str64 = Annotated[str, StringConstraints(max_length=64)]
+Str128 = Annotated[str, StringConstraints(max_length=128)]
+Str255 = Annotated[str, StringConstraints(max_length=255)]
+Number = StrictFloat  # accepts JSON ints and floats, never strings or booleans
+MAX_CONFIG_BYTES = 4096  # NVS limit of the node (contract §5.1)
+
+
+class Payload(BaseModel):
+    """Base for node payloads: unknown fields are kept (they go to `raw`), NaN is refused."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True)
+
+
+class Body(BaseModel):
+    """Base for REST bodies."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+
+
+def describe_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "payload"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------
+# Metric names and timestamps (contract §3.1)
+# ---------------------------------------------------------------------------------------
+METRIC_ALIASES: dict[str, str] = {}
+for _canonical, _aliases in {
+    "PH": ("ph",),
+    "EC": ("ec",),
+    "TEMP_AIR": ("temp_air", "temperature", "temp"),
+    "TEMP_WATER": ("temp_water", "water_temp"),
+    "HUMIDITY": ("humidity", "humidity_air", "rh"),
+    "CO2": ("co2",),
+    "LUX": ("lux", "light"),
+    "WATER_LEVEL": ("water_level", "level"),
+    "FLOW_RATE": ("flow_rate", "flow"),
+    "PUMP_CURRENT": ("pump_current", "current", "current_ma"),
+    "PUMP_STATE": ("pump_state",),
+}.items():
+    for _alias in _aliases:
+        METRIC_ALIASES[_alias] = _canonical
+KNOWN_METRICS = frozenset(METRIC_ALIASES.values())
+
+
+def normalise_metric(name: str) -> tuple[str, bool]:
+    """Canonical upper-case metric name and whether it is a known metric."""
+    canonical = METRIC_ALIASES.get(name.strip().lower())
+    if canonical is not None:
+        return canonical, True
+    return name.strip().upper(), False
+
+
+MS_THRESHOLD = 1e12
+MIN_EPOCH_SEC = 1.5e9
+MAX_FUTURE_SEC = 86_400
+
+
+def normalise_timestamp(value: Any, received_at: float) -> dt.datetime:
+    """A node timestamp → naive UTC datetime (the schema's convention).
+
+    Numbers ≥ 1e12 are milliseconds; 1.5e9..now+1 day are seconds; anything else (uptime since
+    boot, garbage, missing) is replaced by the receive time. ISO-8601 strings are parsed.
+    A result more than a day in the future is clamped to the receive time."""
+    seconds: float | None = None
+    if isinstance(value, bool) or value is None:
+        seconds = None
+    elif isinstance(value, (int, float)) and math.isfinite(value):
+        if value >= MS_THRESHOLD:
+            seconds = value / 1000.0
+        elif MIN_EPOCH_SEC <= value:
+            seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            parsed = None
+        if parsed is not None:
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=dt.timezone.utc)
+            seconds = parsed.timestamp()
+    if seconds is None or seconds > received_at + MAX_FUTURE_SEC:
+        seconds = received_at
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).replace(tzinfo=None)
+
+
+# ---------------------------------------------------------------------------------------
+# Node → backend payloads (contract §3)
+# ---------------------------------------------------------------------------------------
+class Telemetry(Payload):
+    node_id: Str128 | None = None
+    channel: Str128 | None = None
+    metric_type: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
+        validation_alias=AliasChoices("metric_type", "metric"))
+    value: Number | None
+    raw: Any = None
+    ts: Number | Str64 | None = Field(default=None, validation_alias=AliasChoices("ts", "timestamp"))
+    stub: StrictBool = False
+
+
+class Status(Payload):
+    status: Str64 = "ONLINE"
+    ts: Number | None = None
+
+    @property
+    def normalised(self) -> str:
+        return self.status.strip().lower() or "online"
+
+
+class Heartbeat(Payload):
+    """Values are validated one by one (a bad field is skipped, not the whole heartbeat)."""
+
+    uptime: Any = None
+    uptime_ms: Any = None
+    free_heap: Any = Field(default=None, validation_alias=AliasChoices("free_heap", "free_heap_bytes", "heap"))
+    rssi: Any = None
+    ts: Any = None
+
+    def uptime_seconds(self, uptime_in_ms: bool) -> int | None:
+        if _as_int(self.uptime_ms) is not None:
+            return _as_int(self.uptime_ms) // 1000
+        uptime = _as_int(self.uptime)
+        if uptime is None:
+            return None
+        return uptime // 1000 if uptime_in_ms else uptime
+
+    @property
+    def free_heap_bytes(self) -> int | None:
+        return _as_int(self.free_heap)
+
+    @property
+    def rssi_dbm(self) -> int | None:
+        return _as_int(self.rssi)
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _as_int(value: Any) -> int | None:
+    """An integer that fits the `integer` columns, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and -INT32_MAX <= value <= INT32_MAX:
+        return value
+    return None
+
+
+class ProvisioningMeta(Payload):
+    greenhouse_token: Str128 | None = None
+    zone_id: StrictInt | Str64 | None = None
+    node_name: Str255 | None = None
+
+
+class NodeHello(Payload):
+    message_type: Literal["node_hello"]
+    hardware_id: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^/+#\x00-\x1f\x7f]+$")]
+    node_type: Str64 | None = None
+    fw_version: Str64 | None = None
+    hardware_revision: Str64 | None = None
+    capabilities: list[Str64] = Field(default_factory=list, max_length=64)
+    provisioning_meta: ProvisioningMeta = Field(default_factory=ProvisioningMeta)
+
+
+class ConfigResponse(Payload):
+    status: Str64
+    error: Annotated[str, StringConstraints(max_length=1024)] | None = None
+    node_id: Str128 | None = None
+    applied: StrictBool | None = None
+    version: StrictInt | None = None
+    hash: Str128 | None = None
+    restarted: list[Str64] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status.strip().upper() in ("OK", "ACK")
+
+    @field_validator("status")
+    @classmethod
+    def _known_status(cls, value: str) -> str:
+        if value.strip().upper() not in ("OK", "ACK", "ERROR"):
+            raise ValueError("must be OK, ACK or ERROR")
+        return value
+
+
+# command_response status → commands.status (contract §3.9)
+RESPONSE_STATUS = {
+    "ACK": "ack", "OK": "ack", "ACCEPTED": "ack", "COMPLETED": "ack", "NO_EFFECT": "ack",
+    "ERROR": "failed", "FAILED": "failed", "REJECTED": "failed", "TIMEOUT": "failed",
+}
+
+
+class CommandResponse(Payload):
+    cmd_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    status: Str64
+    error_code: Str128 | None = None
+    error_message: Annotated[str, StringConstraints(max_length=2048)] | None = Field(
+        default=None, validation_alias=AliasChoices("error_message", "error"))
+    details: dict[str, Any] | None = None
+    ts: Number | None = None
+
+    @field_validator("status")
+    @classmethod
+    def _known_status(cls, value: str) -> str:
+        if value.strip().upper() not in RESPONSE_STATUS:
+            raise ValueError(f"must be one of {', '.join(sorted(RESPONSE_STATUS))}")
+        return value
+
+    @property
+    def command_status(self) -> str:
+        return RESPONSE_STATUS[self.status.strip().upper()]
+
+
+# ---------------------------------------------------------------------------------------
+# Backend → node payloads
+# ---------------------------------------------------------------------------------------
+class CommandPayload(Payload):
+    cmd: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    cmd_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    params: dict[str, Any] = Field(default_factory=dict)
+    ts: StrictInt | None = None
+
+
+CHANNEL_TYPES = {"sensor": "SENSOR", "s": "SENSOR", "actuator": "ACTUATOR", "a": "ACTUATOR"}
+
+
+class SafeLimits(Payload):
+    max_duration_ms: StrictInt = Field(ge=1, le=300_000)
+    min_off_ms: StrictInt = Field(ge=0, le=3_600_000)
+
+
+class ChannelConfig(Payload):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^/+#\x00-\x1f\x7f]+$")]
+    type: Str64
+    metric: Str64 | None = None
+    poll_interval_ms: StrictInt | None = Field(default=None, ge=100, le=86_400_000)
+    actuator_type: Str64 | None = None
+    safe_limits: SafeLimits | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _channel_type(cls, value: str) -> str:
+        canonical = CHANNEL_TYPES.get(value.strip().lower())
+        if canonical is None:
+            raise ValueError("must be SENSOR or ACTUATOR")
+        return canonical
+
+    @model_validator(mode="after")
+    def _actuator_limits(self) -> "ChannelConfig":
+        if self.type == "ACTUATOR" and self.safe_limits is None:
+            raise ValueError(f"actuator channel {self.name!r} needs safe_limits {{max_duration_ms, min_off_ms}}")
+        return self
+
+
+class NodeConfig(Payload):
+    """The firmware shape of contract §5.1 (extra blocks are kept and sent as they are)."""
+
+    node_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    version: StrictInt = Field(ge=1)
+    type: Str64
+    gh_uid: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    zone_uid: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    channels: list[ChannelConfig] = Field(max_length=64)
+    wifi: dict[str, Any]
+    mqtt: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _unique_channels(self) -> "NodeConfig":
+        names = [c.name for c in self.channels]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"channel names must be unique, repeated: {', '.join(duplicates)}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------
+# REST bodies (contract §7)
+# ---------------------------------------------------------------------------------------
+class CommandRequest(Body):
+    type: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    params: dict[str, Any] = Field(default_factory=dict)
+    node_uid: Str128 | None = None
+    channel: Str64 | None = None
+    greenhouse_uid: Str128 | None = None
+    zone_id: StrictInt | None = Field(default=None, ge=1)
+    cmd_id: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _empty_list_is_empty_params(cls, value: Any) -> Any:
+        return {} if value in (None, []) else value
+
+
+class ConfigPublishRequest(Body):
+    node_uid: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    zone_id: StrictInt | None = Field(default=None, ge=1)
+    greenhouse_uid: Str128 | None = None
+    config: dict[str, Any]
+
+
+class FillRequest(Body):
+    target_level: Number
+    max_duration_sec: StrictInt = Field(default=300, ge=1, le=3600)
+
+
+class CalibrateFlowRequest(Body):
+    node_id: StrictInt = Field(ge=1)
+    channel: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    pump_duration_sec: StrictInt = 10
+
+
+class ZoneUpdatedRequest(Body):
+    zone_id: StrictInt = Field(ge=1)
+    greenhouse_uid: Str128 | None = None
+
+
+class IngestSample(Body):
+    node_uid: Str128 | None = None
+    zone_id: StrictInt | None = None
+    zone_uid: Str64 | None = None
+    metric_type: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    value: Number | None
+    ts: Number | Str64 | None = None
+    channel: Str64 | None = None
+    raw: Any = None
+
+
+class IngestRequest(Body):
+    samples: list[IngestSample] = Field(min_length=1, max_length=10_000)

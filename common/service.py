@@ -1,0 +1,110 @@
+"""How every service runs: settings, JSON logs, one event loop, HTTP servers, clean SIGTERM.
+
+A service implements `Service`: `start()` brings it up (servers and loops as tasks),
+`stop()` drains in-flight work and closes its connections. `run_service` does the rest and
+exits 0 after SIGTERM or SIGINT.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Awaitable, Callable, Protocol
+
+import uvicorn
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .env import Settings, settings_or_exit
+from .logs import setup_logging
+
+log = logging.getLogger("common.service")
+
+ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def add_ops_routes(app: FastAPI, ready: ReadyCheck, metrics: bool = True) -> FastAPI:
+    """/health (the process is alive), /ready (dependencies answer), /metrics (Prometheus)."""
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["ops"])
+    async def ready_endpoint() -> JSONResponse:
+        checks = await ready()
+        ok = all(checks.values())
+        body = {"status": "ok" if ok else "unavailable", "data": {k: "ok" if v else "down" for k, v in checks.items()}}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    if metrics:
+        @app.get("/metrics", tags=["ops"])
+        async def metrics_endpoint() -> Response:
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def ops_app(ready: ReadyCheck, title: str) -> FastAPI:
+    return add_ops_routes(FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None), ready)
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: run_service owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class HttpServer:
+    """A uvicorn server running as a task on the service's event loop."""
+
+    def __init__(self, app: FastAPI, host: str, port: int):
+        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
+        self.server = _QuietServer(config)
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()  # raises why it could not start (port in use, ...)
+                raise RuntimeError("HTTP server exited during start-up")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        if self.task is None:
+            return
+        self.server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        self.task = None
+
+
+async def serve_until_signalled(service: Service) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    log.info("service_started")
+    await stop.wait()
+    log.info("service_stopping")
+    await service.stop()
+    log.info("service_stopped")
+
+
+def run_service(name: str, build: Callable[[Settings], Service], load: Callable[[], Settings] | None = None) -> int:
+    """Entry point of every `main.py`: load settings (exit 2 with one line on error), run, exit 0."""
+    settings = settings_or_exit(load) if load else settings_or_exit()
+    setup_logging(name, settings.log_level)
+    asyncio.run(serve_until_signalled(build(settings)))
+    return 0

@@ -1,0 +1,145 @@
+import asyncio
+import uuid
+
+import orjson
+import pytest
+
+from common import testing
+from common.alerts import ensure_alert, resolve_alerts
+from common.commands import (CommandError, CommandPublishError, build_payload, issue_command, new_cmd_id,
+                             record_response, sweep_timeouts, validate_command)
+from common.mqtt import MqttClient
+from common.schemas import CommandResponse
+from common.topics import Topics
+
+
+@pytest.fixture
+async def mqtt(settings):
+    client = MqttClient(settings, "-cmd")
+    await client.start(wait=10)
+    yield client
+    await client.stop()
+
+
+@pytest.fixture
+async def zone(db):
+    gh = await db.fetchval("INSERT INTO greenhouses (uid, name) VALUES ('gh-1', 'GH') RETURNING id")
+    zone_id = await db.fetchval("INSERT INTO zones (greenhouse_id, name) VALUES ($1, 'Z') RETURNING id", gh)
+    node_id = await db.fetchval("INSERT INTO nodes (uid, zone_id, type) VALUES ('nd-1', $1, 'pump') RETURNING id",
+                                zone_id)
+    await db.execute("INSERT INTO node_channels (node_id, channel, type, config) VALUES ($1, 'pump_in', 'actuator', $2)",
+                     node_id, {"safe_limits": {"max_duration_ms": 5000, "min_off_ms": 3000}})
+    return zone_id
+
+
+def test_cmd_ids_are_unique_sortable_uuids():
+    ids = [new_cmd_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(uuid.UUID(i).version == 7 for i in ids)
+    assert [i[:13] for i in ids] == sorted(i[:13] for i in ids)
+
+
+def test_payload_is_flat_and_nested():
+    payload = build_payload("run_pump", "abc", {"duration_ms": 2500, "cmd": "evil", "cmd_id": "evil"})
+    assert payload["cmd"] == "run_pump" and payload["cmd_id"] == "abc" and payload["duration_ms"] == 2500
+    assert payload["params"]["duration_ms"] == 2500 and isinstance(payload["ts"], int)
+
+
+@pytest.mark.parametrize("cmd, params, config, words", [
+    ("adjust_ph", {}, None, "unknown command"),
+    ("run_pump", {}, None, "duration_ms is required"),
+    ("run_pump", {"duration_ms": "9"}, None, "must be an integer"),
+    ("run_pump", {"duration_ms": 61_000}, None, "outside the safe range"),
+    ("run_pump", {"duration_ms": 6000}, {"safe_limits": {"max_duration_ms": 5000}}, "max_duration_ms=5000"),
+    ("dose", {"dose_ml": 9.0}, None, "outside the safe range"),
+    ("set_relay", {"state": 1}, None, "true or false"),
+    ("calibrate", {"stage": 1}, None, "one of known_ph, tds_value"),
+])
+def test_catalogue_rejects(cmd, params, config, words):
+    with pytest.raises(CommandError, match=words):
+        validate_command(cmd, params, config)
+
+
+async def test_issue_publishes_once_per_cmd_id(settings, db, mqtt, mqtt_probe, zone):
+    topics = Topics(settings.mqtt_topic_root)
+    kwargs = dict(gh_uid="gh-1", zone_id=zone, node_uid="nd-1", channel="pump_in", cmd="run_pump",
+                  params={"duration_ms": 2500}, cmd_id="laravel-uuid-1")
+    first = await issue_command(db, mqtt, topics, **kwargs)
+    second = await issue_command(db, mqtt, topics, **kwargs)
+    assert (first.published, second.published) == (True, False)
+    assert first.topic == f"{settings.mqtt_topic_root}/gh-1/zn-{zone}/nd-1/pump_in/command"
+    [msg] = await mqtt_probe.wait_for(1, first.topic)
+    await asyncio.sleep(0.3)
+    assert len(mqtt_probe.received(first.topic)) == 1
+    body = orjson.loads(msg.payload)
+    assert (msg.qos, msg.retain, body["cmd"], body["cmd_id"], body["duration_ms"]) == (1, False, "run_pump",
+                                                                                      "laravel-uuid-1", 2500)
+    row = await db.fetchrow("SELECT * FROM commands WHERE cmd_id = 'laravel-uuid-1'")
+    assert row["status"] == "sent" and row["sent_at"] is not None and row["zone_id"] == zone
+    assert row["node_id"] is not None and row["params"] == {"duration_ms": 2500}
+
+
+async def test_laravel_pending_row_is_published(settings, db, mqtt, mqtt_probe, zone):
+    await db.execute("INSERT INTO commands (cmd, cmd_id, status, created_at) VALUES ('stop_pump', 'pend-1', 'pending',"
+                     " now())")
+    result = await issue_command(db, mqtt, Topics(settings.mqtt_topic_root), gh_uid="gh-1", zone_id=zone,
+                                 node_uid="nd-1", channel="pump_in", cmd="stop_pump", cmd_id="pend-1")
+    assert result.published and await db.fetchval("SELECT status FROM commands WHERE cmd_id='pend-1'") == "sent"
+
+
+async def test_channel_limit_and_unsafe_topic_rejected_without_a_row(settings, db, mqtt, zone):
+    topics = Topics(settings.mqtt_topic_root)
+    with pytest.raises(CommandError, match="max_duration_ms=5000"):
+        await issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd-1", channel="pump_in",
+                            cmd="run_pump", params={"duration_ms": 6000})
+    with pytest.raises(CommandError, match="node uid"):
+        await issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd/+", channel="pump_in",
+                            cmd="stop_pump")
+    assert await db.fetchval("SELECT count(*) FROM commands") == 0
+
+
+async def test_failed_publish_never_claims_sent(db, zone):
+    settings = testing.isolated_settings(MQTT_PORT=str(testing.free_port()), PG_DB=db.settings.pg_db)
+    down = MqttClient(settings, "-down")
+    await down.start()
+    with pytest.raises(CommandPublishError):
+        await issue_command(db, down, Topics(settings.mqtt_topic_root), gh_uid="gh-1", zone_id=zone,
+                            node_uid="nd-1", channel="pump_in", cmd="stop_pump", cmd_id="c-down")
+    assert await db.fetchval("SELECT status FROM commands WHERE cmd_id = 'c-down'") == "pending"
+    await down.stop()
+
+
+async def test_response_and_timeout_lifecycle(settings, db, mqtt, zone):
+    topics = Topics(settings.mqtt_topic_root)
+    for cmd_id in ("a", "b", "c"):
+        await issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd-1", channel="pump_in",
+                            cmd="stop_pump", cmd_id=cmd_id)
+    ack = CommandResponse(cmd_id="a", status="ACK")
+    assert (await record_response(db, ack, {"status": "ACK"}))["status"] == "ack"
+    assert await record_response(db, ack, {}) is None  # already closed: no second change
+    err = CommandResponse(cmd_id="b", status="ERROR", error_code="overcurrent", error="too much")
+    row = await record_response(db, err, {"status": "ERROR"})
+    assert row["status"] == "failed"
+    assert await record_response(db, CommandResponse(cmd_id="zzz", status="ACK"), {}) is None
+    await db.execute("UPDATE commands SET sent_at = now() - interval '60 seconds' WHERE cmd_id = 'c'")
+    assert await sweep_timeouts(db, 30) == 1
+    rows = {r["cmd_id"]: r for r in await db.fetch("SELECT * FROM commands")}
+    assert rows["a"]["ack_at"] is not None and rows["b"]["error_code"] == "overcurrent"
+    assert rows["b"]["error_message"] == "too much" and rows["c"]["status"] == "timeout"
+
+
+async def test_alert_is_opened_once_and_resolved(db, zone):
+    async with db.transaction() as conn:
+        first = await ensure_alert(conn, zone_id=zone, alert_type="NODE_OFFLINE", details={"node_uid": "a"},
+                                   match={"node_uid": "a"})
+        again = await ensure_alert(conn, zone_id=zone, alert_type="NODE_OFFLINE",
+                                   details={"node_uid": "a", "n": 2}, match={"node_uid": "a"})
+        other = await ensure_alert(conn, zone_id=zone, alert_type="NODE_OFFLINE", details={"node_uid": "b"},
+                                   match={"node_uid": "b"})
+        assert first[1] and not again[1] and first[0] == again[0] and other[1]
+        assert await resolve_alerts(conn, zone_id=zone, alert_type="NODE_OFFLINE", match={"node_uid": "a"}) == [first[0]]
+    rows = await db.fetch("SELECT code, status, details FROM alerts ORDER BY id")
+    assert [(r["code"], r["status"]) for r in rows] == [("biz_node_offline", "RESOLVED"), ("biz_node_offline", "ACTIVE")]
+    assert rows[0]["details"] == {"node_uid": "a", "n": 2}
+    events = [r["type"] for r in await db.fetch("SELECT type FROM zone_events ORDER BY id")]
+    assert events == ["ALERT_CREATED", "ALERT_CREATED", "ALERT_RESOLVED"]

@@ -1,0 +1,257 @@
+"""Test and benchmark helpers: settings for isolated runs, private servers, an MQTT probe.
+
+Private servers run on a free port in a temporary directory, so fault tests can stop, kill
+and restart them without touching the shared PostgreSQL, Redis and Mosquitto.
+"""
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from .env import Settings
+
+SHARED_ENV = {
+    "MQTT_HOST": os.environ.get("TEST_MQTT_HOST", "127.0.0.1"),
+    "MQTT_PORT": os.environ.get("TEST_MQTT_PORT", "1883"),
+    "PG_HOST": os.environ.get("TEST_PG_HOST", "127.0.0.1"),
+    "PG_PORT": os.environ.get("TEST_PG_PORT", "5432"),
+    "PG_USER": os.environ.get("TEST_PG_USER", "postgres"),
+    "PG_PASS": os.environ.get("TEST_PG_PASS", ""),
+    "PG_DB": "postgres",
+    "REDIS_HOST": os.environ.get("TEST_REDIS_HOST", "127.0.0.1"),
+    "REDIS_PORT": os.environ.get("TEST_REDIS_PORT", "6379"),
+    "LOG_LEVEL": "info",
+}
+
+
+def unique_id(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def isolated_settings(**env: str) -> Settings:
+    """Settings on the shared servers with a topic root, Redis prefix and client id of their own."""
+    tag = unique_id()
+    values = dict(SHARED_ENV, MQTT_TOPIC_ROOT=f"hydro-{tag}", REDIS_KEY_PREFIX=f"test:{tag}:",
+                  MQTT_CLIENT_ID=f"test-{tag}")
+    values.update(env)
+    return Settings.from_env(values)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.05,
+                     message: str = "condition") -> Any:
+    """Poll `check()` until it returns something truthy; fail with `message` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} not reached within {timeout}s (last: {result!r})")
+        await asyncio.sleep(interval)
+
+
+class PrivateServer:
+    """A server process of our own on a free port; stop / kill / restart keep the port and data."""
+
+    name = "server"
+
+    def __init__(self):
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"hydro-{self.name}-"))
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> "PrivateServer":
+        with open(self.dir / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
+                                         preexec_fn=self._preexec())
+        wait_port(self.port)
+        return self
+
+    def _preexec(self):
+        return None
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class PrivateMosquitto(PrivateServer):
+    name = "mosquitto"
+
+    def __init__(self, extra_conf: str = "max_queued_messages 0\nmax_inflight_messages 0\n", persistence: bool = False):
+        super().__init__()
+        conf = f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{extra_conf}"
+        if persistence:
+            conf += f"persistence true\npersistence_location {self.dir}/\n"
+        (self.dir / "mosquitto.conf").write_text(conf)
+
+    def command(self) -> list[str]:
+        return [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(self.dir / "mosquitto.conf")]
+
+
+class PrivateRedis(PrivateServer):
+    name = "redis"
+
+    def __init__(self, appendonly: bool = True):
+        super().__init__()
+        self.appendonly = appendonly
+
+    def command(self) -> list[str]:
+        return [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(self.port),
+                "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"]
+
+
+def _pg_bin(tool: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"))
+    if not found:
+        raise RuntimeError(f"PostgreSQL's {tool} is not installed (/usr/lib/postgresql/*/bin)")
+    return found[-1]
+
+
+class PrivatePostgres(PrivateServer):
+    """A throwaway cluster (initdb); as root it runs as the `postgres` user, which initdb requires."""
+
+    name = "postgres"
+
+    def __init__(self):
+        super().__init__()
+        self.data = self.dir / "data"
+        self._user = None
+        if os.geteuid() == 0:
+            import pwd
+            self._user = pwd.getpwnam("postgres")
+            shutil.chown(self.dir, "postgres", "postgres")
+        subprocess.run([_pg_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync"],
+                       check=True, capture_output=True, preexec_fn=self._preexec(), cwd=self.dir)
+
+    def _preexec(self):
+        user = self._user
+        if user is None:
+            return None
+
+        def drop_privileges():
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+        return drop_privileges
+
+    def command(self) -> list[str]:
+        return [_pg_bin("postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.dir),
+                "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]
+
+    def settings_env(self) -> dict[str, str]:
+        return {"PG_HOST": "127.0.0.1", "PG_PORT": str(self.port), "PG_USER": "postgres", "PG_PASS": "",
+                "PG_DB": "postgres"}
+
+
+class MqttProbe:
+    """A plain paho subscriber for assertions: what was published, with QoS and retain flags."""
+
+    def __init__(self, host: str, port: int, *filters: str):
+        self.messages: list[paho.MQTTMessage] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=unique_id("probe-"))
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_connect = lambda c, *a: c.subscribe([(f, 1) for f in filters])
+        self.client.connect(host, port)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise TimeoutError("probe could not subscribe")
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._lock:
+            self.messages.append(msg)
+
+    def received(self, topic_filter: str = "#") -> list[paho.MQTTMessage]:
+        with self._lock:
+            return [m for m in self.messages if paho.topic_matches_sub(topic_filter, m.topic)]
+
+    def payloads(self, topic_filter: str = "#") -> list[Any]:
+        return [orjson.loads(m.payload) if m.payload else None for m in self.received(topic_filter)]
+
+    async def wait_for(self, count: int, topic_filter: str = "#", timeout: float = 10.0) -> list[paho.MQTTMessage]:
+        async def enough():
+            found = self.received(topic_filter)
+            return found if len(found) >= count else None
+        return await eventually(enough, timeout, message=f"{count} message(s) on {topic_filter}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def publish_sync(host: str, port: int, messages: list[tuple[str, bytes | str, int, bool]]) -> None:
+    """Publish (topic, payload, qos, retain) tuples from a plain client and wait for every PUBACK."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=unique_id("pub-"))
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        infos = [client.publish(t, p, qos=q, retain=r) for t, p, q, r in messages]
+        for info in infos:
+            info.wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
