@@ -6,6 +6,9 @@ every matching subscription. The client reconnects with backoff and re-subscribe
 filter after each (re)connect. MQTT v5 is used so that the client sets its own Receive
 Maximum (how many unacknowledged QoS1 messages the broker may send) and session expiry.
 
+Subscribe before `start()`: a persistent session may deliver queued messages right after
+CONNACK, and they are routed by subscription identifier (assigned in subscription order).
+
 Manual acknowledgement (`manual_ack=True`): a message is PUBACKed only after its handler has
 returned; a handler that raises leaves it unacknowledged, so the broker delivers it again
 after the next reconnect. Messages from an earlier connection are never acknowledged on a
@@ -319,9 +322,8 @@ class MqttClient:
         grouped: dict[int, tuple[_Subscription, list[Message]]] = {}
         for message in batch:
             subs = self._matching(message)
-            if not subs:
+            if not subs:  # left unacknowledged in manual-ack mode: the broker delivers it again
                 metrics.MQTT_UNROUTED.inc()
-                self.ack(message) if self.manual_ack else None
                 continue
             for sub in subs:
                 if sub.batch:

@@ -92,20 +92,23 @@ async def test_manual_ack_redelivers_what_the_handler_did_not_finish():
             if fail["on"]:
                 raise RuntimeError("store unavailable")
 
-        client = await started(settings, "-ack", manual_ack=True)
+        client = MqttClient(settings, "-ack", manual_ack=True)
         await client.subscribe_batch("hydro/t/#", handler)
+        await client.start(wait=10)
         await asyncio.sleep(0.2)
         testing.publish_sync("127.0.0.1", broker.port, [("hydro/t/1", b"m1", 1, False)])
         await testing.eventually(lambda: asyncio.sleep(0, seen == [b"m1"]))
         await client.stop()
         fail["on"] = False
-        client = await started(settings, "-ack", manual_ack=True)
+        client = MqttClient(settings, "-ack", manual_ack=True)
         await client.subscribe_batch("hydro/t/#", handler)
+        await client.start(wait=10)
         await testing.eventually(lambda: asyncio.sleep(0, seen == [b"m1", b"m1"]), message="redelivery")
         await client.stop()
         # acknowledged now: a third session gets nothing
-        client = await started(settings, "-ack", manual_ack=True)
+        client = MqttClient(settings, "-ack", manual_ack=True)
         await client.subscribe_batch("hydro/t/#", handler)
+        await client.start(wait=10)
         await asyncio.sleep(0.5)
         assert seen == [b"m1", b"m1"]
         await client.stop()
