@@ -62,6 +62,7 @@ class Message:
     received_at: float  # epoch seconds when the client received it
     generation: int     # connection number it arrived on (for manual ack)
     sub_ids: tuple[int, ...] = ()  # subscription identifiers the broker says it matched
+    dup: bool = False   # the broker redelivers it (sent before on an earlier connection, unacknowledged)
 
 
 Handler = Callable[[Message], Awaitable[Any]]
@@ -276,7 +277,7 @@ class MqttClient:
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties else None
         self._inbox.append(Message(msg.topic, msg.payload, msg.qos, bool(msg.retain), msg.mid,
-                                   time.time(), self._generation, tuple(ids) if ids else ()))
+                                   time.time(), self._generation, tuple(ids) if ids else (), bool(msg.dup)))
         if not self._wake_pending:
             self._wake_pending = True
             self._loop.call_soon_threadsafe(self._wake.set)
