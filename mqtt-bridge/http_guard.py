@@ -1,0 +1,142 @@
+"""One ASGI middleware in front of every route: auth and body size for /bridge/*, metrics for all.
+
+Order (contract §7.1 [DECISION]: auth first): the bearer token is checked before anything of the
+body is read, then the body is read up to the size limit, then the route validates it.
+
+* No PY_API_TOKEN configured → 500 "Server misconfiguration: PY_API_TOKEN must be set for security"
+  (the contract's answer; the bridge fails closed, nothing under /bridge/ runs).
+* Wrong or missing token → 401 "Unauthorized: invalid or missing token" (constant-time compare).
+* Body larger than BRIDGE_MAX_BODY_BYTES → 413, decided from Content-Length or while reading
+  (never more than the limit is buffered).
+"""
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any, Awaitable, Callable
+
+import orjson
+from starlette.routing import Match, Router
+
+import bridge_metrics as bm
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+PROTECTED_PREFIX = "/bridge/"
+NO_TOKEN = "Server misconfiguration: PY_API_TOKEN must be set for security"
+UNAUTHORIZED = "Unauthorized: invalid or missing token"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BridgeGuard:
+    def __init__(self, app, *, router: Router, token: str, max_body_bytes: int):
+        self.app = app
+        self.router = router
+        self.token = token.encode() if token else b""
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if scope["path"].startswith(PROTECTED_PREFIX):
+                refusal = self._refusal(scope)
+                if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                    try:
+                        receive = await self._buffered(scope, receive)
+                    except BodyTooLarge:
+                        bm.REJECTED.labels("body_too_large").inc()
+                        refusal = (413, f"request body is larger than {self.max_body} bytes", ())
+                if refusal is not None:
+                    code, detail, headers = refusal
+                    await _json(send_and_note, code, {"detail": detail}, headers)
+                    return
+            await self.app(scope, receive, send_and_note)
+        finally:
+            path = self._template(scope)
+            bm.REQUESTS.labels(path, str(status)).inc()
+            bm.LATENCY.labels(path).observe(time.perf_counter() - started)
+
+    def _refusal(self, scope: Scope) -> tuple[int, str, tuple] | None:
+        if not self.token:
+            bm.REJECTED.labels("no_token_configured").inc()
+            return 500, NO_TOKEN, ()
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, credentials = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = credentials.strip()
+                break
+        if not hmac.compare_digest(given, self.token):
+            bm.REJECTED.labels("unauthorized").inc()
+            return 401, UNAUTHORIZED, ((b"www-authenticate", b"Bearer"),)
+        return None
+
+    async def _buffered(self, scope: Scope, receive: Receive) -> Receive:
+        """Read the whole body (at most max_body bytes) and hand it on in one message."""
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    if int(value) > self.max_body:
+                        raise BodyTooLarge
+                except ValueError:
+                    pass
+                break
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # client went away: let the app see it
+                first = message
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise BodyTooLarge
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        else:
+            first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        delivered = False
+
+        async def replay() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return first
+            return await receive()
+        return replay
+
+    def _template(self, scope: Scope) -> str:
+        """The route template of the request (bounded label values), resolved by the router when it ran."""
+        route = scope.get("route")
+        if route is None:
+            for candidate in self.router.routes:
+                match, _ = candidate.matches(scope)
+                if match is not Match.NONE:
+                    route = candidate
+                    break
+        return getattr(route, "path", None) or "unmatched"
+
+
+async def _json(send: Send, status: int, body: dict, headers: tuple = ()) -> None:
+    data = orjson.dumps(body)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": data})

@@ -1,0 +1,126 @@
+"""mqtt-bridge: the REST → MQTT gateway Laravel calls (contract §7.1).
+
+One FastAPI app on BRIDGE_PORT (API, /docs, /health, /ready, /metrics), one MQTT client
+(`-bridge`), one PostgreSQL pool, one Redis client. Every command goes through
+common.commands.issue_command. Start-up does not wait for the broker or the database: /health
+says what is down, requests answer 503 with Retry-After until it is back.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import asyncpg
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from common.commands import CommandError, CommandPublishError
+from common.db import CONNECTION_ERRORS, Database
+from common.env import Settings, settings_or_exit
+from common.mqtt import MqttClient
+from common.redis_client import redis_client
+from common.service import HttpServer, add_ops_routes, run_service
+from common.topics import Topics
+
+from api import build_router
+from bridge_settings import BridgeSettings
+from http_guard import BridgeGuard
+from publisher import ApiError, Publisher
+from routines import Routines
+from tasks import TaskRegistry
+
+log = logging.getLogger("bridge")
+
+DB_UNAVAILABLE = (*CONNECTION_ERRORS, asyncpg.exceptions.PostgresConnectionError, asyncio.TimeoutError)
+
+
+class BridgeService:
+    def __init__(self, settings: Settings, options: BridgeSettings):
+        self.settings = settings
+        self.options = options
+        self.retry_after = {"Retry-After": str(options.retry_after_sec)}
+        self.db = Database(settings)
+        self.mqtt = MqttClient(settings, "-bridge")
+        self.redis = redis_client(settings)
+        self.publisher = Publisher(self.db, self.mqtt, Topics(settings.mqtt_topic_root))
+        self.routines = Routines(self.db, self.publisher, options)
+        self.tasks = TaskRegistry(options.task_keep_sec, options.max_tasks)
+        self.app = create_app(self)
+        self.http = HttpServer(self.app, settings.http_host, settings.bridge_port)
+
+    async def checks(self) -> dict[str, bool]:
+        return {"mqtt": self.mqtt.connected, "db": await self.db.ping()}
+
+    async def start(self) -> None:
+        await self.db.connect(wait=False)  # lazy: a database that is down now is a 503 per request, not a crash
+        await self.mqtt.start()            # connects (and reconnects) in the background
+        await self.http.start()
+        log.info("bridge_listening", extra={"port": self.settings.bridge_port,
+                                            "auth": bool(self.settings.py_api_token)})
+
+    async def stop(self) -> None:
+        await self.tasks.stop()  # running routines stop their pumps while MQTT and the database are still up
+        await self.http.stop()
+        await self.mqtt.stop()
+        await self.redis.aclose()
+        await self.db.close()
+
+
+def create_app(service: BridgeService) -> FastAPI:
+    app = FastAPI(title="hydro mqtt-bridge", version="2.0",
+                  description="REST → MQTT gateway: node commands, NodeConfig publishing, zone water routines. "
+                              "Every /bridge route needs `Authorization: Bearer <PY_API_TOKEN>`.")
+    app.include_router(build_router(service))
+    retry = service.retry_after
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, exc.status, headers=exc.headers)
+
+    @app.exception_handler(CommandError)
+    async def command_error(request: Request, exc: CommandError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 422)
+
+    @app.exception_handler(CommandPublishError)
+    async def publish_error(request: Request, exc: CommandPublishError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 503, headers=retry)
+
+    async def db_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("db_unavailable", extra={"path": request.url.path, "error": repr(exc)})
+        return JSONResponse({"detail": f"database unavailable: {exc!r}"}, 503, headers=retry)
+
+    for kind in DB_UNAVAILABLE:
+        app.add_exception_handler(kind, db_unavailable)
+
+    add_ops_routes(app, service.checks)
+    # Contract §7.1 [DECISION]: /health reports MQTT and the database (503 when either is down).
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/health"]
+
+    @app.get("/health", tags=["ops"], responses={
+        200: {"content": {"application/json": {"example": {"status": "ok", "data": {"mqtt": "ok", "db": "ok"}}}}},
+        503: {"content": {"application/json": {"example": {"status": "unavailable",
+                                                           "data": {"mqtt": "down", "db": "ok"}}}}}})
+    async def health() -> JSONResponse:
+        """MQTT connected and database answering; no token needed."""
+        checks = await service.checks()
+        healthy = all(checks.values())
+        return JSONResponse({"status": "ok" if healthy else "unavailable",
+                             "data": {k: "ok" if v else "down" for k, v in checks.items()}}, 200 if healthy else 503)
+
+    app.add_middleware(BridgeGuard, router=app.router, token=service.settings.py_api_token,
+                       max_body_bytes=service.options.max_body_bytes)
+    return app
+
+
+def build(settings: Settings, options: BridgeSettings | None = None) -> BridgeService:
+    if options is None:
+        def load() -> BridgeSettings:
+            settings.require_secrets("PY_API_TOKEN")
+            return BridgeSettings.from_env()
+        options = settings_or_exit(load)
+    return BridgeService(settings, options)
+
+
+if __name__ == "__main__":
+    sys.exit(run_service("mqtt-bridge", build))
