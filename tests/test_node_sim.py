@@ -1,0 +1,223 @@
+"""The node simulator against the real Mosquitto: what it publishes, how it answers commands
+and configs, and how its reservoir responds to doses."""
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+
+from common import testing
+from common.commands import build_payload, new_cmd_id
+from common.testing import MqttProbe, eventually, publish_sync
+from tools.node_sim import ReservoirParams, SimOptions, Simulator, synthetic_layout
+
+PH_NODE = "nd-sim-ph-z1-1"
+EC_NODE = "nd-sim-ec-z1-2"
+
+
+@pytest.fixture
+def env():
+    settings = testing.isolated_settings()
+    root = settings.mqtt_topic_root
+    probe = MqttProbe(settings.mqtt_host, settings.mqtt_port, f"{root}/#")
+    sims: list[Simulator] = []
+
+    def make(**overrides) -> Simulator:
+        layout = overrides.pop("layout", None) or synthetic_layout(1, 1, 2, node_types=("ph", "ec"))
+        options = dict(host=settings.mqtt_host, port=settings.mqtt_port, topic_root=root,
+                       client_prefix=f"{settings.mqtt_client_id}-", poll_ms=200, heartbeat_sec=0.5,
+                       reservoir=ReservoirParams(ph_drift_per_min=0.0, ec_drift_per_min=0.0, mix_sec=0.5,
+                                                 noise=False))
+        options.update(overrides)
+        sim = Simulator(SimOptions(**options), layout).start(wait=15)
+        sims.append(sim)
+        return sim
+
+    yield settings, probe, make
+    for sim in sims:
+        sim.stop()
+        sim.clear_retained()
+    probe.close()
+
+
+def command(settings, node: str, channel: str, cmd: str, cmd_id: str | None = None, zone: int = 1, **params) -> str:
+    cmd_id = cmd_id or new_cmd_id()
+    topic = f"{settings.mqtt_topic_root}/gh-1/zn-{zone}/{node}/{channel}/command"
+    publish_sync(settings.mqtt_host, settings.mqtt_port, [(topic, orjson.dumps(build_payload(cmd, cmd_id, params)), 1, False)])
+    return cmd_id
+
+
+async def response_for(probe: MqttProbe, cmd_id: str, timeout: float = 10.0) -> dict:
+    async def found():
+        return next((p for p in probe.payloads("+/+/+/+/+/command_response") if p.get("cmd_id") == cmd_id), None)
+    return await eventually(found, timeout, message=f"command_response for {cmd_id}")
+
+
+async def test_status_lwt_heartbeat_and_telemetry(env):
+    settings, probe, make = env
+    root = settings.mqtt_topic_root
+    sim = make()
+    base = f"{root}/gh-1/zn-1/{PH_NODE}"
+    ph = (await probe.wait_for(2, f"{base}/ph_sensor/telemetry"))[0]
+    sample = orjson.loads(ph.payload)
+    assert sample["metric_type"] == "PH" and sample["channel"] == "ph_sensor" and sample["node_id"] == PH_NODE
+    assert abs(sample["ts"] - time.time()) < 30 and sample["value"] == pytest.approx(6.3, abs=0.01)
+    beat = orjson.loads((await probe.wait_for(1, f"{base}/heartbeat"))[0].payload)
+    assert isinstance(beat["uptime"], int) and beat["free_heap"] > 0 and beat["rssi"] < 0
+    # ONLINE is retained: a subscriber arriving later still gets it, flagged as retained
+    late = MqttProbe(settings.mqtt_host, settings.mqtt_port, f"{base}/status")
+    try:
+        status = (await late.wait_for(1, f"{base}/status"))[0]
+        assert status.retain and orjson.loads(status.payload)["status"] == "ONLINE"
+    finally:
+        late.close()
+    # losing the connection abruptly makes the broker publish the will: retained `offline`
+    sim.node(PH_NODE).go_offline(abrupt=True)
+    lwt = (await probe.wait_for(1, f"{base}/lwt", timeout=15))[0]
+    assert lwt.payload == b"offline"
+    late = MqttProbe(settings.mqtt_host, settings.mqtt_port, f"{base}/lwt")
+    try:
+        assert (await late.wait_for(1, f"{base}/lwt"))[0].retain
+    finally:
+        late.close()
+    sim.node(PH_NODE).start()  # comes back: ONLINE again
+    await eventually(lambda: _async(sum(orjson.loads(m.payload)["status"] == "ONLINE"
+                                        for m in probe.received(f"{base}/status")) >= 2), 10)
+
+
+async def _async(value):
+    return value
+
+
+async def test_commands_are_answered_per_firmware_rules(env):
+    settings, probe, make = env
+    sim = make()
+    ack = await response_for(probe, command(settings, PH_NODE, "pump_acid", "dose", dose_ml=1.0))
+    assert ack["status"] == "ACK"
+    repeated = command(settings, PH_NODE, "pump_base", "dose", dose_ml=1.0)
+    assert (await response_for(probe, repeated))["status"] == "ACK"
+    command(settings, PH_NODE, "pump_base", "dose", cmd_id=repeated, dose_ml=1.0)
+
+    async def no_effect():
+        return [p for p in probe.payloads("+/+/+/+/+/command_response") if p["cmd_id"] == repeated][1:]
+    assert (await eventually(no_effect, 10))[0]["status"] == "NO_EFFECT"
+
+    unknown = await response_for(probe, command(settings, PH_NODE, "pump_acid", "adjust_ph", amount=3))
+    assert (unknown["status"], unknown["error_code"]) == ("ERROR", "unknown_command")
+    channel = await response_for(probe, command(settings, PH_NODE, "pump_foo", "run_pump", duration_ms=100))
+    assert (channel["status"], channel["error_code"]) == ("ERROR", "unknown_channel")
+    bad = await response_for(probe, command(settings, EC_NODE, "pump_nutrient", "run_pump", duration_ms="long"))
+    assert (bad["status"], bad["error_code"]) == ("ERROR", "invalid_parameter")
+    too_long = await response_for(probe, command(settings, EC_NODE, "pump_nutrient", "run_pump", duration_ms=9000))
+    assert too_long["error_code"] == "invalid_parameter"  # above safe_limits.max_duration_ms (5000)
+    not_pump = await response_for(probe, command(settings, PH_NODE, "ph_sensor", "run_pump", duration_ms=100))
+    assert not_pump["error_code"] == "pump_not_found"
+    # a command without cmd_id is dropped silently, as firmware does
+    topic = f"{settings.mqtt_topic_root}/gh-1/zn-1/{PH_NODE}/pump_acid/command"
+    before = sim.stats.get("commands_dropped", 0)
+    publish_sync(settings.mqtt_host, settings.mqtt_port, [(topic, b'{"cmd":"dose","dose_ml":1}', 1, False)])
+    await eventually(lambda: _async(sim.stats.get("commands_dropped", 0) > before), 10)
+    # fault injection: the next response is dropped, the one after is sent
+    sim.node(EC_NODE).drop_responses = 1
+    dropped = command(settings, EC_NODE, "pump_nutrient", "stop_pump")
+    answered = command(settings, EC_NODE, "pump_nutrient", "stop_pump")
+    assert (await response_for(probe, answered))["status"] == "ACK"
+    assert not [p for p in probe.payloads("+/+/+/+/+/command_response") if p["cmd_id"] == dropped]
+
+
+async def test_reservoir_responds_to_doses(env):
+    settings, probe, make = env
+    sim = make()
+    res = sim.reservoir(1)
+    start = res.snapshot()
+    assert (await response_for(probe, command(settings, PH_NODE, "pump_acid", "dose", dose_ml=2.0)))["status"] == "ACK"
+    await eventually(lambda: _async(res.snapshot()["ph"] < start["ph"] - 0.19), 10, message="pH falls after acid")
+    # the reported PH telemetry follows
+    ph_topic = f"{settings.mqtt_topic_root}/gh-1/zn-1/{PH_NODE}/ph_sensor/telemetry"
+    await eventually(lambda: _async(probe.payloads(ph_topic)[-1]["value"] < start["ph"] - 0.19), 10)
+    low = res.snapshot()["ph"]
+    assert (await response_for(probe, command(settings, PH_NODE, "pump_base", "dose", dose_ml=1.0)))["status"] == "ACK"
+    await eventually(lambda: _async(res.snapshot()["ph"] > low + 0.09), 10, message="pH rises after base")
+    ec = res.snapshot()["ec"]
+    ack = await response_for(probe, command(settings, EC_NODE, "pump_nutrient", "run_pump", duration_ms=3000))
+    assert ack["status"] == "ACK"  # 3 s × 1 ml/s = 3 ml → +0.06 mS/cm in 100 L
+    await eventually(lambda: _async(res.snapshot()["ec"] > ec + 0.05), 10, message="EC rises after nutrient")
+    # a pump still running refuses another run
+    busy = await response_for(probe, command(settings, EC_NODE, "pump_nutrient", "run_pump", duration_ms=3000))
+    assert busy["error_code"] == "pump_busy"
+
+
+def node_config(node: str, version: int, zone: int = 1, **extra) -> dict:
+    config = {"node_id": node, "version": version, "type": "ph", "gh_uid": "gh-1", "zone_uid": f"zn-{zone}",
+              "channels": [{"name": "ph_sensor", "type": "SENSOR", "metric": "PH", "poll_interval_ms": 300},
+                           {"name": "orp_sensor", "type": "SENSOR", "metric": "ORP", "poll_interval_ms": 300},
+                           {"name": "pump_acid", "type": "ACTUATOR", "metric": None, "actuator_type": "PUMP",
+                            "safe_limits": {"max_duration_ms": 2000, "min_off_ms": 100}, "ml_per_second": 0.5}],
+              "wifi": {"ssid": "HydroFarm", "pass": "x"}, "mqtt": {"host": "mqtt", "port": 1883, "keepalive": 30}}
+    config.update(extra)
+    return config
+
+
+async def test_config_applied_or_refused(env):
+    settings, probe, make = env
+    root = settings.mqtt_topic_root
+    make(poll_ms=0)
+    base = f"{root}/gh-1/zn-1/{PH_NODE}"
+    publish_sync(settings.mqtt_host, settings.mqtt_port,
+                 [(f"{base}/config", orjson.dumps(node_config(PH_NODE, 4)), 1, False)])
+    ok = orjson.loads((await probe.wait_for(1, f"{base}/config_response"))[0].payload)
+    assert ok["status"] == "ACK" and ok["version"] == 4 and ok["node_id"] == PH_NODE
+    await probe.wait_for(2, f"{base}/orp_sensor/telemetry")  # the new channel reports at its poll interval
+    # pump_base is gone with the new config; limits come from the config
+    gone = await response_for(probe, command(settings, PH_NODE, "pump_base", "dose", dose_ml=1.0))
+    assert gone["error_code"] == "unknown_channel"
+    invalid = node_config(PH_NODE, 5)
+    del invalid["channels"][2]["safe_limits"]
+    publish_sync(settings.mqtt_host, settings.mqtt_port, [(f"{base}/config", orjson.dumps(invalid), 1, False),
+                                                          (f"{base}/config", b"{broken", 1, False)])
+    responses = await probe.wait_for(3, f"{base}/config_response")
+    refused = [orjson.loads(m.payload) for m in responses[1:]]
+    assert [r["status"] for r in refused] == ["ERROR", "ERROR"]
+    assert refused[0]["version"] == 5 and "safe_limits" in refused[0]["error"]
+    # the old config stays: pump_acid still exists
+    assert (await response_for(probe, command(settings, PH_NODE, "pump_acid", "dose", dose_ml=0.5)))["status"] == "ACK"
+
+
+async def test_unregistered_node_says_hello_and_takes_its_ids_from_config(env):
+    settings, probe, make = env
+    root = settings.mqtt_topic_root
+    sim = make(layout=synthetic_layout(1, 1, 0, node_types=("ph",), unregistered=1), hello_greenhouse="gh-1",
+               hello_interval_sec=1.0)
+    node = next(iter(sim.nodes.values()))
+    hw = node.spec.hardware_id
+    hello = orjson.loads((await probe.wait_for(1, f"{root}/node_hello"))[0].payload)
+    assert hello["message_type"] == "node_hello" and hello["hardware_id"] == hw
+    assert hello["node_type"] == "ph" and hello["provisioning_meta"]["greenhouse_token"] == "gh-1"
+    await probe.wait_for(1, f"{root}/gh-temp/zn-temp/{hw}/status")
+    publish_sync(settings.mqtt_host, settings.mqtt_port,
+                 [(f"{root}/gh-temp/zn-temp/{hw}/config", orjson.dumps(node_config("nd-ph-new", 1, zone=7)), 1, True)])
+    real = f"{root}/gh-1/zn-7/nd-ph-new"
+    ack = orjson.loads((await probe.wait_for(1, f"{real}/config_response", timeout=15))[0].payload)
+    assert ack["status"] == "ACK" and ack["restarted"] == ["mqtt"]
+    assert orjson.loads((await probe.wait_for(1, f"{real}/status"))[0].payload)["status"] == "ONLINE"
+    await probe.wait_for(1, f"{real}/ph_sensor/telemetry")
+    assert node.spec.registered and sim.node("nd-ph-new") is node
+    hellos = len(probe.received(f"{root}/node_hello"))
+    time.sleep(1.5)
+    assert len(probe.received(f"{root}/node_hello")) == hellos  # a registered node stops saying hello
+
+
+async def test_malformed_payload_injection(env):
+    settings, probe, make = env
+    sim = make(malformed_rate=1.0)
+    messages = await probe.wait_for(5, f"{settings.mqtt_topic_root}/+/+/+/+/telemetry")
+
+    def valid(payload: bytes) -> bool:
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(data, dict) and "metric_type" in data and isinstance(data.get("value"), (int, float))
+    assert not any(valid(m.payload) for m in messages)
+    assert sim.stats["malformed_sent"] >= 5

@@ -1,0 +1,511 @@
+"""One simulated ESP32 node: its MQTT session, its channels and how it answers the backend.
+
+Behaviour follows the firmware as the contract describes it (§2.2, §3, §4.1, §5.1):
+the will (`offline`, QoS1, retained) is set on `…/lwt`; after CONNACK the node publishes a retained
+`{"status":"ONLINE"}`, then subscribes to its `config` and `+/command` topics; an unregistered
+node publishes `node_hello` on `<root>/node_hello`. Every command with a cmd_id is answered with a
+command_response (ACK / ERROR + error_code / NO_EFFECT for a repeated cmd_id); commands without
+a cmd_id are dropped silently, as firmware does. A valid NodeConfig is applied and acknowledged;
+an invalid one is refused with `ERROR` and the old one kept.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import ValidationError
+
+from common.schemas import NodeConfig, describe_error
+from common.topics import TEMP_GH, TEMP_ZONE, Topics
+
+from .layout import ChannelSpec, NodeSpec
+
+if TYPE_CHECKING:
+    from .fleet import Simulator
+    from .reservoir import Reservoir
+
+log = logging.getLogger("node_sim")
+
+CMD_ID_CACHE = 64            # firmware keeps a small ring of recent cmd_ids
+SET_STATE_MAX_MS = 300_000   # set_state 1 runs a pump for at most this long
+PUMP_COMMANDS = {"run_pump", "stop_pump", "dose", "set_state"}
+KNOWN_COMMANDS = PUMP_COMMANDS | {"set_relay", "set_pwm", "calibrate"}
+
+
+class CommandRefused(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class SimNode:
+    def __init__(self, spec: NodeSpec, sim: "Simulator"):
+        self.spec = spec
+        self.sim = sim
+        self.topics = Topics(sim.options.topic_root)
+        self.config_version = 0
+        self.applied_config: dict | None = None
+        self.boot = time.monotonic()
+        self.connected = threading.Event()
+        self.online = False           # False while taken offline on purpose
+        self.drop_responses = 0       # answer nothing to the next N commands
+        self.responses: list[dict] = []   # every command_response / config_response sent (for tests)
+        self._cmd_ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._pump_until: dict[str, float] = {}
+        self._pump_off_at: dict[str, float] = {}
+        self._next_poll: dict[str, float] = {}
+        self._next_heartbeat = 0.0
+        self._next_hello = 0.0
+        self._pending_config_response: dict | None = None
+        self._lock = threading.RLock()
+        self._client: paho.Client | None = None
+        self._random = random.Random(spec.uid)
+        self.known_segments: list[tuple[str, str, str]] = []  # every id set this node has used
+
+    # -- identity -------------------------------------------------------------------------
+    @property
+    def uid(self) -> str:
+        return self.spec.uid
+
+    @property
+    def segments(self) -> tuple[str, str, str]:
+        """(gh, zone, node) topic segments: real ids, or temporary ones with the hardware id."""
+        if self.spec.registered:
+            return self.spec.gh, f"zn-{self.spec.zone_id}", self.spec.uid
+        return TEMP_GH, TEMP_ZONE, self.spec.hardware_id
+
+    def node_topic(self, kind: str) -> str:
+        return self.topics.node_topic(*self.segments, kind)
+
+    def channel_topic(self, channel: str, kind: str) -> str:
+        return self.topics.channel_topic(*self.segments, channel, kind)
+
+    @property
+    def reservoir(self) -> "Reservoir":
+        return self.sim.reservoir_for(self)
+
+    def channel(self, name: str) -> ChannelSpec | None:
+        return next((c for c in self.spec.channels if c.name == name), None)
+
+    def uptime_ms(self) -> int:
+        return int((time.monotonic() - self.boot) * 1000)
+
+    # -- connection -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect (in paho's network thread); returns at once."""
+        with self._lock:
+            if self._client is not None:
+                return
+            o = self.sim.options
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{o.client_prefix}{self.spec.hardware_id}",
+                                 protocol=paho.MQTTv311, clean_session=True)
+            if o.username:
+                client.username_pw_set(o.username, o.password or None)
+            if o.tls:
+                client.tls_set(ca_certs=o.ca_file or None)
+            if self.segments not in self.known_segments:
+                self.known_segments.append(self.segments)
+            client.will_set(self.node_topic("lwt"), b"offline", qos=1, retain=True)
+            client.reconnect_delay_set(1, 5)
+            client.on_connect = self._on_connect
+            client.on_disconnect = self._on_disconnect
+            client.on_message = self._on_message
+            self._client = client
+            self.online = True
+            client.connect_async(o.host, o.port, keepalive=o.keepalive)
+            client.loop_start()
+
+    def stop(self) -> None:
+        """A clean disconnect (the broker does not publish the will)."""
+        with self._lock:
+            client, self._client = self._client, None
+            self.online = False
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+        self.connected.clear()
+
+    def go_offline(self, abrupt: bool = True) -> None:
+        """Lose the connection; abrupt=True drops the TCP socket without DISCONNECT, so the broker
+        publishes the node's will (`offline` on …/lwt), as when a node loses power."""
+        if not abrupt:
+            self.stop()
+            return
+        with self._lock:
+            client, self._client = self._client, None
+            self.online = False
+        self.connected.clear()
+        if client is None:
+            return
+        client.loop_stop()
+        sock = client.socket()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        self.sim.count("offline_events")
+
+    def restart(self) -> None:
+        """Reconnect with the current ids (after a config changed them): a fresh session and will."""
+        self.stop()
+        self.start()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("node_connect_refused", extra={"node": self.uid, "reason": str(reason_code)})
+            return
+        uptime_s = self.uptime_ms() // 1000
+        client.publish(self.node_topic("status"), orjson.dumps({"status": "ONLINE", "ts": uptime_s}), qos=1,
+                       retain=True)
+        client.subscribe([(self.node_topic("config"), 1), (self._command_filter(), 1)])
+        now = time.monotonic()
+        self._next_heartbeat = now + 1.0
+        self._next_hello = now
+        self.connected.set()
+        self.sim.count("connects")
+        with self._lock:
+            pending, self._pending_config_response = self._pending_config_response, None
+        if pending is not None:  # the answer to the config that gave this node its new ids
+            self._publish_response(self.node_topic("config_response"), pending, config=True)
+
+    def _command_filter(self) -> str:
+        gh, zone, node = self.segments
+        return f"{self.topics.root}/{gh}/{zone}/{node}/+/command"
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return False
+        return client.publish(topic, payload, qos=qos, retain=retain).rc == paho.MQTT_ERR_SUCCESS
+
+    # -- periodic traffic (called by the simulator's ticker thread) -----------------------
+    def tick(self, now: float) -> None:
+        if not self.connected.is_set():
+            return
+        self._stop_expired_pumps(now)
+        o = self.sim.options
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + o.heartbeat_sec
+            self._send_heartbeat()
+        if not self.spec.registered and now >= self._next_hello:
+            self._next_hello = now + o.hello_interval_sec
+            self._send_hello()
+        for ch in self.spec.channels:
+            if not ch.is_sensor:
+                continue
+            due = self._next_poll.get(ch.name)
+            interval = (o.poll_ms or ch.poll_interval_ms) / 1000.0
+            if due is None:  # spread the first readings so nodes do not publish in lock-step
+                self._next_poll[ch.name] = now + self._random.uniform(0, min(interval, 1.0))
+                continue
+            if now >= due:
+                self._next_poll[ch.name] = max(due + interval, now)
+                self._send_telemetry(ch)
+
+    def _send_heartbeat(self) -> None:
+        payload = {"uptime": self.uptime_ms(), "free_heap": 100_000 + self._random.randint(-4000, 4000),
+                   "rssi": -55 - self._random.randint(0, 15), "ts": int(time.time())}
+        data = self._maybe_malformed(orjson.dumps(payload))
+        if self.publish(self.node_topic("heartbeat"), data, qos=1):
+            self.sim.count("heartbeats_sent")
+
+    def _send_hello(self) -> None:
+        o = self.sim.options
+        payload = {"message_type": "node_hello", "hardware_id": self.spec.hardware_id, "node_type": self.spec.type,
+                   "fw_version": self.spec.fw_version, "hardware_revision": "sim",
+                   "capabilities": sorted({c.metric.lower() for c in self.spec.channels if c.is_sensor}),
+                   "provisioning_meta": {"greenhouse_token": o.hello_greenhouse or None,
+                                         "zone_id": o.hello_zone_id, "node_name": None}}
+        if self.publish(self.topics.node_hello(), orjson.dumps(payload), qos=1):
+            self.sim.count("hellos_sent")
+
+    def _send_telemetry(self, ch: ChannelSpec) -> None:
+        value = self.reservoir.reading(ch.metric)
+        if value is None:
+            value = round(self._random.uniform(0, 100), 2)
+        payload = {"node_id": self.uid, "channel": ch.name, "metric_type": ch.metric.upper(), "value": value,
+                   "raw": int(value * 1000), "ts": round(time.time(), 3), "stable": True}
+        data = self._maybe_malformed(orjson.dumps(payload))
+        if self.publish(self.channel_topic(ch.name, "telemetry"), data, qos=1):
+            self.sim.count("telemetry_sent")
+
+    def _maybe_malformed(self, data: bytes) -> bytes:
+        rate = self.sim.options.malformed_rate
+        if rate <= 0 or self._random.random() >= rate:
+            return data
+        self.sim.count("malformed_sent")
+        return self._random.choice(MALFORMED)
+
+    # -- incoming -------------------------------------------------------------------------
+    def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        try:
+            parsed = self.topics.parse(msg.topic)
+        except ValueError:
+            return
+        try:
+            if parsed.kind == "config":
+                self._handle_config(msg.payload)
+            elif parsed.kind == "command":
+                self._handle_command(parsed.channel, msg.payload)
+        except Exception:  # noqa: BLE001 - a bad message must never kill the network thread
+            log.exception("node_message_failed", extra={"node": self.uid, "topic": msg.topic})
+
+    # commands ----------------------------------------------------------------------------
+    def _handle_command(self, channel: str, payload: bytes) -> None:
+        self.sim.count("commands_received")
+        try:
+            cmd = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            self.sim.count("commands_dropped")
+            return
+        if not isinstance(cmd, dict) or not isinstance(cmd.get("cmd_id"), str) or not cmd["cmd_id"]:
+            self.sim.count("commands_dropped")  # firmware drops commands without cmd_id, no answer
+            return
+        cmd_id = cmd["cmd_id"]
+        with self._lock:
+            repeated = cmd_id in self._cmd_ids
+            if not repeated:
+                self._cmd_ids[cmd_id] = None
+                while len(self._cmd_ids) > CMD_ID_CACHE:
+                    self._cmd_ids.popitem(last=False)
+        if repeated:
+            response = {"cmd_id": cmd_id, "status": "NO_EFFECT"}
+        else:
+            try:
+                details = self._execute(channel, str(cmd.get("cmd", "")), _params(cmd))
+                response = {"cmd_id": cmd_id, "status": "ACK", "details": {"channel": channel, **details}}
+            except CommandRefused as exc:
+                response = {"cmd_id": cmd_id, "status": "ERROR", "error_code": exc.code,
+                            "error_message": str(exc), "details": {"channel": channel}}
+        response["ts"] = self.uptime_ms() // 1000
+        if self._should_drop():
+            self.sim.count("responses_dropped")
+            return
+        self._publish_response(self.channel_topic(channel, "command_response"), response)
+
+    def _should_drop(self) -> bool:
+        with self._lock:
+            if self.drop_responses > 0:
+                self.drop_responses -= 1
+                return True
+        rate = self.sim.options.drop_rate
+        return rate > 0 and self._random.random() < rate
+
+    def _publish_response(self, topic: str, response: dict, config: bool = False) -> None:
+        self.responses.append({"topic": topic, **response})
+        if self.publish(topic, orjson.dumps(response), qos=1):
+            self.sim.count(("config_response_" if config else "response_") + response["status"].lower())
+
+    def _execute(self, channel: str, name: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Carry a command out; returns details for the ACK or raises CommandRefused."""
+        if name not in KNOWN_COMMANDS:
+            raise CommandRefused("unknown_command", f"unknown command {name[:64]!r}")
+        ch = self.channel(channel)
+        if ch is None:
+            raise CommandRefused("unknown_channel", f"no channel {channel!r} on this node")
+        now = time.monotonic()
+        if name in PUMP_COMMANDS:
+            if not ch.is_pump:
+                raise CommandRefused("pump_not_found", f"{channel} is not a pump")
+            if name == "stop_pump" or (name == "set_state" and _int(params, "state", 0, 1) == 0):
+                self._stop_pump(ch, now)
+                return {"state": 0}
+            limits = ch.safe_limits or {}
+            if name == "run_pump":
+                duration_ms = _int(params, "duration_ms", 1, 300_000)
+                if duration_ms > limits.get("max_duration_ms", 300_000):
+                    raise CommandRefused("invalid_parameter",
+                                         f"duration_ms={duration_ms} exceeds max_duration_ms={limits['max_duration_ms']}")
+            elif name == "dose":
+                dose_ml = _float(params, "dose_ml", 0.0, 1000.0)
+                if dose_ml <= 0:
+                    raise CommandRefused("invalid_parameter", "dose_ml must be positive")
+                duration_ms = int(dose_ml / (ch.ml_per_second or 1.0) * 1000)
+            else:  # set_state 1
+                _int(params, "state", 0, 1)
+                duration_ms = SET_STATE_MAX_MS
+            self._check_pump_free(ch, now, limits)
+            self._run_pump(ch, now, duration_ms, dose_ml=params.get("dose_ml") if name == "dose" else None)
+            return {"duration_ms": duration_ms}
+        if name == "set_relay":
+            state = params.get("state")
+            if isinstance(state, int) and not isinstance(state, bool) and state in (0, 1):
+                state = bool(state)
+            if not isinstance(state, bool):
+                raise CommandRefused("invalid_parameter", "state must be true or false")
+            if ch.type != "ACTUATOR":
+                raise CommandRefused("relay_driver_failed", f"{channel} is not a relay")
+            self._switch(ch, 1.0 if state else 0.0)
+            return {"state": int(state)}
+        if name == "set_pwm":
+            value = _float(params, "value", 0, 255)
+            if ch.type != "ACTUATOR":
+                raise CommandRefused("pwm_failed", f"{channel} has no PWM output")
+            level = value / 100.0 if value <= 100 else value / 255.0
+            self._switch(ch, level)
+            return {"value": value}
+        # calibrate
+        if ch.metric not in ("PH", "EC") and "ph" not in channel and "ec" not in channel:
+            raise CommandRefused("calibration_failed", f"{channel} cannot be calibrated")
+        _int(params, "stage", 0, 10)
+        if "known_ph" not in params and "tds_value" not in params:
+            raise CommandRefused("invalid_parameter", "known_ph or tds_value is required")
+        return {"stage": params["stage"]}
+
+    def _check_pump_free(self, ch: ChannelSpec, now: float, limits: dict) -> None:
+        if self._pump_until.get(ch.name, 0) > now:
+            raise CommandRefused("pump_busy", f"{ch.name} is running")
+        min_off = limits.get("min_off_ms", 0) / 1000.0 / self.sim.options.cooldown_divisor
+        if now - self._pump_off_at.get(ch.name, -1e9) < min_off:
+            raise CommandRefused("pump_busy", f"{ch.name} is in its min-off cooldown")
+
+    def _run_pump(self, ch: ChannelSpec, now: float, duration_ms: int, dose_ml: float | None) -> None:
+        seconds = duration_ms / 1000.0
+        self._pump_until[ch.name] = now + seconds
+        ml = dose_ml if dose_ml is not None else seconds * (ch.ml_per_second or 0.0)
+        res = self.reservoir
+        name = ch.name.lower()
+        if "acid" in name:
+            res.add_acid(ml)
+        elif "base" in name:
+            res.add_base(ml)
+        elif "nutrient" in name:
+            res.add_nutrient(ml)
+        else:  # irrigation / recirculation pumps move water; flow and current show while they run
+            res.irrigate(seconds)
+        self.sim.count("pump_runs")
+
+    def _stop_pump(self, ch: ChannelSpec, now: float) -> None:
+        if self._pump_until.get(ch.name, 0) > now:
+            self._pump_until[ch.name] = now
+            self._pump_off_at[ch.name] = now
+            if not any(k in ch.name.lower() for k in ("acid", "base", "nutrient")):
+                self.reservoir.stop_irrigation()
+
+    def _stop_expired_pumps(self, now: float) -> None:
+        for name, until in list(self._pump_until.items()):
+            if until and until <= now:
+                self._pump_until[name] = 0
+                self._pump_off_at[name] = until
+
+    def _switch(self, ch: ChannelSpec, level: float) -> None:
+        res = self.reservoir
+        name = ch.name.lower()
+        if "fan" in name:
+            res.set_fan(level > 0)
+        elif "heater" in name:
+            res.set_heater(level > 0)
+        elif "light" in name or "led" in name:
+            res.set_light(level)
+        elif "valve" in name or "pump" in name:
+            if level > 0:
+                res.irrigate(SET_STATE_MAX_MS / 1000.0)
+            else:
+                res.stop_irrigation()
+
+    # config ------------------------------------------------------------------------------
+    def _handle_config(self, payload: bytes) -> None:
+        if not payload:  # a retained copy being cleared
+            return
+        self.sim.count("configs_received")
+        try:
+            raw = orjson.loads(payload)
+            config = NodeConfig.model_validate(raw)
+        except orjson.JSONDecodeError:
+            self._refuse_config("invalid_json: config is not JSON", None)
+            return
+        except ValidationError as exc:
+            version = raw.get("version") if isinstance(raw, dict) else None
+            self._refuse_config(f"Invalid config structure: {describe_error(exc)}", version)
+            return
+        new_zone = _zone_id(config.zone_uid)
+        channels = [_channel_from_config(c.model_dump()) for c in config.channels]
+        ids_changed = (config.node_id != self.spec.uid or config.gh_uid != (self.spec.gh or TEMP_GH)
+                       or new_zone != self.spec.zone_id)
+        response = {"status": "ACK", "node_id": config.node_id, "version": config.version,
+                    "applied_at": self.uptime_ms() / 1000.0, "restarted": ["mqtt"] if ids_changed else [],
+                    "ts": int(time.time())}
+        with self._lock:
+            self.spec.channels = channels
+            self.spec.type = config.type or self.spec.type
+            self.config_version = config.version
+            self.applied_config = raw
+            self._next_poll.clear()
+        self.sim.count("configs_applied")
+        if not ids_changed:
+            self._publish_response(self.node_topic("config_response"), response, config=True)
+            return
+        # New ids: reconnect with the new will and topics, then answer on the real topic.
+        with self._lock:
+            self.spec.uid, self.spec.gh, self.spec.zone_id = config.node_id, config.gh_uid, new_zone
+            self._pending_config_response = response
+        self.sim.defer(self.restart)
+
+    def _refuse_config(self, error: str, version: Any) -> None:
+        self.sim.count("configs_refused")
+        response = {"status": "ERROR", "error": error[:300], "node_id": self.uid,
+                    "version": version if isinstance(version, int) else None, "ts": int(time.time())}
+        self._publish_response(self.node_topic("config_response"), response, config=True)
+
+
+MALFORMED = (
+    b"{not json",
+    b'{"metric_type":"PH","value":"high"}',
+    b"[1,2,3]",
+    b'{"value":1.0}',
+    b"\xff\xfe\x00garbage",
+    b'{"metric_type":"PH","value":NaN}',
+    b"",
+)
+
+
+def _params(cmd: dict) -> dict[str, Any]:
+    """Flat parameters win; the nested `params` object fills what is missing (contract I-6)."""
+    nested = cmd.get("params") if isinstance(cmd.get("params"), dict) else {}
+    merged = dict(nested)
+    merged.update({k: v for k, v in cmd.items() if k not in ("cmd", "cmd_id", "params", "ts")})
+    return merged
+
+
+def _int(params: dict, name: str, lo: int, hi: int) -> int:
+    value = params.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or not lo <= value <= hi:
+        raise CommandRefused("invalid_parameter", f"{name} must be an integer from {lo} to {hi}")
+    return int(value)
+
+
+def _float(params: dict, name: str, lo: float, hi: float) -> float:
+    value = params.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or not lo <= value <= hi:
+        raise CommandRefused("invalid_parameter", f"{name} must be a number from {lo:g} to {hi:g}")
+    return float(value)
+
+
+def _zone_id(zone_uid: str) -> int | None:
+    from common.topics import zone_id_from_segment
+    return zone_id_from_segment(zone_uid)
+
+
+def _channel_from_config(entry: dict) -> ChannelSpec:
+    kind = entry.get("type", "SENSOR")
+    limits = entry.get("safe_limits") or {}
+    mlps = entry.get("ml_per_second")
+    return ChannelSpec(
+        name=entry["name"], type=kind, metric=(entry.get("metric") or None) if kind == "SENSOR" else None,
+        poll_interval_ms=int(entry.get("poll_interval_ms") or 3000),
+        actuator_type=entry.get("actuator_type"),
+        safe_limits={k: v for k, v in limits.items() if v is not None} if limits else {},
+        ml_per_second=float(mlps) if isinstance(mlps, (int, float)) and not isinstance(mlps, bool) else None)
