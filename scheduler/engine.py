@@ -1,0 +1,197 @@
+"""The tick: load schedules, work out what is due, claim it once, execute it.
+
+Each tick covers the interval (previous completed tick, now]; the first tick after start-up
+covers only the catch-up window. A due time older than the catch-up window (a tick held up by
+an outage) is recorded as `missed` and counted, not fired. The clock is injected: tests call
+`tick(now)` and `run_followups(now)` directly and never wait.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from typing import Awaitable, Callable
+
+import irrigation
+import lighting
+import scheduler_metrics as m
+import water_cycle
+from actuators import CommandSender
+from common.alerts import add_zone_event
+from common.db import Database
+from common.env import Settings
+from config import SchedulerConfig
+from runs import Firing, claim, take_due_followups
+from schedules import ZoneSchedule, load_schedules
+from timespec import UTC, occurrences
+
+log = logging.getLogger("scheduler.engine")
+
+Clock = Callable[[], dt.datetime]
+
+
+def system_clock() -> dt.datetime:
+    return dt.datetime.now(UTC)
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, config: SchedulerConfig, db: Database, sender: CommandSender,
+                 clock: Clock = system_clock):
+        self.settings, self.config, self.db, self.sender, self.clock = settings, config, db, sender, clock
+        self.last_tick: dt.datetime | None = None
+        self._light_edges: dict[int, tuple] = {}   # zone → the lighting edge key already claimed or seen
+        self._reported: set[tuple] = set()         # bad specs already reported
+        self._executors: dict[str, Callable[..., Awaitable[str]]] = {
+            "irrigation": irrigation.fire, "lighting": lighting.fire, "water_change": water_cycle.start}
+        self._followups = {"dry_run_check": irrigation.dry_run_check, "finish": irrigation.finish_run}
+
+    # -- the tick ---------------------------------------------------------------------------
+    async def tick(self, now: dt.datetime | None = None) -> list[Firing]:
+        """One evaluation at `now`; returns the firings this call claimed (executed or missed)."""
+        now = now or self.clock()
+        if not self.sender.mqtt.connected:
+            # Nothing is claimed while commands cannot go out; the next tick covers this interval.
+            m.TICK_SKIPPED.inc()
+            log.warning("scheduler_tick_skipped_mqtt_down")
+            return []
+        started = time.perf_counter()
+        try:
+            zones = await load_schedules(self.db, self.config.irrigation_duration_sec)
+            m.ZONES_LOADED.set(len(zones))
+            m.ACTIVE_SCHEDULES.set(sum(z.item_count for z in zones))
+            await self._report_bad_specs(zones)
+            after = self.last_tick or now - dt.timedelta(seconds=self.config.catchup_sec)
+            firings = self.due(zones, after, now)
+            claimed = await claim(self.db, firings, now)
+            self._count_claims(firings, claimed)
+            await self._execute([f for f in claimed if f.status == "running"], now)
+            await water_cycle.advance(self, zones, now)
+        except Exception:
+            m.TICK_ERRORS.inc()
+            log.exception("scheduler_tick_failed")
+            raise
+        finally:
+            m.TICK_SECONDS.observe(time.perf_counter() - started)
+        if self.last_tick is None or now > self.last_tick:
+            self.last_tick = now
+        return claimed
+
+    def due(self, zones: list[ZoneSchedule], after: dt.datetime, now: dt.datetime) -> list[Firing]:
+        """Every firing falling in (after, now]: irrigation times, lighting edges, water-change starts."""
+        horizon = now - dt.timedelta(seconds=self.config.catchup_sec)
+        firings: list[Firing] = []
+        for zone in zones:
+            if zone.irrigation_times:
+                for occ in occurrences(zone.irrigation_times, zone.tz, after, now):
+                    status = "missed" if occ.at < horizon else "running"
+                    firings.append(Firing(zone, "irrigation", f"irrigation@{occ.local:%H:%M}", occ, status))
+            if zone.lighting is not None:
+                edge = lighting.edge_firing(zone, now)
+                if self._light_edges.get(zone.zone_id) != edge.key:
+                    firings.append(edge)
+            firings.extend(water_cycle.due(zone, after, now, horizon))
+        return firings
+
+    def _count_claims(self, firings: list[Firing], claimed: list[Firing]) -> None:
+        won = {id(f) for f in claimed}
+        for firing in firings:
+            if firing.kind == "lighting":
+                self._light_edges[firing.zone.zone_id] = firing.key
+            if id(firing) not in won:
+                m.DUPLICATES.labels(firing.kind).inc()
+            elif firing.status == "missed":
+                m.MISSED.labels(firing.kind).inc()
+                log.warning("schedule_missed", extra={"zone_id": firing.zone.zone_id, "item": firing.item,
+                                                      "scheduled_local": firing.occurrence.local.isoformat(),
+                                                      "run_id": firing.run_id})
+
+    async def _execute(self, firings: list[Firing], now: dt.datetime) -> None:
+        if not firings:
+            return
+        gate = asyncio.Semaphore(self.config.concurrency)
+        # One zone's firings run in order (e.g. lights off before irrigation); zones run side by side.
+        by_zone: dict[int, list[Firing]] = {}
+        for firing in firings:
+            by_zone.setdefault(firing.zone.zone_id, []).append(firing)
+
+        async def run_zone(items: list[Firing]) -> None:
+            async with gate:
+                for firing in items:
+                    await self._execute_one(firing, now)
+
+        await asyncio.gather(*(run_zone(items) for items in by_zone.values()))
+
+    async def _execute_one(self, firing: Firing, now: dt.datetime) -> None:
+        try:
+            outcome = await self._executors[firing.kind](self, firing, now)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one zone's failure never stops the others
+            m.ZONE_ERRORS.labels(firing.kind).inc()
+            log.exception("schedule_firing_failed", extra={"zone_id": firing.zone.zone_id, "item": firing.item,
+                                                           "run_id": firing.run_id})
+            return
+        m.FIRINGS.labels(firing.kind, outcome).inc()
+        m.SCHEDULE_EXECUTIONS.labels(str(firing.zone.zone_id), firing.kind).inc()
+        log.info("schedule_fired", extra={"zone_id": firing.zone.zone_id, "item": firing.item, "outcome": outcome,
+                                          "scheduled_local": firing.occurrence.local.isoformat(),
+                                          "run_id": firing.run_id})
+
+    async def _report_bad_specs(self, zones: list[ZoneSchedule]) -> None:
+        """Each distinct bad spec once: a metric, one log line and a zone event."""
+        for zone in zones:
+            for bad in zone.bad_specs:
+                if bad.identity in self._reported:
+                    continue
+                self._reported.add(bad.identity)
+                m.BAD_SPECS.labels(bad.key).inc()
+                log.warning("schedule_spec_invalid", extra={"zone_id": bad.zone_id, "key": bad.key,
+                                                            "value": bad.value, "reason": bad.reason})
+                async with self.db.transaction() as conn:
+                    await add_zone_event(conn, bad.zone_id, "SCHEDULE_SPEC_INVALID",
+                                         {"key": bad.key, "value": bad.value, "reason": bad.reason})
+
+    # -- follow-ups -------------------------------------------------------------------------
+    async def run_followups(self, now: dt.datetime | None = None) -> int:
+        """Run every follow-up step due at `now` (each taken by exactly one scheduler)."""
+        now = now or self.clock()
+        done = 0
+        for run in await take_due_followups(self.db, now):
+            kind = run["due_kind"]
+            try:
+                await self._followups[kind](self, run, now)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                m.ZONE_ERRORS.labels(f"followup_{kind}").inc()
+                log.exception("schedule_followup_failed", extra={"run_id": run["id"], "followup": kind})
+                continue
+            m.FOLLOWUPS.labels(kind).inc()
+            done += 1
+        return done
+
+    # -- loops (the service) ----------------------------------------------------------------
+    async def tick_loop(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            began = time.monotonic()
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - logged in tick(); the next tick covers the gap
+                pass
+            await _sleep_or_stop(stopping, max(0.0, self.config.interval_sec - (time.monotonic() - began)))
+
+    async def followup_loop(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                await self.run_followups()
+            except Exception:  # noqa: BLE001
+                log.exception("schedule_followups_failed")
+            await _sleep_or_stop(stopping, self.config.followup_poll_sec)
+
+
+async def _sleep_or_stop(stopping: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stopping.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass

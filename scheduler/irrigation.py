@@ -1,0 +1,148 @@
+"""Scheduled irrigation (contract §8.6).
+
+Firing: scheduler_log `running`; water-level check (`WATER_LEVEL` < 0.2 → alert WATER_LEVEL_LOW,
+failed); every online irrigation node gets its command; IRRIGATION_STARTED. What comes after is a
+durable follow-up on the run row, never a wait inside the tick: a dry-run check
+`dry_run_check_sec` after the start where the zone has `capabilities.flow_sensor` (no
+`FLOW_RATE` ≥ 0.1 → stop, PUMP_STOPPED + NO_FLOW, failed), then IRRIGATION_FINISHED and
+scheduler_log `completed` once the duration has passed.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import TYPE_CHECKING, Any
+
+from common.alerts import add_zone_event, ensure_alert
+from actuators import Target, freshest_metric, irrigation_targets, zone_channels
+from runs import Firing, finish, iso, naive_utc, scheduler_log, set_followup, update_details
+
+if TYPE_CHECKING:
+    from engine import Scheduler
+
+log = logging.getLogger("scheduler.irrigation")
+
+TASK = "irrigation"
+WATER_LEVEL_MIN = 0.2
+FLOW_MIN_L_PER_MIN = 0.1
+
+
+def _orders(targets: list[Target], duration_ms: int) -> list[tuple[Target, str, dict]]:
+    orders = []
+    for target in targets:
+        ms = target.max_duration_ms(duration_ms)
+        if target.is_valve:
+            orders.append((target, "set_relay", {"state": True, "duration_ms": ms}))
+        else:
+            orders.append((target, "run_pump", {"duration_ms": ms}))
+    return orders
+
+
+async def _fail(sched: "Scheduler", firing: Firing, error: str, now: dt.datetime, **extra: Any) -> str:
+    details = {"zone_id": firing.zone.zone_id, "run_id": firing.run_id, "error": error, **extra}
+    await finish(sched.db, firing.run_id, "failed", {"error": error, **extra}, now)
+    await scheduler_log(sched.db, TASK, "failed", details)
+    log.info("irrigation_not_started", extra=details)
+    return "failed"
+
+
+async def fire(sched: "Scheduler", firing: Firing, now: dt.datetime) -> str:
+    zone = firing.zone
+    base = {"zone_id": zone.zone_id, "run_id": firing.run_id, "scheduled_local": firing.occurrence.local.isoformat()}
+    await scheduler_log(sched.db, TASK, "running", base)
+    fresh_after = naive_utc(now) - dt.timedelta(minutes=sched.settings.telemetry_max_age_min)
+    level = await freshest_metric(sched.db, zone.zone_id, "WATER_LEVEL", fresh_after)
+    if level is not None and level < WATER_LEVEL_MIN:
+        async with sched.db.transaction() as conn:
+            await ensure_alert(conn, zone_id=zone.zone_id, alert_type="WATER_LEVEL_LOW",
+                               details={"level": level, "threshold": WATER_LEVEL_MIN, "source": "scheduler",
+                                        "message": "Water level too low for irrigation"})
+            await add_zone_event(conn, zone.zone_id, "WATER_LEVEL_LOW",
+                                 {"level": level, "threshold": WATER_LEVEL_MIN, "run_id": firing.run_id})
+        return await _fail(sched, firing, "water_level_low", now, level=level)
+
+    targets = irrigation_targets(await zone_channels(sched.db, zone.zone_id))
+    if not targets:
+        return await _fail(sched, firing, "no_nodes", now)
+    duration_sec = zone.irrigation_duration_sec
+    sent = await sched.sender.send_all(firing.run_id, zone.gh_uid, zone.zone_id, _orders(targets, duration_sec * 1000))
+    ok = [s for s in sent if s.ok]
+    if not ok:
+        return await _fail(sched, firing, "commands_failed", now, commands=[s.summary() for s in sent])
+
+    flow_sensor = zone.capabilities.get("flow_sensor") is True
+    await update_details(sched.db, firing.run_id, {
+        "duration_sec": duration_sec, "started_at": iso(now), "flow_sensor": flow_sensor,
+        "targets": [s.summary() for s in ok], "failed_commands": [s.summary() for s in sent if not s.ok]})
+    await add_zone_event_now(sched, zone.zone_id, "IRRIGATION_STARTED", {
+        "nodes_count": len(ok), "duration_sec": duration_sec, "start_time": iso(now), "run_id": firing.run_id,
+        "scheduled_local": firing.occurrence.local.isoformat(), "cmd_ids": [s.cmd_id for s in ok]})
+    if flow_sensor:
+        await set_followup(sched.db, firing.run_id, "dry_run_check", now + dt.timedelta(seconds=sched.config.dry_run_check_sec))
+    else:
+        await set_followup(sched.db, firing.run_id, "finish", now + dt.timedelta(seconds=duration_sec))
+    return "started"
+
+
+async def add_zone_event_now(sched: "Scheduler", zone_id: int, event_type: str, details: dict) -> None:
+    async with sched.db.transaction() as conn:
+        await add_zone_event(conn, zone_id, event_type, details)
+
+
+def _started(run) -> dt.datetime:
+    return run["started_at"] or dt.datetime.min
+
+
+async def dry_run_check(sched: "Scheduler", run, now: dt.datetime) -> str:
+    """Follow-up: flow seen since the start → carry on to `finish`; none → stop and fail."""
+    details = run["details"] or {}
+    zone_id, started = run["zone_id"], _started(run)
+    flow = await freshest_metric(sched.db, zone_id, "FLOW_RATE", started)
+    if flow is not None and flow >= FLOW_MIN_L_PER_MIN:
+        await update_details(sched.db, run["id"], {"flow_value": flow})
+        end = started.replace(tzinfo=dt.timezone.utc) + dt.timedelta(seconds=details.get("duration_sec", 0))
+        await set_followup(sched.db, run["id"], "finish", max(end, now))
+        return "flow_ok"
+
+    gh_uid = await sched.db.fetchval(
+        "SELECT g.uid FROM zones z JOIN greenhouses g ON g.id = z.greenhouse_id WHERE z.id = $1", zone_id)
+    orders = []
+    for t in details.get("targets", []):
+        target = Target(t["node_uid"], t["channel"], {})
+        orders.append((target, "set_relay", {"state": False}) if target.is_valve else (target, "stop_pump", {}))
+    stopped = await sched.sender.send_all(run["id"], gh_uid, zone_id, orders) if gh_uid else []
+    elapsed = round((naive_utc(now) - started).total_seconds(), 1) if run["started_at"] else None
+    info = {"reason": "dry_run_detected", "flow_value": flow, "run_id": run["id"],
+            "nodes": [{"node_uid": s.target.node_uid, "channel": s.target.channel} for s in stopped]}
+    async with sched.db.transaction() as conn:
+        await add_zone_event(conn, zone_id, "PUMP_STOPPED", info)
+        await add_zone_event(conn, zone_id, "NO_FLOW", {"flow_value": flow, "threshold": FLOW_MIN_L_PER_MIN,
+                                                          "run_id": run["id"]})
+        pump_channel = details["targets"][0]["channel"] if details.get("targets") else None
+        await ensure_alert(conn, zone_id=zone_id, alert_type="NO_FLOW",
+                           details={"flow_value": flow, "pump_channel": pump_channel, "source": "scheduler",
+                                    "message": "No water flow detected after pump start"})
+        await add_zone_event(conn, zone_id, "IRRIGATION_FINISHED", {
+            "actual_duration_sec": elapsed, "volume_l": 0.0, "flow_value": flow, "run_id": run["id"],
+            "reason": "dry_run_detected"})
+    await finish(sched.db, run["id"], "failed", {"error": "dry_run_detected", "flow_value": flow,
+                                                 "stop_commands": [s.summary() for s in stopped]}, now)
+    await scheduler_log(sched.db, TASK, "failed", {"zone_id": zone_id, "run_id": run["id"],
+                                                   "error": "dry_run_detected", "flow_value": flow})
+    log.warning("irrigation_dry_run_detected", extra={"zone_id": zone_id, "run_id": run["id"], "flow_value": flow})
+    return "dry_run_detected"
+
+
+async def finish_run(sched: "Scheduler", run, now: dt.datetime) -> str:
+    """Follow-up once the duration has passed: IRRIGATION_FINISHED, run and log completed."""
+    details = run["details"] or {}
+    duration = details.get("duration_sec")
+    flow = details.get("flow_value")
+    volume = round(flow * duration / 60.0, 3) if isinstance(flow, (int, float)) and duration else None
+    finished = {"actual_duration_sec": duration, "volume_l": volume, "flow_value": flow, "run_id": run["id"],
+                "nodes_count": len(details.get("targets", []))}
+    async with sched.db.transaction() as conn:
+        await add_zone_event(conn, run["zone_id"], "IRRIGATION_FINISHED", finished)
+        await finish(conn, run["id"], "completed", {"volume_l": volume}, now)
+        await scheduler_log(conn, TASK, "completed", dict(finished, zone_id=run["zone_id"]))
+    return "completed"
