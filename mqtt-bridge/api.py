@@ -12,8 +12,10 @@ from fastapi import APIRouter, Body, Path, Query
 from fastapi.responses import Response
 from redis.exceptions import RedisError
 
+from common.nodeconfig import NodeConfigFailure, publish_node_config
 from common.redis_client import CONFIG_CHANGED_CHANNEL, key
-from common.schemas import CalibrateFlowRequest, CommandRequest, FillRequest, ZoneUpdatedRequest
+from common.schemas import (CalibrateFlowRequest, CommandRequest, ConfigPublishRequest, FillRequest,
+                            ZoneUpdatedRequest)
 from common.topics import zone_id_from_segment
 
 import examples as ex
@@ -68,8 +70,29 @@ def build_router(service: "BridgeService") -> APIRouter:
         issued = await service.publisher.node_command(node_uid, body)
         return ok({"command_id": issued.cmd_id})
 
+    @router.post("/nodes/{node_uid}/config", summary="Publish a node its NodeConfig",
+                 responses=ex.responses(ex.CONFIG_OK, 400, 401, 404, 413, 422, 500, 503))
+    async def node_config(node_uid: NodePath,
+                          body: Annotated[ConfigPublishRequest, Body(openapi_examples=ex.CONFIG)]) -> Response:
+        """Through common.nodeconfig (the same code as the device-registry): §5.1 checks (required keys,
+        ≤ 4096 bytes) else 422, `version` set by content hash, published QoS 1 retained on
+        `{gh}/zn-{zone}/{uid}/config` and on the gh-temp topics of the node. Zone and greenhouse come from
+        the body, else from the database (400 with the contract's messages when the node has none)."""
+        if body.node_uid != node_uid:
+            raise ApiError(422, [{"loc": ["body", "node_uid"], "type": "value_error", "input": body.node_uid[:128],
+                                  "msg": f"must equal the node uid of the path ({node_uid[:128]!r})"}])
+        try:
+            result = await publish_node_config(service.db, service.mqtt, service.publisher.topics, node_uid,
+                                               body.config, zone_id=body.zone_id, gh_uid=body.greenhouse_uid or None)
+        except NodeConfigFailure as exc:
+            raise ApiError(exc.status_code, str(exc)) from None
+        if not result.published:
+            raise ApiError(503, result.error, service.retry_after)
+        return ok({"published": True, "topic": result.topic, "version": result.version,
+                   "config_hash": result.config_hash, "changed": result.changed})
+
     @router.get("/commands/{cmd_id}", summary="A command's lifecycle",
-                responses=ex.responses(ex.COMMAND_STATUS_OK, 401, 404, 503))
+                responses=ex.responses(ex.COMMAND_STATUS_OK, 401, 404, 422, 503))
     async def command_status(cmd_id: Annotated[str, Path(max_length=255, examples=[ex.CMD_ID])]) -> Response:
         """Status `pending → sent → ack | failed | timeout` with its timestamps and the node's error."""
         row = await service.db.fetchrow(
@@ -125,7 +148,7 @@ def build_router(service: "BridgeService") -> APIRouter:
             lambda: service.routines.run_calibration(zid, gh_uid, channel_id, node_uid, body), background)
 
     @router.get("/tasks/{task_id}", summary="State of a background routine",
-                responses=ex.responses(ex.TASK_OK, 401, 404))
+                responses=ex.responses(ex.TASK_OK, 401, 404, 422))
     async def task_status(task_id: Annotated[str, Path(max_length=64, examples=[ex.TASK_ID])]) -> Response:
         """`state` is running, succeeded, failed (see `result.error` or `error`) or cancelled."""
         entry = service.tasks.get(task_id)

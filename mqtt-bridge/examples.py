@@ -31,6 +31,13 @@ FILL = {"fill": _example("Fill to 80 %, give up after 5 minutes", {"target_level
 DRAIN = {"drain": _example("Drain to 10 %", {"target_level": 0.1, "max_duration_sec": 300})}
 CALIBRATE = {"calibrate": _example("Run pump_in of node 12 for 10 s", {
     "node_id": 12, "channel": "pump_in", "pump_duration_sec": 10})}
+CONFIG = {"config": _example("A pH node's config (version is set by the bridge from the content hash)", {
+    "node_uid": "nd-ph-esp32a1b", "zone_id": 3, "greenhouse_uid": "gh-1", "config": {
+        "node_id": "nd-ph-esp32a1b", "version": 1, "type": "ph", "gh_uid": "gh-1", "zone_uid": "zn-3",
+        "channels": [{"name": "ph_sensor", "type": "SENSOR", "metric": "PH", "poll_interval_ms": 3000},
+                     {"name": "pump_acid", "type": "ACTUATOR", "metric": None, "actuator_type": "PUMP",
+                      "safe_limits": {"max_duration_ms": 5000, "min_off_ms": 3000}, "ml_per_second": 0.5}],
+        "wifi": {"ssid": "HydroFarm", "pass": "secret"}, "mqtt": {"host": "mqtt", "port": 1883, "keepalive": 30}}})}
 ZONE_UPDATED = {"zone": _example("Zone 3 changed", {"zone_id": 3, "greenhouse_uid": "gh-1"})}
 
 COMMAND_OK = {"status": "ok", "data": {"command_id": CMD_ID}}
@@ -40,6 +47,9 @@ COMMAND_STATUS_OK = {"status": "ok", "data": {
     "error_message": "Pump started but no current detected", "created_at": "2025-11-20T08:00:00Z",
     "sent_at": "2025-11-20T08:00:00Z", "ack_at": None, "failed_at": "2025-11-20T08:00:03Z",
     "updated_at": "2025-11-20T08:00:03Z"}}
+CONFIG_OK = {"status": "ok", "data": {
+    "published": True, "topic": "hydro/gh-1/zn-3/nd-ph-esp32a1b/config", "version": 4,
+    "config_hash": "9f2c...e1", "changed": True}}
 LEVEL_OK = {"status": "ok", "data": {"success": True, "target_level": 0.8, "final_level": 0.81, "elapsed_sec": 42.1}}
 CALIBRATION_OK = {"status": "ok", "data": {
     "success": True, "K": 0.0021, "avg_flow_l_per_min": 2.4, "samples_count": 10, "pump_duration_sec": 10,
