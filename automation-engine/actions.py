@@ -1,0 +1,163 @@
+"""What a controller may do to a zone: publish a command, write a zone event, open / refresh /
+resolve an alert (the shared lifecycle of contract §8.7), and record a refused correction.
+
+Controllers decide; this module is the one place that writes. Events are written at most once
+per (zone, type) per cycle; alerts are resolved only when the cycle's snapshot shows one ACTIVE,
+so a healthy zone costs no writes.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import zoneinfo
+from dataclasses import dataclass, field
+from typing import Any
+
+import engine_metrics as m
+from common.alerts import add_zone_event, ensure_alert, resolve_alerts
+from common.commands import issue_command
+from common.db import Database
+from common.env import Settings
+from common.mqtt import MqttClient
+from common.topics import Topics
+from config.settings import AutomationSettings
+from snapshot import CommandRow, Node, ZoneData
+
+log = logging.getLogger("automation.actions")
+
+# Refusals that mean "something is wrong" when they last several cycles (alert DOSING_BLOCKED);
+# the others (settling, waiting for EC, improving trend) are the normal rhythm of dosing.
+PERSISTENT_REASONS = {"stale_reading", "implausible_value", "implausible_rate", "stuck_sensor", "no_actuator",
+                      "node_offline", "node_silent", "water_level_low", "dry_run", "pump_fault_alert",
+                      "pump_fault_count", "pending_command", "hourly_cap", "safe_limit", "command_rejected"}
+DOSING_BLOCKED = "DOSING_BLOCKED"
+
+
+class RefusalTracker:
+    """Consecutive cycles each (zone, metric) correction has been refused for a persistent reason."""
+
+    def __init__(self):
+        self.counts: dict[tuple[int, str], tuple[str, int]] = {}
+
+    def refused(self, zone_id: int, metric: str, reason: str) -> int:
+        if reason not in PERSISTENT_REASONS:
+            return 0
+        previous = self.counts.get((zone_id, metric))
+        count = previous[1] + 1 if previous else 1
+        self.counts[(zone_id, metric)] = (reason, count)
+        return count
+
+    def cleared(self, zone_id: int, metric: str) -> None:
+        self.counts.pop((zone_id, metric), None)
+
+
+@dataclass
+class Services:
+    """The engine-wide things a zone context needs."""
+    db: Database
+    mqtt: MqttClient
+    topics: Topics
+    settings: Settings
+    auto: AutomationSettings
+    refusals: RefusalTracker = field(default_factory=RefusalTracker)
+    skip_reasons: dict[tuple[int, str], str] = field(default_factory=dict)  # last *_CORRECTION_SKIPPED reason
+
+
+@dataclass
+class ZoneContext:
+    zone: ZoneData
+    services: Services
+    now: dt.datetime                 # naive UTC, the cycle's clock
+    gh_uid: str
+    timezone: str | None
+    targets: dict[str, Any] = field(default_factory=dict)
+    events_written: set[str] = field(default_factory=set)
+    log: list[str] = field(default_factory=list)  # what happened, for tests and debugging
+    health: tuple[float, str] | None = None
+
+    @property
+    def auto(self) -> AutomationSettings:
+        return self.services.auto
+
+    @property
+    def db(self) -> Database:
+        return self.services.db
+
+    def local_now(self) -> dt.datetime:
+        """The cycle's time on the greenhouse's wall clock (UTC when the zone has no valid timezone)."""
+        aware = self.now.replace(tzinfo=dt.timezone.utc)
+        if self.timezone:
+            try:
+                return aware.astimezone(zoneinfo.ZoneInfo(self.timezone))
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                pass
+        return aware
+
+    # -- commands -------------------------------------------------------------------------
+    async def command(self, node: Node, channel: str, cmd: str, params: dict[str, Any], metric: str) -> str:
+        issued = await issue_command(self.db, self.services.mqtt, self.services.topics, gh_uid=self.gh_uid,
+                                     zone_id=self.zone.id, node_uid=node.uid, channel=channel, cmd=cmd,
+                                     params=params, source="automation")
+        m.COMMANDS_SENT.labels(str(self.zone.id), metric).inc()
+        # later controllers of this cycle see it as open and recent
+        self.zone.commands.append(CommandRow(node.id, channel, cmd, params, issued.status, self.now))
+        self.log.append(f"command:{cmd}:{channel}")
+        return issued.cmd_id
+
+    # -- events ---------------------------------------------------------------------------
+    async def event(self, event_type: str, details: dict[str, Any]) -> bool:
+        if event_type in self.events_written:
+            return False
+        self.events_written.add(event_type)
+        async with self.db.transaction() as conn:
+            await add_zone_event(conn, self.zone.id, event_type, details)
+        self.log.append(f"event:{event_type}")
+        return True
+
+    async def ai_log(self, action: str, details: dict[str, Any]) -> None:
+        await self.db.execute("INSERT INTO ai_logs (zone_id, action, details, created_at) VALUES ($1, $2, $3, now())",
+                              self.zone.id, action, details)
+
+    # -- alerts ---------------------------------------------------------------------------
+    async def alert(self, alert_type: str, details: dict[str, Any], match: dict[str, Any] | None = None) -> bool:
+        """Open the alert (ALERT_CREATED) or refresh the details of the ACTIVE one; True when created."""
+        async with self.db.pool.acquire() as conn:
+            _, created = await ensure_alert(conn, zone_id=self.zone.id, alert_type=alert_type,
+                                            details=details, match=match)
+        self.log.append(f"alert:{alert_type}")
+        return created
+
+    def has_alert(self, alert_type: str, match: dict[str, Any] | None = None) -> bool:
+        return any(all(a.details.get(k) == v for k, v in (match or {}).items())
+                   for a in self.zone.active_alerts(alert_type))
+
+    async def resolve(self, alert_type: str, match: dict[str, Any] | None = None) -> bool:
+        if not self.has_alert(alert_type, match):
+            return False
+        async with self.db.pool.acquire() as conn:
+            ids = await resolve_alerts(conn, zone_id=self.zone.id, alert_type=alert_type, match=match)
+        if ids:
+            self.log.append(f"resolved:{alert_type}")
+        return bool(ids)
+
+    async def set_alert(self, alert_type: str, active: bool, details: dict[str, Any],
+                        match: dict[str, Any] | None = None) -> None:
+        """Alert while a condition holds, resolve once it is gone."""
+        if active:
+            await self.alert(alert_type, details, match)
+        else:
+            await self.resolve(alert_type, match)
+
+    # -- refusals -------------------------------------------------------------------------
+    async def refuse(self, metric: str, reason: str, details: dict[str, Any]) -> None:
+        m.REFUSALS.labels(metric, reason).inc()
+        self.log.append(f"refused:{metric}:{reason}")
+        cycles = self.services.refusals.refused(self.zone.id, metric, reason)
+        if cycles >= self.auto.refusal_alert_cycles:
+            await self.alert(DOSING_BLOCKED, {**details, "metric": metric, "reason": reason, "cycles": cycles,
+                                              "message": f"{metric} correction refused for {cycles} cycles: {reason}"},
+                             match={"metric": metric})
+
+    async def unblocked(self, metric: str) -> None:
+        self.services.refusals.cleared(self.zone.id, metric)
+        await self.resolve(DOSING_BLOCKED, {"metric": metric})

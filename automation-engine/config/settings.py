@@ -1,0 +1,77 @@
+"""automation-engine settings: the common Settings plus the controller's own knobs.
+
+Every variable is documented with its default in ../README.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from common.env import EnvReader, Settings, get_settings
+
+
+@dataclass(frozen=True)
+class AutomationSettings:
+    interval_sec: float
+    adaptive_concurrency: bool
+    target_cycle_time_sec: float
+    min_concurrent_zones: int
+    max_concurrent_zones: int
+    failing_zones_alert_ratio: float
+    config_reload_min_sec: float
+    # pH / EC dosing
+    ph_cooldown_min: float
+    ec_cooldown_min: float
+    ph_after_nutrient_min: float
+    max_doses_per_pump_hour: int
+    ph_max_ml_per_hour: float
+    ec_max_ml_per_hour: float
+    refusal_alert_cycles: int
+    ph_max_rate_per_min: float
+    ec_max_rate_per_min: float
+    stuck_min_samples: int
+    stuck_min_minutes: float
+    # pumps and actuators
+    pump_telemetry_max_age_sec: float
+    reassert_min: float
+    zone_lease_sec: float
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "AutomationSettings":
+        env = EnvReader(environ)
+        settings = cls(
+            interval_sec=env.float("AUTOMATION_INTERVAL_SEC", 15.0, 0.1, 3600),
+            adaptive_concurrency=env.bool("ADAPTIVE_CONCURRENCY", True),
+            target_cycle_time_sec=env.float("TARGET_CYCLE_TIME_SEC", 15.0, 0.1, 3600),
+            min_concurrent_zones=env.int("MIN_CONCURRENT_ZONES", 5, 1, 1000),
+            max_concurrent_zones=env.int("MAX_CONCURRENT_ZONES", 50, 1, 1000),
+            failing_zones_alert_ratio=env.float("FAILING_ZONES_ALERT_RATIO", 0.10, 0.0, 1.0),
+            config_reload_min_sec=env.float("CONFIG_RELOAD_MIN_SEC", 2.0, 0.0, 3600),
+            ph_cooldown_min=env.float("PH_COOLDOWN_MIN", 10.0, 0.0, 1440),
+            ec_cooldown_min=env.float("EC_COOLDOWN_MIN", 10.0, 0.0, 1440),
+            ph_after_nutrient_min=env.float("PH_AFTER_NUTRIENT_MIN", 10.0, 0.0, 1440),
+            max_doses_per_pump_hour=env.int("MAX_DOSES_PER_PUMP_HOUR", 4, 1, 3600),
+            ph_max_ml_per_hour=env.float("PH_MAX_ML_PER_HOUR", 20.0, 0.1, 100_000),
+            ec_max_ml_per_hour=env.float("EC_MAX_ML_PER_HOUR", 200.0, 0.1, 100_000),
+            refusal_alert_cycles=env.int("REFUSAL_ALERT_CYCLES", 4, 1, 10_000),
+            ph_max_rate_per_min=env.float("PH_MAX_RATE_PER_MIN", 1.0, 0.001, 14),
+            ec_max_rate_per_min=env.float("EC_MAX_RATE_PER_MIN", 1.0, 0.001, 100),
+            stuck_min_samples=env.int("STUCK_MIN_SAMPLES", 6, 2, 100),
+            stuck_min_minutes=env.float("STUCK_MIN_MINUTES", 60.0, 1.0, 10_080),
+            pump_telemetry_max_age_sec=env.float("PUMP_TELEMETRY_MAX_AGE_SEC", 300.0, 1.0, 86_400),
+            reassert_min=env.float("ACTUATOR_REASSERT_MIN", 10.0, 0.1, 1440),
+            zone_lease_sec=env.float("ZONE_LEASE_SEC", 120.0, 1.0, 86_400),
+        )
+        if settings.min_concurrent_zones > settings.max_concurrent_zones:
+            from common.env import SettingsError
+            raise SettingsError(f"MIN_CONCURRENT_ZONES={settings.min_concurrent_zones} is larger than "
+                                f"MAX_CONCURRENT_ZONES={settings.max_concurrent_zones}")
+        return settings
+
+    def replace(self, **changes) -> "AutomationSettings":
+        import dataclasses
+        return dataclasses.replace(self, **changes)
+
+
+def load(environ: Mapping[str, str] | None = None) -> tuple[Settings, AutomationSettings]:
+    return get_settings(environ), AutomationSettings.from_env(environ)

@@ -1,0 +1,172 @@
+"""One automation cycle over every eligible zone (contract §8.10).
+
+config → eligible zones → claim them (leases) → one batched read of their facts → controllers
+per zone in parallel under an adaptive limit → zone health in one write → release.
+A zone (or one of its controllers) that raises is counted and logged; the others go on; more
+than FAILING_ZONES_ALERT_RATIO of zones failing raises an infra alert.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import engine_metrics as m
+import leases
+from actions import Services, ZoneContext
+from common.alerts import ensure_alert, resolve_alerts
+from config_source import ConfigLoader
+from controllers import dosing, health, phase
+from snapshot import ZoneData, load_facts, load_zones
+
+log = logging.getLogger("automation.engine")
+
+Controller = Callable[[ZoneContext], Awaitable[None]]
+# Order of contract §8.10, except that EC runs before pH (pH waits for a nutrient dose to settle).
+CONTROLLERS: list[tuple[str, Controller]] = [
+    ("phase", phase.run),
+    ("ec", dosing.run_ec),
+    ("ph", dosing.run_ph),
+    ("health", health.run),
+]
+ALWAYS = {"phase", "health"}  # run even when capabilities is NULL (explicit opt-in for the rest)
+FAILURE_ALERT_MATCH = {"service": "automation-engine", "reason": "zone_failures"}
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+@dataclass
+class CycleResult:
+    zones: int = 0
+    processed: int = 0
+    failed: int = 0
+    skipped: int = 0            # claimed by another engine
+    concurrency: int = 0
+    duration: float = 0.0
+    config_source: str = "none"
+    contexts: dict[int, ZoneContext] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, services: Services, config: ConfigLoader, *, owner: str | None = None,
+                 clock: Callable[[], dt.datetime] = utcnow, controllers: list[tuple[str, Controller]] | None = None):
+        self.services = services
+        self.config = config
+        self.owner = owner or f"{services.settings.mqtt_client_id}-auto-{uuid.uuid4().hex[:8]}"
+        self.clock = clock
+        self.controllers = controllers if controllers is not None else list(CONTROLLERS)
+        self.avg_zone_time: float | None = None
+        self._null_capabilities_logged: set[int] = set()
+        self._failure_alert_maybe_open = True  # resolve once on the first healthy cycle
+
+    # -- concurrency ----------------------------------------------------------------------
+    def concurrency(self, total_zones: int) -> int:
+        auto = self.services.auto
+        if not auto.adaptive_concurrency:
+            return auto.max_concurrent_zones
+        if self.avg_zone_time is None:
+            wanted = auto.max_concurrent_zones  # nothing measured yet: be quick, not clever
+        else:
+            wanted = math.ceil(total_zones * self.avg_zone_time / auto.target_cycle_time_sec)
+        return max(auto.min_concurrent_zones, min(auto.max_concurrent_zones, wanted))
+
+    def _measured(self, seconds: float) -> None:
+        m.ZONE_PROCESSING_TIME.observe(seconds)
+        self.avg_zone_time = seconds if self.avg_zone_time is None else 0.8 * self.avg_zone_time + 0.2 * seconds
+
+    # -- one cycle ------------------------------------------------------------------------
+    async def run_cycle(self, now: dt.datetime | None = None) -> CycleResult:
+        now = now or self.clock()
+        started = time.monotonic()
+        result = CycleResult()
+        services, auto = self.services, self.services.auto
+        config = await self.config.load()
+        result.config_source = config.source
+        zones = await load_zones(services.db)
+        result.zones = len(zones)
+        claimed = await leases.claim(services.db, [z.id for z in zones], self.owner, now,
+                                     lease=dt.timedelta(seconds=auto.zone_lease_sec),
+                                     min_gap=dt.timedelta(seconds=auto.interval_sec / 2))
+        mine = [z for z in zones if z.id in claimed]
+        result.skipped = len(zones) - len(mine)
+        try:
+            await load_facts(services.db, mine, now, command_window=dt.timedelta(minutes=max(60.0, auto.reassert_min)),
+                             fault_window=dt.timedelta(minutes=30),
+                             sample_count=max(4, auto.stuck_min_samples))
+            result.concurrency = self.concurrency(len(mine))
+            m.OPTIMAL_CONCURRENCY.set(result.concurrency)
+            limit = asyncio.Semaphore(result.concurrency)
+            outcomes = await asyncio.gather(*(self._zone(zone, config, now, limit, result) for zone in mine))
+            result.processed = len(mine)
+            result.failed = sum(1 for ok in outcomes if not ok)
+            await self._write_health(result)
+        finally:
+            await leases.release(services.db, list(claimed), self.owner)
+        await self._failure_alert(result)
+        result.duration = time.monotonic() - started
+        m.CYCLE_DURATION.observe(result.duration)
+        m.CYCLES.labels("ok" if not result.failed else "zone_errors").inc()
+        for state, count in (("eligible", result.zones), ("processed", result.processed),
+                             ("failed", result.failed), ("skipped", result.skipped)):
+            m.CYCLE_ZONES.labels(state).set(count)
+        log.info("cycle_done", extra={"zones": result.zones, "processed": result.processed, "failed": result.failed,
+                                      "skipped": result.skipped, "concurrency": result.concurrency,
+                                      "duration_sec": round(result.duration, 3), "config_source": config.source})
+        return result
+
+    async def _zone(self, zone: ZoneData, config, now: dt.datetime, limit: asyncio.Semaphore,
+                    result: CycleResult) -> bool:
+        async with limit:
+            started = time.monotonic()
+            gh = config.zones.get(zone.id)
+            ctx = ZoneContext(zone, self.services, now, gh_uid=gh.uid if gh else (zone.gh_uid or ""),
+                              timezone=(gh.timezone if gh else None) or zone.timezone)
+            result.contexts[zone.id] = ctx
+            if zone.capabilities is None and zone.id not in self._null_capabilities_logged:
+                self._null_capabilities_logged.add(zone.id)
+                log.info("zone_without_capabilities_runs_health_only", extra={"zone_id": zone.id})
+            ok = True
+            for name, controller in self.controllers:
+                if zone.capabilities is None and name not in ALWAYS:
+                    continue
+                try:
+                    await controller(ctx)
+                except Exception as exc:  # noqa: BLE001 - one controller never stops the others
+                    ok = False
+                    m.ZONE_PROCESSING_ERRORS.labels(str(zone.id), f"{name}:{type(exc).__name__}").inc()
+                    log.exception("zone_controller_failed", extra={"zone_id": zone.id, "controller": name})
+            m.ZONE_CHECKS.inc()
+            self._measured(time.monotonic() - started)
+            return ok
+
+    async def _write_health(self, result: CycleResult) -> None:
+        rows = [(zone_id, ctx.health[0], ctx.health[1]) for zone_id, ctx in result.contexts.items() if ctx.health]
+        if not rows:
+            return
+        await self.services.db.execute(
+            "UPDATE zones z SET health_score = v.score, health_status = v.status"
+            " FROM unnest($1::bigint[], $2::numeric[], $3::text[]) AS v(id, score, status) WHERE z.id = v.id",
+            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+
+    async def _failure_alert(self, result: CycleResult) -> None:
+        db = self.services.db
+        ratio = result.failed / result.processed if result.processed else 0.0
+        if result.processed and ratio > self.services.auto.failing_zones_alert_ratio:
+            details = {**FAILURE_ALERT_MATCH, "failed": result.failed, "processed": result.processed,
+                       "ratio": round(ratio, 3),
+                       "message": f"{result.failed} of {result.processed} zones failed in one automation cycle"}
+            async with db.pool.acquire() as conn:
+                await ensure_alert(conn, zone_id=None, alert_type="SERVICE_DOWN", details=details,
+                                   match=FAILURE_ALERT_MATCH, source="infra")
+            self._failure_alert_maybe_open = True
+        elif self._failure_alert_maybe_open:
+            async with db.pool.acquire() as conn:
+                await resolve_alerts(conn, zone_id=None, alert_type="SERVICE_DOWN", match=FAILURE_ALERT_MATCH)
+            self._failure_alert_maybe_open = False

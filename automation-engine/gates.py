@@ -1,0 +1,149 @@
+"""Safety gates shared by every controller that runs a pump (contract §4.3 `can_run_pump`)
+and the sensor checks in front of every correction. Each returns a refusal reason or None."""
+from __future__ import annotations
+
+import datetime as dt
+
+from snapshot import PUMP_FAULT_CODES, Node, Reading, ZoneData
+
+WATER_LEVEL_OK = 0.2      # below: no dosing / irrigation (alert WATER_LEVEL_LOW)
+WATER_LEVEL_DRY = 0.15    # below: no pump at all (can_run_pump)
+FAULTS_IN_WINDOW = 3      # overcurrent / no-flow / dry-run alerts per pump channel in 30 min
+PLAUSIBLE = {"PH": (0.0, 14.0), "EC": (0.0, 20.0)}
+OPEN_STATUSES = ("pending", "sent")
+
+
+def find_actuator(zone: ZoneData, channels: tuple[str, ...], node_types: tuple[str, ...] = (),
+                  contains: tuple[str, ...] = ()) -> tuple[Node, str] | None:
+    """The first node (online first) owning one of `channels`, or of a type in `node_types` with a channel
+    whose name contains one of `contains`."""
+    found: list[tuple[Node, str]] = []
+    for node in zone.nodes:
+        for name in channels:
+            if name in node.channels:
+                found.append((node, name))
+                break
+        else:
+            if node.type in node_types:
+                for name in node.channels:
+                    if any(word in name.lower() for word in contains):
+                        found.append((node, name))
+                        break
+    found.sort(key=lambda item: not item[0].online)
+    return found[0] if found else None
+
+
+def water_level(zone: ZoneData, now: dt.datetime, max_age: dt.timedelta) -> float | None:
+    reading = zone.telemetry.get("WATER_LEVEL")
+    if reading is None or reading.updated_at is None or now - reading.updated_at > max_age:
+        return None
+    return reading.value
+
+
+def node_fresh_at(zone: ZoneData, node: Node) -> dt.datetime | None:
+    times = [r.updated_at for r in zone.telemetry.values() if r.node_id == node.id and r.updated_at]
+    if node.last_seen_at:
+        times.append(node.last_seen_at)
+    return max(times) if times else None
+
+
+def open_command(zone: ZoneData, node: Node, channel: str) -> bool:
+    return any(c.status in OPEN_STATUSES and c.node_id == node.id and c.channel == channel for c in zone.commands)
+
+
+def can_run_pump(zone: ZoneData, node: Node, channel: str, now: dt.datetime, *, telemetry_max_age: dt.timedelta,
+                 water_max_age: dt.timedelta, fault_window: dt.timedelta) -> str | None:
+    if not node.online:
+        return "node_offline"
+    fresh = node_fresh_at(zone, node)
+    if fresh is None or now - fresh > telemetry_max_age:
+        return "node_silent"
+    if any(a.active and a.code in PUMP_FAULT_CODES for a in zone.alerts):
+        return "pump_fault_alert"
+    level = water_level(zone, now, water_max_age)
+    if level is not None and level < WATER_LEVEL_DRY:
+        return "dry_run"
+    faults = sum(1 for a in zone.alerts if a.code in ("biz_overcurrent", "biz_no_flow", "biz_dry_run")
+                 and a.details.get("pump_channel") == channel and now - a.created_at <= fault_window)
+    if faults >= FAULTS_IN_WINDOW:
+        return "pump_fault_count"
+    if open_command(zone, node, channel):
+        return "pending_command"
+    return None
+
+
+def reading_problem(zone: ZoneData, metric: str, reading: Reading, now: dt.datetime, *, max_age: dt.timedelta,
+                    max_rate_per_min: float, stuck_min_samples: int, stuck_min_minutes: float) -> str | None:
+    """stale / implausible value / implausible rate (jump) / stuck sensor, else None."""
+    if reading.updated_at is None or now - reading.updated_at > max_age:
+        return "stale_reading"
+    lo, hi = PLAUSIBLE.get(metric, (float("-inf"), float("inf")))
+    if not lo < reading.value < hi:
+        return "implausible_value"
+    earlier = [(ts, v) for ts, v in zone.samples.get(metric, [])
+               if ts < reading.updated_at - dt.timedelta(seconds=1)]
+    if earlier:
+        ts, value = earlier[0]
+        minutes = max((reading.updated_at - ts).total_seconds() / 60.0, 1.0)
+        if abs(reading.value - value) / minutes > max_rate_per_min:
+            return "implausible_rate"
+    sd, count, first_ts = zone.stats.get(metric, (None, 0, None))
+    if (sd is not None and sd == 0 and count >= stuck_min_samples and first_ts is not None
+            and (reading.updated_at - first_ts).total_seconds() / 60.0 >= stuck_min_minutes):
+        return "stuck_sensor"
+    return None
+
+
+def improving(zone: ZoneData, metric: str, current: float, target: float) -> bool:
+    """The original trend rule: with ≥3 samples in 2 h, the deviation from target shrinks by > 0.05."""
+    history = zone.samples.get(metric, [])[:3]
+    if len(history) < 3:
+        return False
+    values = [v for _, v in reversed(history)] + [current]
+    deviations = [abs(v - target) for v in values]
+    half = len(deviations) // 2
+    first = sum(deviations[:half]) / half
+    second = sum(deviations[half:]) / (len(deviations) - half)
+    return first - second > 0.05
+
+
+def last_time(zone: ZoneData, event_types: tuple[str, ...], channels: tuple[str, ...]) -> dt.datetime | None:
+    """The latest of the zone's events of `event_types` and commands to `channels` (any source)."""
+    times = [zone.events[t][0] for t in event_types if t in zone.events]
+    times += [c.created_at for c in zone.commands if c.channel in channels and c.cmd in ("dose", "run_pump")]
+    return max(times) if times else None
+
+
+def pumped_last_hour(zone: ZoneData, node: Node, channel: str, now: dt.datetime) -> tuple[int, float]:
+    """(commands, ml) sent to this pump in the last hour."""
+    ml_per_second = _ml_per_second(node.channels.get(channel) or {})
+    count, ml = 0, 0.0
+    for c in zone.commands:
+        if c.node_id != node.id or c.channel != channel or now - c.created_at > dt.timedelta(hours=1):
+            continue
+        if c.cmd == "dose":
+            count += 1
+            ml += float(c.params.get("dose_ml") or 0)
+        elif c.cmd == "run_pump":
+            count += 1
+            ml += float(c.params.get("duration_ms") or 0) / 1000.0 * ml_per_second
+    return count, ml
+
+
+def _ml_per_second(config: dict) -> float:
+    value = config.get("ml_per_second")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return 1.0
+
+
+def ml_per_second(node: Node, channel: str) -> float:
+    return _ml_per_second(node.channels.get(channel) or {})
+
+
+def max_duration_ms(node: Node, channel: str, default: int = 5000) -> int:
+    limits = (node.channels.get(channel) or {}).get("safe_limits") or {}
+    value = limits.get("max_duration_ms") if isinstance(limits, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return default

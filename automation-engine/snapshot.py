@@ -1,0 +1,209 @@
+"""The batched reads of one cycle: every per-zone fact the controllers need, for all zones at
+once (one query per kind, never one per zone)."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.db import Database
+from targets import Phase
+
+ELIGIBLE_STATUSES = ["online", "warning", "running"]  # contract §8.10
+TRACKED_EVENTS = ["PH_CORRECTED", "EC_DOSING", "IRRIGATION_STARTED", "RECIRCULATION_CYCLE"]
+PUMP_FAULT_CODES = ["biz_overcurrent", "biz_no_flow", "biz_dry_run", "biz_pump_stuck_on"]
+DOSING_METRICS = ["PH", "EC"]
+HEALTH_WINDOW = dt.timedelta(hours=2)
+
+
+@dataclass(frozen=True)
+class Reading:
+    value: float
+    updated_at: dt.datetime | None
+    node_id: int
+    channel: str | None
+
+
+@dataclass
+class Node:
+    id: int
+    uid: str
+    type: str
+    status: str
+    last_seen_at: dt.datetime | None
+    channels: dict[str, dict[str, Any]] = field(default_factory=dict)  # channel → config (may be {})
+
+    @property
+    def online(self) -> bool:
+        return self.status.lower() == "online"
+
+
+@dataclass(frozen=True)
+class CommandRow:
+    node_id: int | None
+    channel: str | None
+    cmd: str
+    params: dict[str, Any]
+    status: str
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class AlertRow:
+    id: int
+    type: str
+    code: str | None
+    details: dict[str, Any]
+    active: bool
+    created_at: dt.datetime
+
+
+@dataclass
+class ZoneData:
+    id: int
+    name: str
+    status: str
+    capabilities: dict[str, Any] | None
+    settings: dict[str, Any] | None
+    gh_uid: str | None
+    timezone: str | None
+    instance_id: int
+    recipe_id: int
+    current_phase_index: int
+    started_at: dt.datetime | None
+    phases: list[Phase] = field(default_factory=list)
+    telemetry: dict[str, Reading] = field(default_factory=dict)
+    nodes: list[Node] = field(default_factory=list)
+    events: dict[str, tuple[dt.datetime, dict[str, Any]]] = field(default_factory=dict)
+    alerts: list[AlertRow] = field(default_factory=list)
+    commands: list[CommandRow] = field(default_factory=list)
+    samples: dict[str, list[tuple[dt.datetime, float]]] = field(default_factory=dict)  # newest first
+    stats: dict[str, tuple[float | None, int, dt.datetime | None]] = field(default_factory=dict)  # (sd, n, first ts)
+
+    def capability(self, name: str) -> bool:
+        return bool(self.capabilities and self.capabilities.get(name) is True)
+
+    def active_alerts(self, alert_type: str | None = None) -> list[AlertRow]:
+        return [a for a in self.alerts if a.active and (alert_type is None or a.type == alert_type)]
+
+    def node(self, node_id: int | None) -> Node | None:
+        return next((n for n in self.nodes if n.id == node_id), None)
+
+
+async def load_zones(db: Database) -> list[ZoneData]:
+    """Eligible zones (recipe instance + status online/warning/running) with their phases."""
+    rows = await db.fetch(
+        """
+        SELECT z.id, z.name, z.status, z.capabilities, z.settings, g.uid AS gh_uid, g.timezone,
+               i.id AS instance_id, i.recipe_id, i.current_phase_index, i.started_at
+          FROM zones z
+          JOIN LATERAL (SELECT * FROM zone_recipe_instances ri WHERE ri.zone_id = z.id
+                         ORDER BY ri.id DESC LIMIT 1) i ON true
+          LEFT JOIN greenhouses g ON g.id = z.greenhouse_id
+         WHERE lower(z.status) = ANY($1::text[])
+         ORDER BY z.id
+        """, ELIGIBLE_STATUSES)
+    zones = [ZoneData(id=r["id"], name=r["name"], status=r["status"],
+                      capabilities=r["capabilities"] if isinstance(r["capabilities"], dict) else None,
+                      settings=r["settings"] if isinstance(r["settings"], dict) else None,
+                      gh_uid=r["gh_uid"], timezone=r["timezone"], instance_id=r["instance_id"],
+                      recipe_id=r["recipe_id"], current_phase_index=r["current_phase_index"],
+                      started_at=r["started_at"]) for r in rows]
+    recipe_ids = sorted({z.recipe_id for z in zones})
+    if recipe_ids:
+        phases: dict[int, list[Phase]] = defaultdict(list)
+        for r in await db.fetch(
+                "SELECT recipe_id, phase_index, name, duration_hours, targets FROM recipe_phases"
+                " WHERE recipe_id = ANY($1::bigint[]) ORDER BY recipe_id, phase_index, id", recipe_ids):
+            phases[r["recipe_id"]].append(Phase(r["phase_index"], r["name"], r["duration_hours"],
+                                                r["targets"] if isinstance(r["targets"], dict) else {}))
+        for zone in zones:
+            zone.phases = phases.get(zone.recipe_id, [])
+    return zones
+
+
+async def load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, command_window: dt.timedelta,
+                     fault_window: dt.timedelta, sample_count: int) -> None:
+    """Fill every zone's telemetry, nodes, events, alerts, commands, samples and stats (one query each)."""
+    if not zones:
+        return
+    by_id = {z.id: z for z in zones}
+    ids = list(by_id)
+    dosing_ids = [z.id for z in zones if z.capability("ph_control") or z.capability("ec_control")]
+
+    async def telemetry():
+        for r in await db.fetch(
+                "SELECT zone_id, node_id, upper(metric_type) AS metric, channel, value, updated_at"
+                " FROM telemetry_last WHERE zone_id = ANY($1::bigint[]) AND value IS NOT NULL", ids):
+            zone = by_id[r["zone_id"]]
+            current = zone.telemetry.get(r["metric"])
+            if current is None or (r["updated_at"] or dt.datetime.min) > (current.updated_at or dt.datetime.min):
+                zone.telemetry[r["metric"]] = Reading(r["value"], r["updated_at"], r["node_id"], r["channel"])
+
+    async def nodes():
+        for r in await db.fetch(
+                "SELECT n.id, n.zone_id, n.uid, n.type, n.status, n.last_seen_at, nc.channel, nc.config"
+                " FROM nodes n LEFT JOIN node_channels nc ON nc.node_id = n.id"
+                " WHERE n.zone_id = ANY($1::bigint[]) ORDER BY n.zone_id, n.id, nc.id", ids):
+            zone = by_id[r["zone_id"]]
+            node = zone.nodes[-1] if zone.nodes and zone.nodes[-1].id == r["id"] else None
+            if node is None:
+                node = Node(r["id"], r["uid"], (r["type"] or "").lower(), r["status"] or "offline", r["last_seen_at"])
+                zone.nodes.append(node)
+            if r["channel"] is not None:
+                node.channels[r["channel"]] = r["config"] if isinstance(r["config"], dict) else {}
+
+    async def events():
+        for r in await db.fetch(
+                """
+                SELECT z.id AS zone_id, t.type, e.created_at, e.details
+                  FROM unnest($1::bigint[]) z(id) CROSS JOIN unnest($2::text[]) t(type)
+                  CROSS JOIN LATERAL (SELECT created_at, details FROM zone_events ev
+                                       WHERE ev.zone_id = z.id AND ev.type = t.type
+                                       ORDER BY ev.created_at DESC, ev.id DESC LIMIT 1) e
+                """, ids, TRACKED_EVENTS):
+            by_id[r["zone_id"]].events[r["type"]] = (r["created_at"], r["details"] or {})
+
+    async def alerts():
+        for r in await db.fetch(
+                "SELECT id, zone_id, type, code, details, status, created_at FROM alerts"
+                " WHERE zone_id = ANY($1::bigint[])"
+                "   AND (status = 'ACTIVE' OR (created_at >= $2 AND code = ANY($3::text[])))",
+                ids, now - fault_window, PUMP_FAULT_CODES):
+            by_id[r["zone_id"]].alerts.append(AlertRow(r["id"], r["type"], r["code"], r["details"] or {},
+                                                       r["status"] == "ACTIVE", r["created_at"]))
+
+    async def commands():
+        for r in await db.fetch(
+                "SELECT zone_id, node_id, channel, cmd, params, status, created_at FROM commands"
+                " WHERE zone_id = ANY($1::bigint[]) AND (created_at >= $2 OR status IN ('pending', 'sent'))"
+                " ORDER BY created_at, id", ids, now - command_window):
+            by_id[r["zone_id"]].commands.append(CommandRow(r["node_id"], r["channel"], r["cmd"], r["params"] or {},
+                                                           r["status"], r["created_at"]))
+
+    async def samples():
+        if not dosing_ids:
+            return
+        for r in await db.fetch(
+                """
+                SELECT z.id AS zone_id, m.metric, s.ts, s.value
+                  FROM unnest($1::bigint[]) z(id) CROSS JOIN unnest($2::text[]) m(metric)
+                  CROSS JOIN LATERAL (SELECT ts, value FROM telemetry_samples ts_
+                                       WHERE ts_.zone_id = z.id AND ts_.metric_type = m.metric
+                                         AND ts_.ts >= $3 AND ts_.value IS NOT NULL
+                                       ORDER BY ts_.ts DESC LIMIT $4) s
+                 ORDER BY 1, 2, s.ts DESC
+                """, dosing_ids, DOSING_METRICS, now - HEALTH_WINDOW, sample_count):
+            by_id[r["zone_id"]].samples.setdefault(r["metric"], []).append((r["ts"], r["value"]))
+
+    async def stats():
+        for r in await db.fetch(
+                "SELECT zone_id, metric_type, stddev_samp(value) AS sd, count(value) AS n, min(ts) AS first_ts"
+                " FROM telemetry_samples"
+                " WHERE zone_id = ANY($1::bigint[]) AND metric_type = ANY($2::text[]) AND ts >= $3"
+                " GROUP BY zone_id, metric_type", ids, DOSING_METRICS, now - HEALTH_WINDOW):
+            by_id[r["zone_id"]].stats[r["metric_type"]] = (r["sd"], r["n"], r["first_ts"])
+
+    await asyncio.gather(telemetry(), nodes(), events(), alerts(), commands(), samples(), stats())

@@ -1,0 +1,191 @@
+"""Test helpers: seed zones with nodes and telemetry, a small real Laravel HTTP server, an engine."""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import REGISTRY
+
+from actions import Services
+from common import testing
+from common.mqtt import MqttClient
+from common.service import HttpServer
+from common.topics import Topics
+from config.settings import AutomationSettings
+from config_source import ConfigLoader
+from engine import Engine, utcnow
+
+FULL_CAPS = {"ph_control": True, "ec_control": True, "climate_control": True, "light_control": True,
+             "irrigation_control": True, "recirculation": True, "flow_sensor": True}
+DOSING_CAPS = {"ph_control": True, "ec_control": True}
+PUMP_LIMITS = {"safe_limits": {"max_duration_ms": 5000, "min_off_ms": 3000}}
+
+
+def metric_value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@dataclass
+class Seeded:
+    gh_id: int
+    zone_id: int
+    recipe_id: int
+    nodes: dict[str, int] = field(default_factory=dict)  # uid → id
+
+
+async def seed_zone(db, *, gh_uid: str = "gh-1", name: str = "Z", capabilities: dict | None = DOSING_CAPS,
+                    targets: dict | None = None, telemetry: dict[str, float] | None = None,
+                    age_sec: float = 0, status: str = "RUNNING", nodes: dict[str, tuple[str, dict]] | None = None,
+                    node_status: str = "online", timezone: str | None = None, started_hours_ago: float = 1,
+                    phases: list[tuple[int | None, dict]] | None = None) -> Seeded:
+    """A zone with a recipe instance; `nodes` maps uid → (type, {channel: config}); telemetry rows of the
+    first node that has a sensor for the metric (or the first node) updated `age_sec` ago."""
+    gh_id = await db.fetchval(
+        "INSERT INTO greenhouses (uid, name, timezone) VALUES ($1, 'GH', $2)"
+        " ON CONFLICT (uid) DO UPDATE SET timezone = EXCLUDED.timezone RETURNING id", gh_uid, timezone)
+    zone_id = await db.fetchval(
+        "INSERT INTO zones (greenhouse_id, name, status, capabilities) VALUES ($1, $2, $3, $4) RETURNING id",
+        gh_id, name, status, capabilities)
+    recipe_id = await db.fetchval("INSERT INTO recipes (name) VALUES ('R') RETURNING id")
+    for index, (hours, phase_targets) in enumerate(phases or [(None, targets or {"ph": 5.8, "ec": 1.4})]):
+        await db.execute("INSERT INTO recipe_phases (recipe_id, phase_index, name, duration_hours, targets)"
+                         " VALUES ($1, $2, $3, $4, $5)", recipe_id, index, f"P{index}", hours, phase_targets)
+    await db.execute("INSERT INTO zone_recipe_instances (zone_id, recipe_id, current_phase_index, started_at)"
+                     " VALUES ($1, $2, 0, now() - make_interval(secs => $3))", zone_id, recipe_id,
+                     started_hours_ago * 3600.0)
+    if nodes is None:
+        nodes = {f"nd-ph-{zone_id}": ("ph", {"ph_sensor": {}, "pump_acid": dict(PUMP_LIMITS),
+                                            "pump_base": dict(PUMP_LIMITS)}),
+                 f"nd-ec-{zone_id}": ("ec", {"ec_sensor": {}, "pump_nutrient": dict(PUMP_LIMITS)})}
+    seeded = Seeded(gh_id, zone_id, recipe_id)
+    for uid, (node_type, channels) in nodes.items():
+        node_id = await db.fetchval(
+            "INSERT INTO nodes (uid, zone_id, type, status, validated, last_seen_at)"
+            " VALUES ($1, $2, $3, $4, true, now()) RETURNING id", uid, zone_id, node_type, node_status)
+        seeded.nodes[uid] = node_id
+        for channel, config in channels.items():
+            await db.execute("INSERT INTO node_channels (node_id, channel, type, config) VALUES ($1, $2, $3, $4)",
+                             node_id, channel, "sensor" if "sensor" in channel else "actuator", config)
+    first_node = next(iter(seeded.nodes.values()), -1)
+    for metric, value in (telemetry or {}).items():
+        await set_telemetry(db, zone_id, metric, value, age_sec=age_sec, node_id=first_node)
+    return seeded
+
+
+async def set_telemetry(db, zone_id: int, metric: str, value: float, *, age_sec: float = 0, node_id: int = -1):
+    await db.execute(
+        "INSERT INTO telemetry_last (zone_id, node_id, metric_type, value, updated_at)"
+        " VALUES ($1, $2, $3, $4, (now() AT TIME ZONE 'UTC')::timestamp - make_interval(secs => $5))"
+        " ON CONFLICT (zone_id, node_id, metric_type) DO UPDATE SET value = EXCLUDED.value,"
+        " updated_at = EXCLUDED.updated_at", zone_id, node_id, metric, value, float(age_sec))
+
+
+async def add_samples(db, zone_id: int, metric: str, values_ages: list[tuple[float, float]]):
+    """Samples as (value, seconds ago)."""
+    await db.executemany(
+        "INSERT INTO telemetry_samples (zone_id, metric_type, value, ts)"
+        " VALUES ($1, $2, $3, (now() AT TIME ZONE 'UTC')::timestamp - make_interval(secs => $4))",
+        [(zone_id, metric, v, float(age)) for v, age in values_ages])
+
+
+async def automation_commands(db, zone_id: int | None = None) -> list:
+    return await db.fetch("SELECT * FROM commands WHERE source = 'automation'"
+                          " AND ($1::bigint IS NULL OR zone_id = $1) ORDER BY id", zone_id)
+
+
+async def events(db, zone_id: int, event_type: str) -> list:
+    return await db.fetch("SELECT * FROM zone_events WHERE zone_id = $1 AND type = $2 ORDER BY id", zone_id, event_type)
+
+
+async def alerts(db, alert_type: str, zone_id: int | None = None, status: str = "ACTIVE") -> list:
+    return await db.fetch("SELECT * FROM alerts WHERE type = $1 AND zone_id IS NOT DISTINCT FROM $2 AND status = $3",
+                          alert_type, zone_id, status)
+
+
+# ---------------------------------------------------------------------------------------
+# Laravel: a small real HTTP server answering config/full
+# ---------------------------------------------------------------------------------------
+class FakeLaravel:
+    def __init__(self):
+        self.port = testing.free_port()
+        self.mode = "ok"                 # ok | down (500) | garbage | unauthorised
+        self.greenhouses: list[dict[str, Any]] = []
+        self.requests: list[dict[str, str]] = []
+        app = FastAPI()
+
+        @app.get("/api/system/config/full")
+        async def config_full(request: Request):
+            self.requests.append(dict(request.headers))
+            if request.headers.get("authorization") != "Bearer 1|secret":
+                return JSONResponse({"message": "Unauthenticated."}, status_code=401)
+            if self.mode == "down":
+                return JSONResponse({"message": "Server Error"}, status_code=500)
+            if self.mode == "garbage":
+                return PlainTextResponse("<html>maintenance</html>")
+            if self.mode == "wrong_shape":
+                return JSONResponse({"greenhouses": self.greenhouses})
+            return JSONResponse({"status": "ok", "data": {"greenhouses": self.greenhouses}})
+
+        self.server = HttpServer(app, "127.0.0.1", self.port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def set_zones(self, gh_uid: str, zone_ids: list[int], timezone: str | None = None) -> None:
+        self.greenhouses = [{"id": 1, "uid": gh_uid, "name": "GH", "timezone": timezone,
+                             "zones": [{"id": z, "name": f"Z{z}", "status": "RUNNING", "nodes": []}
+                                       for z in zone_ids]}]
+
+
+@pytest.fixture
+async def laravel():
+    server = FakeLaravel()
+    await server.server.start()
+    yield server
+    await server.server.stop()
+
+
+@pytest.fixture
+def auto_settings() -> AutomationSettings:
+    return AutomationSettings.from_env({}).replace(refusal_alert_cycles=3)
+
+
+@pytest.fixture
+async def mqtt(settings):
+    client = MqttClient(settings, "-auto")
+    await client.start(wait=10)
+    yield client
+    await client.stop()
+
+
+@pytest.fixture
+async def make_engine(settings, db, mqtt, auto_settings):
+    """make_engine(laravel_url=None, **auto_changes) → an Engine on the test database."""
+    loaders: list[ConfigLoader] = []
+
+    def make(laravel_url: str | None = "", owner: str | None = None, controllers=None, **changes) -> Engine:
+        s = settings.replace(laravel_api_url=laravel_url or "", laravel_api_token="1|secret",
+                             laravel_http_timeout_sec=3.0)
+        services = Services(db, mqtt, Topics(s.mqtt_topic_root), s, auto_settings.replace(**changes))
+        loader = ConfigLoader(s, db)
+        loaders.append(loader)
+        return Engine(services, loader, owner=owner, controllers=controllers)
+
+    yield make
+    for loader in loaders:
+        await loader.close()
+
+
+def later(minutes: float = 0, seconds: float = 0) -> dt.datetime:
+    return utcnow() + dt.timedelta(minutes=minutes, seconds=seconds)
+
+
+async def heartbeat(db, minutes_ahead: float = 0) -> None:
+    """Nodes were seen at (now + minutes_ahead): for cycles run with a clock moved forward."""
+    await db.execute("UPDATE nodes SET last_seen_at = (now() AT TIME ZONE 'UTC')::timestamp"
+                     " + make_interval(secs => $1)", minutes_ahead * 60.0)
