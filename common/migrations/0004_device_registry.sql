@@ -29,3 +29,6 @@ CREATE TABLE IF NOT EXISTS node_config_delivery (
   temp_pending boolean NOT NULL DEFAULT false,  -- retained copies on the gh-temp topics not yet cleared
   updated_at timestamp(0) without time zone
 );
+
+-- What the node announced in its node_hello (contract §3.5); informational.
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS capabilities jsonb;

@@ -1,0 +1,120 @@
+"""REST API of the registry (FastAPI). Every route except /health, /ready and /metrics needs
+`Authorization: Bearer {PY_API_TOKEN}`, checked (constant time) before anything else; with no
+PY_API_TOKEN configured those routes refuse every request (fail closed).
+Answers: `{"status": "ok", "data": …}`; errors `{"detail": "<message>"}`.
+"""
+from __future__ import annotations
+
+import hmac
+from typing import Any, Awaitable, Callable
+
+from fastapi import Body, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+
+from common.db import Database
+from common.nodeconfig import ConfigError, NodeConfigFailure, PublishResult
+from common.service import add_ops_routes
+from delivery import ConfigDelivery, config_state
+import nodes
+
+OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
+NO_TOKEN = "Server misconfiguration: PY_API_TOKEN must be set for security"
+UNAUTHORIZED = "Unauthorized: invalid or missing token"
+
+
+def token_refusal(configured: str, authorization: str | None) -> JSONResponse | None:
+    if not configured:
+        return JSONResponse({"detail": NO_TOKEN}, status_code=500)
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), configured.encode()):
+        return JSONResponse({"detail": UNAUTHORIZED}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return None
+
+
+def ok(data: Any, status_code: int = 200) -> JSONResponse:
+    return JSONResponse({"status": "ok", "data": data}, status_code=status_code)
+
+
+def publish_data(result: PublishResult) -> dict[str, Any]:
+    return {"published": result.published, "topic": result.topic, "version": result.version,
+            "changed": result.changed, "config_hash": result.config_hash, "error": result.error}
+
+
+def build_app(db: Database, delivery: ConfigDelivery, token: str,
+              ready: Callable[[], Awaitable[dict[str, bool]]]) -> FastAPI:
+    app = FastAPI(title="device-registry", docs_url=None, redoc_url=None, openapi_url=None)
+    add_ops_routes(app, ready)
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next):
+        if request.url.path not in OPS_PATHS:
+            refusal = token_refusal(token, request.headers.get("authorization"))
+            if refusal is not None:
+                return refusal
+        return await call_next(request)
+
+    @app.exception_handler(NodeConfigFailure)
+    async def config_failure(request: Request, exc: NodeConfigFailure) -> JSONResponse:
+        body: dict[str, Any] = {"detail": str(exc)}
+        if isinstance(exc, ConfigError):
+            body["field"] = exc.field
+        return JSONResponse(body, status_code=exc.status_code)
+
+    async def node_or_404(uid: str) -> dict[str, Any]:
+        node = await nodes.get_node(db, uid)
+        if node is None:
+            raise HTTPException(404, f"node {uid!r} not found")
+        return node
+
+    @app.get("/nodes")
+    async def list_nodes(zone_id: int | None = Query(None, ge=1), status: str | None = Query(None, max_length=64),
+                         lifecycle_state: str | None = Query(None, max_length=32),
+                         limit: int = Query(500, ge=1, le=5000), offset: int = Query(0, ge=0)) -> JSONResponse:
+        return ok(await nodes.list_nodes(db, zone_id=zone_id, status=status, lifecycle_state=lifecycle_state,
+                                         limit=limit, offset=offset))
+
+    @app.get("/nodes/{uid}")
+    async def get_node(uid: str) -> JSONResponse:
+        return ok(await node_or_404(uid))
+
+    @app.patch("/nodes/{uid}")
+    async def rename(uid: str, body: nodes.RenameBody) -> JSONResponse:
+        if not await nodes.rename(db, uid, body.name):
+            raise HTTPException(404, f"node {uid!r} not found")
+        return ok(await node_or_404(uid))
+
+    @app.put("/nodes/{uid}/zone")
+    async def assign_zone(uid: str, body: nodes.ZoneBody) -> JSONResponse:
+        await nodes.assign_zone(db, delivery, uid, body.zone_id)
+        node = await node_or_404(uid)
+        result = await delivery.publish(uid) if node["can_receive_config"] else None
+        return ok({"node": node, "config": publish_data(result) if result else None})
+
+    @app.delete("/nodes/{uid}/zone")
+    async def unassign_zone(uid: str) -> JSONResponse:
+        await nodes.unassign_zone(db, delivery, uid)
+        return ok({"node": await node_or_404(uid)})
+
+    @app.get("/nodes/{uid}/config")
+    async def get_config(uid: str) -> JSONResponse:
+        state = await config_state(db, uid)
+        if state is None:
+            raise HTTPException(404, f"node {uid!r} not found")
+        return ok(state)
+
+    @app.put("/nodes/{uid}/config")
+    async def put_config(uid: str, body: Any = Body(...)) -> JSONResponse:
+        config = body.get("config") if isinstance(body, dict) and isinstance(body.get("config"), dict) \
+            and "channels" not in body else body
+        if not isinstance(config, dict):
+            raise ConfigError("config", "must be a JSON object")
+        result = await delivery.publish(uid, config)
+        return ok(publish_data(result), status_code=200 if result.published else 202)
+
+    @app.post("/nodes/{uid}/config/publish")
+    async def republish(uid: str) -> JSONResponse:
+        result = await delivery.publish(uid)
+        return ok(publish_data(result), status_code=200 if result.published else 202)
+
+    return app
+

@@ -1,0 +1,89 @@
+"""device-registry: node registration (node_hello), versioned NodeConfig storage and delivery.
+
+MQTT: node_hello (both topics), config_response, status (re-deliver stale configs), config_request.
+REST on REGISTRY_PORT (Bearer PY_API_TOKEN): nodes, zone assignment, rename, configs; /health /ready /metrics.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any, Awaitable
+
+import registry_settings
+from api import build_app
+from common.db import Database
+from common.env import Settings, settings_or_exit
+from common.mqtt import MqttClient
+from common.service import HttpServer, run_service
+from common.topics import Topics
+from delivery import ConfigDelivery
+from laravel import LaravelForwarder
+from mqtt_handlers import RegistryHandlers
+
+log = logging.getLogger("device_registry")
+
+STOP_GRACE_SEC = 15.0
+
+
+class Registry:
+    def __init__(self, settings: Settings, rs: registry_settings.RegistrySettings):
+        self.settings = settings
+        self.rs = rs
+        self.db = Database(settings)
+        self.mqtt = MqttClient(settings, "-registry")
+        self.topics = Topics(settings.mqtt_topic_root)
+        self.delivery = ConfigDelivery(self.db, self.mqtt, self.topics, rs.config_defaults(),
+                                       rs.republish_interval_sec, rs.applied_events)
+        self.forwarder = (LaravelForwarder(settings, rs.laravel_retries, rs.laravel_retry_base_sec)
+                          if rs.forward_hello else None)
+        self.handlers = RegistryHandlers(self.db, self.mqtt, self.topics, self.delivery, self.forwarder, self.spawn)
+        self.app = build_app(self.db, self.delivery, settings.py_api_token, self.ready)
+        self.http = HttpServer(self.app, settings.http_host, settings.registry_port)
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        """Background work (Laravel forwards) that stop() waits for."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background_task_failed", exc_info=task.exception())
+
+    async def ready(self) -> dict[str, bool]:
+        return {"db": await self.db.ping(), "mqtt": self.mqtt.connected}
+
+    async def start(self) -> None:
+        self.settings.require_secrets("PY_API_TOKEN")
+        if not self.settings.py_api_token:
+            log.warning("api_token_missing", extra={"detail": "PY_API_TOKEN is not set: the REST API refuses all"})
+        await self.db.connect()
+        await self.handlers.subscribe()
+        await self.mqtt.start()
+        await self.http.start()
+        log.info("registry_started", extra={"port": self.settings.registry_port,
+                                            "forward_hello": self.rs.forward_hello})
+
+    async def stop(self) -> None:
+        await self.http.stop()
+        await self.mqtt.stop(drain=True)
+        if self._tasks:
+            done, pending = await asyncio.wait(set(self._tasks), timeout=STOP_GRACE_SEC)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self.forwarder is not None:
+            await self.forwarder.close()
+        await self.db.close()
+
+
+def build(settings: Settings, rs: registry_settings.RegistrySettings | None = None) -> Registry:
+    rs = rs or settings_or_exit(lambda: registry_settings.load(settings))
+    return Registry(settings, rs)
+
+
+if __name__ == "__main__":
+    sys.exit(run_service("device-registry", build))
