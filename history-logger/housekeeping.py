@@ -1,0 +1,98 @@
+"""Periodic work: command timeout sweep (contract §4.5), offline housekeeping (§5.3), pruning.
+
+Every COMMAND_TIMEOUT_SWEEP_SEC (5 s): commands with no answer after COMMAND_TIMEOUT_SEC → timeout.
+Every NODE_OFFLINE_SWEEP_SEC (60 s): online nodes silent for NODE_OFFLINE_TIMEOUT_SEC → offline
+(alert + events like an LWT); a zone whose newest telemetry is older than ZONE_NO_TELEMETRY_MIN
+gets one NO_TELEMETRY zone event (zones.status is Laravel's and is not touched); committed-entry
+records no pending entry can need are pruned.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable
+
+from common import commands
+from common.db import Database
+
+import ingest_log
+import logger_metrics as m
+from logger_settings import LoggerSettings
+from node_events import mark_offline
+
+log = logging.getLogger("history_logger.housekeeping")
+
+_SILENT_NODES = """
+SELECT id, uid, zone_id, status, last_seen_at FROM nodes
+ WHERE status = 'online' AND (last_seen_at IS NULL OR last_seen_at < now() - make_interval(secs => $1))
+ ORDER BY id FOR UPDATE SKIP LOCKED
+"""
+
+_NO_TELEMETRY = """
+WITH latest AS (
+  SELECT t.zone_id, max(t.updated_at) AS last_at FROM telemetry_last t GROUP BY t.zone_id)
+INSERT INTO zone_events (zone_id, type, details, created_at)
+SELECT l.zone_id, 'NO_TELEMETRY', jsonb_build_object('last_telemetry_at', l.last_at, 'silent_min', $1::int), now()
+  FROM latest l JOIN zones z ON z.id = l.zone_id
+ WHERE l.last_at < now() - make_interval(mins => $1::int)
+   AND NOT EXISTS (SELECT 1 FROM zone_events e
+                    WHERE e.zone_id = l.zone_id AND e.type = 'NO_TELEMETRY' AND e.created_at >= l.last_at)
+"""
+
+
+class Housekeeping:
+    def __init__(self, db: Database, cfg: LoggerSettings, timeout_sec: int, offline_sec: int,
+                 prune: Callable[[], Awaitable[None]]):
+        self.db = db
+        self.cfg = cfg
+        self.timeout_sec = timeout_sec
+        self.offline_sec = offline_sec
+        self.prune = prune
+        self.tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._every(self.cfg.timeout_sweep_sec, self.sweep_timeouts), name="sweep"),
+                      asyncio.create_task(self._every(self.cfg.offline_sweep_sec, self.offline_sweep), name="offline")]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self.tasks = []
+
+    async def _every(self, period: float, job: Callable[[], Awaitable[object]]) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failed round is retried next period
+                log.warning("housekeeping_failed", extra={"job": job.__name__, "error": str(exc)[:300]})
+            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
+
+    async def sweep_timeouts(self) -> int:
+        count = await commands.sweep_timeouts(self.db, self.timeout_sec)
+        if count:
+            m.COMMAND_TIMEOUTS.inc(count)
+            log.info("commands_timed_out", extra={"count": count})
+        return count
+
+    async def offline_sweep(self) -> int:
+        async with self.db.transaction() as conn:
+            nodes = await conn.fetch(_SILENT_NODES, float(self.offline_sec))
+            for node in nodes:
+                await mark_offline(conn, node, node["zone_id"], "timeout")
+            await conn.execute(_NO_TELEMETRY, self.cfg.no_telemetry_min)
+        await self.prune()
+        return len(nodes)
+
+
+async def prune_streams(db: Database, client, streams: list[str], group: str) -> None:
+    for stream in streams:
+        await ingest_log.prune(db, client, stream, group)

@@ -1,0 +1,51 @@
+"""HTTP on :9300 — `POST /ingest/telemetry` (contract §7.2) plus /health, /ready, /metrics.
+
+Samples take the same path as MQTT telemetry: validated and normalised here, appended to the
+Redis stream (answer 200 once they are durable there), written by the same writer.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from common.schemas import IngestRequest, describe_error
+from common.service import ReadyCheck, add_ops_routes
+
+import logger_metrics as m
+import telemetry_parse as tp
+from receiver import Receiver, Stopping
+
+APPEND_TIMEOUT_SEC = 10.0
+
+
+def build_app(receiver: Receiver, ready: ReadyCheck) -> FastAPI:
+    app = FastAPI(title="history-logger", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/ingest/telemetry")
+    async def ingest_telemetry(request: Request) -> JSONResponse:
+        body = await request.body()
+        try:
+            parsed = IngestRequest.model_validate_json(body)
+        except ValidationError as exc:
+            m.INVALID.labels("http_invalid").inc()
+            return JSONResponse({"detail": describe_error(exc)}, status_code=400)
+        received_at = time.time()
+        m.RECEIVED.inc(len(parsed.samples))
+        samples = []
+        for index, sample in enumerate(parsed.samples):
+            try:
+                samples.append(tp.from_ingest(sample, received_at))
+            except tp.Rejected as exc:
+                m.INVALID.labels(exc.reason).inc()
+                return JSONResponse({"detail": f"samples.{index}: {exc.detail}"}, status_code=400)
+        try:
+            count = await asyncio.wait_for(receiver.append(samples, [], [], []), APPEND_TIMEOUT_SEC)
+        except (asyncio.TimeoutError, Stopping):
+            return JSONResponse({"detail": "telemetry queue unavailable, retry later"}, status_code=503)
+        return JSONResponse({"status": "ok", "count": count})
+
+    return add_ops_routes(app, ready)

@@ -1,0 +1,109 @@
+"""history-logger: node → backend MQTT traffic into PostgreSQL, through a Redis stream.
+
+MQTT (QoS1, persistent session, manual PUBACK) → receiver (validate, normalise) → Redis
+streams (PUBACK only after the append) → writers (consumer groups; XACK only after COMMIT)
+→ PostgreSQL. HTTP :9300 ingest + ops, :9301 metrics. See README.md.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from common.db import Database
+from common.env import Settings, settings_or_exit
+from common.mqtt import MqttClient
+from common.redis_client import redis_client
+from common.service import HttpServer, ops_app, run_service
+from common.topics import Topics
+
+import http_api
+from housekeeping import Housekeeping, prune_streams
+from logger_settings import LoggerSettings
+from node_cache import NodeCache
+from node_events import NodeEvents
+from receiver import REDIS_TRANSIENT, Receiver, StreamKeys
+from stream_consumer import StreamConsumer
+from telemetry_writer import TelemetryWriter
+
+log = logging.getLogger("history_logger")
+
+EVENT_KINDS = ("heartbeat", "status", "lwt", "command_response")
+EVENTS_BATCH = 500
+
+
+class HistoryLogger:
+    def __init__(self, settings: Settings, cfg: LoggerSettings | None = None):
+        self.settings = settings
+        self.cfg = cfg or LoggerSettings.from_env(settings)
+        self.db = Database(settings)
+        self.redis = redis_client(settings)
+        self.keys = StreamKeys(settings)
+        self.topics = Topics(settings.mqtt_topic_root)
+        self.receiver = Receiver(settings, self.cfg, self.redis, self.keys)
+        self.mqtt = MqttClient(settings, "-logger", manual_ack=True)
+        self.cache = NodeCache(self.db)
+        self.writer = TelemetryWriter(self.db, self.redis, self.keys, self.cache, self.cfg.dead_letter_max)
+        self.events = NodeEvents(settings, self.db, self.keys.events)
+        self.telemetry_consumer = StreamConsumer(
+            self.redis, self.keys.telemetry, self.keys.group, self.cfg.consumer, self.writer.handle,
+            count=settings.telemetry_batch_size, block_ms=settings.telemetry_flush_ms,
+            claim_idle_ms=self.cfg.claim_idle_ms, name="telemetry")
+        self.events_consumer = StreamConsumer(
+            self.redis, self.keys.events, self.keys.group, self.cfg.consumer, self.events.handle,
+            count=EVENTS_BATCH, block_ms=settings.telemetry_flush_ms, claim_idle_ms=self.cfg.claim_idle_ms,
+            name="events")
+        self.housekeeping = Housekeeping(
+            self.db, self.cfg, settings.command_timeout_sec, settings.node_offline_timeout_sec,
+            lambda: prune_streams(self.db, self.redis, [self.keys.telemetry, self.keys.events], self.keys.group))
+        self.api = HttpServer(http_api.build_app(self.receiver, self.ready), settings.http_host,
+                              settings.history_logger_port)
+        self.metrics_http = HttpServer(ops_app(self.ready, "history-logger metrics"), settings.http_host,
+                                       settings.history_logger_metrics_port)
+
+    async def ready(self) -> dict[str, bool]:
+        try:
+            redis_ok = bool(await asyncio.wait_for(self.redis.ping(), 2))
+        except (asyncio.TimeoutError, *REDIS_TRANSIENT):
+            redis_ok = False
+        return {"db": await self.db.ping(), "redis": redis_ok, "mqtt": self.mqtt.connected}
+
+    async def start(self) -> None:
+        self.settings.require_secrets()
+        await self.db.connect(wait=False)  # lazy: telemetry keeps queueing in Redis while PostgreSQL is down
+        try:
+            await self.receiver.refresh_queue_len()
+        except REDIS_TRANSIENT as exc:
+            log.warning("redis_unavailable_at_start", extra={"error": str(exc)})
+        self.telemetry_consumer.start()
+        self.events_consumer.start()
+        self.housekeeping.start()
+        await self.api.start()
+        await self.metrics_http.start()
+        group = self.settings.mqtt_shared_group
+        for filter_ in self.topics.filters("telemetry"):
+            await self.mqtt.subscribe_batch(filter_, self.receiver.on_telemetry, qos=1, share_group=group)
+        for kind in EVENT_KINDS:
+            for filter_ in self.topics.filters(kind):
+                await self.mqtt.subscribe_batch(filter_, self.receiver.on_events, qos=1, share_group=group)
+        await self.mqtt.start()
+        log.info("history_logger_started", extra={"consumer": self.cfg.consumer, "shared_group": group or None})
+
+    async def stop(self) -> None:
+        self.receiver.stopping = True
+        await self.mqtt.stop(drain=True)          # what was received is appended and acknowledged
+        await self.api.stop()
+        await self.telemetry_consumer.stop()      # the batch in hand is written and acknowledged
+        await self.events_consumer.stop()
+        await self.housekeeping.stop()
+        await self.metrics_http.stop()
+        await self.redis.aclose()
+        await self.db.close()
+
+
+def build(settings: Settings) -> HistoryLogger:
+    return HistoryLogger(settings, settings_or_exit(lambda: LoggerSettings.from_env(settings)))
+
+
+if __name__ == "__main__":
+    sys.exit(run_service("history-logger", build))

@@ -1,0 +1,154 @@
+"""A Redis-stream consumer-group loop: read a batch, hand it to `handle`, XACK + XDEL after it returns.
+
+Start-up first re-reads this consumer's own pending entries (a previous run died with them);
+every CLAIM_EVERY_SEC it takes over entries another consumer left pending longer than
+claim_idle_ms (XAUTOCLAIM). `handle` is retried with backoff on transient failures (the batch
+stays pending meanwhile) and must be idempotent for entries it already committed — the
+writers record entry ids in PostgreSQL in the same transaction (see ingest_log.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable
+
+import redis.asyncio as redis
+import redis.exceptions as rex
+
+import logger_metrics as m
+from receiver import REDIS_TRANSIENT
+
+log = logging.getLogger("history_logger.consumer")
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+Handler = Callable[[list[Entry]], Awaitable[None]]
+CLAIM_EVERY_SEC = 15.0
+
+
+class Transient(Exception):
+    """A failure worth retrying (database or Redis unreachable); the batch stays pending."""
+
+
+class StreamConsumer:
+    def __init__(self, client: redis.Redis, stream: str, group: str, consumer: str, handle: Handler, *,
+                 count: int, block_ms: int, claim_idle_ms: int, name: str):
+        self.redis = client
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.handle = handle
+        self.count = count
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.name = name
+        self.stopping = False
+        self.task: asyncio.Task | None = None
+        self._own_pending_done = False
+        self._next_claim = time.monotonic() + CLAIM_EVERY_SEC
+        self._claim_cursor = "0-0"
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except rex.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run(), name=f"consumer-{self.name}")
+
+    async def stop(self) -> None:
+        """Finish the batch in hand (write it, acknowledge it), then return."""
+        self.stopping = True
+        if self.task is not None:
+            await self.task
+            self.task = None
+
+    async def run(self) -> None:
+        attempt = 0
+        group_ready = False
+        while not self.stopping:
+            try:
+                if not group_ready:
+                    await self.ensure_group()
+                    group_ready = True
+                entries = await self._next_batch()
+                attempt = 0
+                if entries:
+                    await self._process(entries)
+            except (Transient, *REDIS_TRANSIENT) as exc:
+                attempt += 1
+                await self._backoff(attempt, exc)
+            except rex.ResponseError as exc:
+                if "NOGROUP" in str(exc):  # Redis lost the stream (no persistence): start over
+                    log.warning("stream_group_recreated", extra={"stream": self.stream})
+                    await self.ensure_group()
+                    self._own_pending_done = False
+                    continue
+                attempt += 1
+                log.exception("stream_read_failed", extra={"stream": self.stream})
+                await self._backoff(attempt, exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the loop must survive any one bad batch
+                attempt += 1
+                log.exception("stream_batch_failed", extra={"stream": self.stream})
+                await self._backoff(attempt, exc)
+
+    async def _next_batch(self) -> list[Entry]:
+        if not self._own_pending_done:
+            reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=self.count)
+            entries = reply[0][1] if reply else []
+            if entries:
+                return entries
+            self._own_pending_done = True
+        if time.monotonic() >= self._next_claim:
+            self._next_claim = time.monotonic() + CLAIM_EVERY_SEC
+            cursor, entries, *_ = await self.redis.xautoclaim(self.stream, self.group, self.consumer,
+                                                              self.claim_idle_ms, self._claim_cursor, count=self.count)
+            self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else cursor
+            if entries:
+                log.info("stream_entries_claimed", extra={"stream": self.stream, "count": len(entries)})
+                self._next_claim = time.monotonic()  # more may be waiting
+                return entries
+        reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=self.count,
+                                            block=self.block_ms)
+        return reply[0][1] if reply else []
+
+    async def _process(self, entries: list[Entry]) -> None:
+        live = [(eid, fields) for eid, fields in entries if fields]  # deleted entries come back empty
+        attempt = 0
+        while live:
+            try:
+                await self.handle(live)
+                break
+            except Transient as exc:
+                attempt += 1
+                if self.stopping:  # leave them pending: the next run re-reads them
+                    log.warning("stream_batch_left_pending", extra={"stream": self.stream, "count": len(live)})
+                    return
+                await self._backoff(attempt, exc)
+        ids = [eid for eid, _ in entries]
+        while True:
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.xack(self.stream, self.group, *ids)
+                pipe.xdel(self.stream, *ids)
+                await pipe.execute()
+                return
+            except REDIS_TRANSIENT as exc:  # committed but not acknowledged: redelivery is filtered
+                attempt += 1
+                if self.stopping:
+                    return
+                await self._backoff(attempt, exc)
+
+    async def _backoff(self, attempt: int, exc: Exception) -> None:
+        m.WRITE_RETRIES.labels(self.name).inc()
+        delay = min(0.1 * 2 ** attempt, 5.0)
+        if attempt in (1, 5) or attempt % 20 == 0:
+            log.warning("stream_retry", extra={"stream": self.stream, "attempt": attempt, "error": str(exc)[:300],
+                                               "retry_in_sec": delay})
+        deadline = time.monotonic() + delay
+        while not self.stopping and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.1, delay))

@@ -1,0 +1,119 @@
+"""Telemetry input → one normalised sample (contract §2.4, §3.1, §7.2), or a rejection with a reason.
+
+A sample travels through the Redis stream as two fields: `d` (a compact JSON list) and `r`
+(the full original payload, which becomes `telemetry_samples.raw`).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+
+import orjson
+from pydantic import ValidationError
+
+from common.schemas import IngestSample, Telemetry, describe_error, normalise_metric, normalise_timestamp
+from common.topics import Topics, TopicError, check_segment, zone_id_from_segment
+
+import logger_metrics as m
+
+EPOCH = dt.datetime(1970, 1, 1)
+_NON_FINITE = re.compile(rb'(?<![\w".])[-+]?(nan|inf(inity)?)(?![\w"])', re.IGNORECASE)
+
+
+class Rejected(Exception):
+    """Input that cannot be stored; `reason` is the metric label and dead-letter reason."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class Sample:
+    node: str | None        # node uid (None: HTTP sample addressed by zone only)
+    zone: int | None        # explicit zone id (HTTP ingest); MQTT samples take the node's zone
+    channel: str | None
+    metric: str
+    value: float | None
+    ts_ms: int
+    stub: bool
+    raw: bytes               # JSON text of the full payload
+
+    def fields(self) -> dict[bytes, bytes]:
+        return {b"d": orjson.dumps([self.node, self.zone, self.channel, self.metric, self.value, self.ts_ms,
+                                    self.stub]), b"r": self.raw}
+
+    @property
+    def key(self) -> tuple:
+        return (self.node, self.zone, self.channel, self.metric)
+
+
+def decode(fields: dict[bytes, bytes]) -> Sample:
+    node, zone, channel, metric, value, ts_ms, stub = orjson.loads(fields[b"d"])
+    return Sample(node, zone, channel, metric, value, ts_ms, stub, fields.get(b"r") or b"null")
+
+
+def to_ms(when: dt.datetime) -> int:
+    return (when - EPOCH) // dt.timedelta(milliseconds=1)
+
+
+def from_ms(ms: int) -> dt.datetime:
+    return EPOCH + dt.timedelta(milliseconds=ms)
+
+
+def load_json(payload: bytes) -> object:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        if "infinity" in str(exc) or _NON_FINITE.search(payload):
+            raise Rejected("nan", "NaN or Infinity is not a number") from None
+        raise Rejected("invalid_json", str(exc)[:200]) from None
+
+
+def from_mqtt(topics: Topics, topic: str, payload: bytes, received_at: float, max_bytes: int) -> Sample:
+    if len(payload) > max_bytes:
+        raise Rejected("too_large", f"{len(payload)} bytes > {max_bytes}")
+    try:
+        parsed = topics.parse(topic)
+        if parsed.kind != "telemetry":
+            raise TopicError(f"{parsed.kind} is not telemetry")
+        check_segment(parsed.node, "node uid")
+        if parsed.channel is not None:
+            check_segment(parsed.channel, "channel")
+    except TopicError as exc:
+        raise Rejected("unknown_topic", str(exc)) from None
+    data = load_json(payload)
+    if not isinstance(data, dict):
+        raise Rejected("invalid_payload", "not a JSON object")
+    if b"\\u0000" in payload:
+        raise Rejected("invalid_payload", "NUL character in a string")
+    try:
+        t = Telemetry.model_validate(data)
+    except ValidationError as exc:
+        if any(e["type"] == "finite_number" for e in exc.errors()):
+            raise Rejected("nan", describe_error(exc)) from None
+        raise Rejected("invalid_payload", describe_error(exc)) from None
+    metric, known = normalise_metric(t.metric_type)
+    if not known:
+        m.UNKNOWN_METRIC.inc()
+    when = normalise_timestamp(t.ts, received_at)
+    return Sample(parsed.node, None, parsed.channel or t.channel, metric, t.value, to_ms(when), t.stub, payload)
+
+
+def from_ingest(sample: IngestSample, received_at: float) -> Sample:
+    """One sample of `POST /ingest/telemetry` (contract §7.2): node_uid, or a zone (id / `zn-{id}`)."""
+    zone = sample.zone_id
+    if zone is None and sample.zone_uid:
+        zone = zone_id_from_segment(sample.zone_uid)
+    if not sample.node_uid and zone is None:
+        raise Rejected("invalid_payload", "a sample needs node_uid, zone_id or zone_uid")
+    metric, known = normalise_metric(sample.metric_type)
+    if not known:
+        m.UNKNOWN_METRIC.inc()
+    when = normalise_timestamp(sample.ts, received_at)
+    raw = orjson.dumps(sample.model_dump(mode="json"))
+    if b"\\u0000" in raw:
+        raise Rejected("invalid_payload", "NUL character in a string")
+    return Sample(sample.node_uid or None, zone, sample.channel, metric, sample.value, to_ms(when), False, raw)
