@@ -1,0 +1,167 @@
+"""fill / drain / calibrate-flow on real PostgreSQL + Mosquitto, with telemetry rows written by the test
+(short durations and a fast poll interval keep them quick)."""
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from common import testing
+
+from bridge_fixtures import bridge, running_bridge, world  # noqa: F401 - fixtures
+
+
+async def set_level(db, zone: int, node: int, value: float) -> None:
+    await db.execute(
+        "INSERT INTO telemetry_last (zone_id, node_id, metric_type, channel, value, updated_at)"
+        " VALUES ($1, $2, 'WATER_LEVEL', 'level', $3, now()) ON CONFLICT (zone_id, node_id, metric_type)"
+        " DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at", zone, node, value)
+
+
+async def events(db, zone: int) -> list[tuple[str, dict]]:
+    rows = await db.fetch("SELECT type, details FROM zone_events WHERE zone_id = $1 ORDER BY id", zone)
+    return [(r["type"], r["details"]) for r in rows]
+
+
+async def finished_task(bridge, task_id: str, timeout: float = 20) -> dict:
+    async def done():
+        data = (await bridge.http.get(f"/bridge/tasks/{task_id}")).json()["data"]
+        return data if data["state"] != "running" else None
+    return await testing.eventually(done, timeout, interval=0.1, message=f"task {task_id} finished")
+
+
+async def test_fill_runs_until_the_level_reaches_the_target_then_stops(bridge, world, mqtt_probe, db):
+    await set_level(db, world.zone, world.irr, 0.2)
+
+    async def rising():
+        for level in (0.3, 0.45, 0.62, 0.7):
+            await asyncio.sleep(0.15)
+            await set_level(db, world.zone, world.irr, level)
+    feeder = asyncio.create_task(rising())
+    response = await bridge.http.post(f"/bridge/zones/{world.zone}/fill",
+                                      json={"target_level": 0.6, "max_duration_sec": 20})
+    await feeder
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "ok" and set(body["data"]) == {"success", "target_level", "final_level", "elapsed_sec"}
+    assert body["data"]["success"] is True and body["data"]["target_level"] == 0.6
+    assert body["data"]["final_level"] >= 0.6
+    topic = f"{bridge.root}/gh-1/zn-{world.zone}/nd-irr-1/water_control/command"
+    start, stop = [orjson.loads(m.payload) for m in await mqtt_probe.wait_for(2, topic)]
+    assert (start["cmd"], start["target_level"], start["params"]) == ("fill", 0.6, {"target_level": 0.6})
+    assert stop["cmd"] == "stop_pump"
+    kinds = await events(db, world.zone)
+    assert [k for k, _ in kinds] == ["FILL_STARTED", "FILL_FINISHED"]
+    assert kinds[1][1]["status"] == "completed" and kinds[1][1]["stop_cmd_id"] == stop["cmd_id"]
+    assert await db.fetchval("SELECT count(*) FROM commands WHERE status = 'sent'") == 2
+
+
+async def test_drain_in_the_background_times_out_and_still_stops(bridge, world, mqtt_probe, db):
+    await set_level(db, world.zone, world.irr, 0.5)
+    response = await bridge.http.post(f"/bridge/zones/{world.zone}/drain?async=1",
+                                      json={"target_level": 0.2, "max_duration_sec": 1})
+    assert response.status_code == 202
+    task = await finished_task(bridge, response.json()["data"]["task_id"])
+    assert (task["kind"], task["zone_id"], task["state"]) == ("drain", world.zone, "failed")
+    assert task["result"]["success"] is False and task["result"]["error"] == "timeout"
+    assert task["result"]["final_level"] == 0.5 and task["result"]["elapsed_sec"] >= 1
+    payloads = [orjson.loads(m.payload) for m in await mqtt_probe.wait_for(2, f"{bridge.root}/#")]
+    assert [p["cmd"] for p in payloads] == ["drain", "stop_pump"]
+    kinds = await events(db, world.zone)
+    assert [k for k, _ in kinds] == ["DRAIN_STARTED", "DRAIN_FINISHED"] and kinds[1][1]["status"] == "timeout"
+
+
+async def test_fill_without_an_online_water_node_reports_no_nodes(bridge, world, mqtt_probe, db):
+    await db.execute("UPDATE nodes SET status = 'offline'")
+    response = await bridge.http.post(f"/bridge/zones/{world.zone}/fill", json={"target_level": 0.5})
+    assert response.json() == {"status": "ok", "data": {"success": False, "error": "no_nodes"}}
+    assert [k for k, _ in await events(db, world.zone)] == ["FILL_STARTED", "FILL_FINISHED"]
+    assert mqtt_probe.received() == []
+
+
+@pytest.mark.parametrize("route, body, status, detail", [
+    ("fill", {"target_level": 1.5}, 400, "target_level must be between 0.1 and 1.0"),
+    ("fill", {"target_level": 0.05}, 400, "target_level must be between 0.1 and 1.0"),
+    ("drain", {"target_level": 0.95}, 400, "target_level must be between 0.0 and 0.9"),
+    ("calibrate-flow", {"node_id": 1, "channel": "pump_in", "pump_duration_sec": 3}, 400,
+     "pump_duration_sec must be between 5 and 60"),
+    ("fill", {"target_level": 0.5, "zone": "bare"}, 404, "Zone not found or has no greenhouse"),
+    ("drain", {"target_level": 0.5, "zone": 999999}, 404, "Zone not found or has no greenhouse"),
+    ("calibrate-flow", {"node_id": 999999, "channel": "pump_in"}, 404, "node 999999 with channel 'pump_in' not found"),
+])
+async def test_routine_requests_are_refused_before_anything_runs(bridge, world, mqtt_probe, db, route, body, status,
+                                                                 detail):
+    zone = body.pop("zone", world.zone)
+    zone = world.bare_zone if zone == "bare" else zone
+    for suffix in ("", "?async=1"):
+        response = await bridge.http.post(f"/bridge/zones/{zone}/{route}{suffix}", json=body)
+        assert response.status_code == status and response.json()["detail"].startswith(detail)
+    assert await events(db, world.zone) == [] and mqtt_probe.received() == []
+
+
+async def test_one_routine_per_zone_and_stopping_the_bridge_stops_the_pump(settings, world, mqtt_probe, db):
+    await set_level(db, world.zone, world.irr, 0.1)
+    async with running_bridge(settings) as b:
+        started = await b.http.post(f"/bridge/zones/{world.zone}/fill?async=1",
+                                    json={"target_level": 0.9, "max_duration_sec": 600})
+        assert started.status_code == 202
+        busy = await b.http.post(f"/bridge/zones/{world.zone}/drain", json={"target_level": 0.2})
+        assert busy.status_code == 409 and "already running a fill routine" in busy.json()["detail"]
+        await mqtt_probe.wait_for(1, f"{b.root}/#")
+    payloads = [orjson.loads(m.payload) for m in await mqtt_probe.wait_for(2, f"{settings.mqtt_topic_root}/#")]
+    assert [p["cmd"] for p in payloads] == ["fill", "stop_pump"]
+    kinds = await events(db, world.zone)
+    assert kinds[-1][0] == "FILL_FINISHED" and kinds[-1][1]["status"] == "cancelled"
+
+
+async def test_flow_calibration_in_the_background_stores_k_in_the_channel_config(bridge, world, mqtt_probe, db):
+    stop = asyncio.Event()
+
+    async def flow_sensor():  # 2.4 L/min, 40 pulses per sample
+        while not stop.is_set():
+            await db.execute(
+                "INSERT INTO telemetry_samples (zone_id, node_id, channel, metric_type, value, raw, ts)"
+                " VALUES ($1, $2, 'flow_sensor', 'FLOW_RATE', 2.4, $3, now())", world.zone, world.irr, {"pulses": 40})
+            await asyncio.sleep(0.5)
+    sensor = asyncio.create_task(flow_sensor())
+    try:
+        response = await bridge.http.post(f"/bridge/zones/{world.zone}/calibrate-flow?async=1",
+                                          json={"node_id": world.irr, "channel": "pump_in", "pump_duration_sec": 5})
+        assert response.status_code == 202
+        task = await finished_task(bridge, response.json()["data"]["task_id"], timeout=30)
+    finally:
+        stop.set()
+        await sensor
+    assert task["state"] == "succeeded", task
+    result = task["result"]
+    n = result["samples_count"]
+    assert n >= 5 and result["avg_flow_l_per_min"] == pytest.approx(2.4)
+    assert result["K"] == pytest.approx(2.4 / (40 * n / 5 * 60))
+    [run] = [orjson.loads(m.payload) for m in await mqtt_probe.wait_for(1, f"{bridge.root}/#")]
+    assert (run["cmd"], run["duration_ms"]) == ("run_pump", 5000)
+    config = await db.fetchval("SELECT config FROM node_channels WHERE id = $1", world.channels["pump_in"])
+    assert config["safe_limits"] == {"max_duration_ms": 5000, "min_off_ms": 3000}  # other keys kept
+    assert config["flow_calibration"] == {k: result[k] for k in ("K", "calibrated_at", "avg_flow_l_per_min",
+                                                                 "pump_duration_sec", "samples_count")}
+    kinds = await events(db, world.zone)
+    assert [k for k, _ in kinds] == ["FLOW_CALIBRATION_STARTED", "FLOW_CALIBRATION_FINISHED"]
+    assert kinds[1][1]["K"] == result["K"]
+
+
+async def test_flow_calibration_without_flow_data_fails_and_keeps_the_config(bridge, world, db):
+    response = await bridge.http.post(f"/bridge/zones/{world.zone}/calibrate-flow",
+                                      json={"node_id": world.irr, "channel": "pump_in", "pump_duration_sec": 5})
+    assert response.status_code == 200
+    assert response.json()["data"] == {"success": False, "error": "insufficient_flow_data", "samples_count": 0,
+                                       "pump_duration_sec": 5}
+    config = await db.fetchval("SELECT config FROM node_channels WHERE id = $1", world.channels["pump_in"])
+    assert "flow_calibration" not in config
+
+
+async def test_calibration_beyond_the_channel_limit_is_422(bridge, world, db):
+    response = await bridge.http.post(f"/bridge/zones/{world.zone}/calibrate-flow",
+                                      json={"node_id": world.irr, "channel": "pump_in", "pump_duration_sec": 10})
+    assert response.status_code == 422 and "max_duration_ms=5000" in response.json()["detail"]
+    kinds = await events(db, world.zone)
+    assert kinds[-1][0] == "FLOW_CALIBRATION_FINISHED" and kinds[-1][1]["status"] == "failed"
