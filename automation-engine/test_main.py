@@ -1,0 +1,44 @@
+"""The service: ops HTTP, the loop, the config-changed signal, clean stop."""
+import httpx
+
+from common import testing
+from common.redis_client import CONFIG_CHANGED_CHANNEL, key, redis_client
+from config.settings import AutomationSettings
+from main import build
+from zone_fixtures import *  # noqa: F401,F403 - fixtures
+from zone_fixtures import automation_commands, seed_zone
+
+
+async def test_service_runs_cycles_serves_ops_and_reloads_on_signal(settings, db):
+    z = await seed_zone(db, telemetry={"PH": 6.3, "EC": 1.4})
+    s = settings.replace(automation_port=testing.free_port(), laravel_api_url="")
+    service = build(s, AutomationSettings.from_env({}).replace(interval_sec=600, config_reload_min_sec=0))
+    await service.start()
+    try:
+        await service.mqtt.wait_connected(10)
+        await testing.eventually(lambda: _cycles(service, 1), 20, message="first cycle")
+        assert len(await automation_commands(db, z.zone_id)) == 1
+        base = f"http://127.0.0.1:{s.automation_port}"
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{base}/health")).json() == {"status": "ok"}
+            ready = await client.get(f"{base}/ready")
+            assert ready.status_code == 200 and ready.json()["data"] == {"db": "ok", "mqtt": "ok"}
+            text = (await client.get(f"{base}/metrics")).text
+            for name in ("optimal_concurrency_zones", "zone_processing_time_seconds", "automation_cycle_duration",
+                         "automation_config_source", "automation_dosing_refusals_total"):
+                assert name in text
+        redis = redis_client(s)
+        try:
+            async def signalled():
+                await redis.publish(key(s, CONFIG_CHANGED_CHANNEL), '{"zone_id": 1, "greenhouse_uid": "gh-1"}')
+                return service._cycles_ok >= 2
+            await testing.eventually(signalled, 20, interval=0.5, message="early cycle on config-changed")
+        finally:
+            await redis.aclose()
+    finally:
+        await service.stop()
+    assert service._loop_task.done() and service.db.pool is None
+
+
+async def _cycles(service, n):
+    return service._cycles_ok >= n
