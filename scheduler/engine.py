@@ -24,7 +24,7 @@ from common.env import Settings
 from config import SchedulerConfig
 from runs import Firing, claim, take_due_followups
 from schedules import ZoneSchedule, load_schedules
-from timespec import UTC, occurrences
+from timespec import UTC, next_instant, occurrences
 
 log = logging.getLogger("scheduler.engine")
 
@@ -42,6 +42,7 @@ class Scheduler:
         self.last_tick: dt.datetime | None = None
         self._light_edges: dict[int, tuple] = {}   # zone → the lighting edge key already claimed or seen
         self._reported: set[tuple] = set()         # bad specs already reported
+        self._next_due: dict[tuple, tuple] = {}    # (kind, zone) → (spec, evaluated at, next instant due)
         self._executors: dict[str, Callable[..., Awaitable[str]]] = {
             "irrigation": irrigation.fire, "lighting": lighting.fire, "water_change": water_cycle.start}
         self._followups = {"dry_run_check": irrigation.dry_run_check, "finish": irrigation.finish_run}
@@ -82,16 +83,32 @@ class Scheduler:
         horizon = now - dt.timedelta(seconds=self.config.catchup_sec)
         firings: list[Firing] = []
         for zone in zones:
-            if zone.irrigation_times:
+            if zone.irrigation_times and not self._quiet(("irrigation", zone.zone_id),
+                                                         (zone.irrigation_times, zone.tz), after, now):
                 for occ in occurrences(zone.irrigation_times, zone.tz, after, now):
                     status = "missed" if occ.at < horizon else "running"
                     firings.append(Firing(zone, "irrigation", f"irrigation@{occ.local:%H:%M}", occ, status))
+                self._remember(("irrigation", zone.zone_id), (zone.irrigation_times, zone.tz), now,
+                               next_instant(zone.irrigation_times, zone.tz, now))
             if zone.lighting is not None:
-                edge = lighting.edge_firing(zone, now)
-                if self._light_edges.get(zone.zone_id) != edge.key:
-                    firings.append(edge)
+                window = zone.lighting
+                if not self._quiet(("lighting", zone.zone_id), (window, zone.tz), now, now):
+                    edge = lighting.edge_firing(zone, now)
+                    if self._light_edges.get(zone.zone_id) != edge.key:
+                        firings.append(edge)
+                    else:  # seen: nothing to do until the window's next edge
+                        self._remember(("lighting", zone.zone_id), (window, zone.tz), now,
+                                       next_instant((window.start, window.end), zone.tz, now))
             firings.extend(water_cycle.due(zone, after, now, horizon))
         return firings
+
+    def _quiet(self, key: tuple, spec: tuple, after: dt.datetime, now: dt.datetime) -> bool:
+        """True when an earlier evaluation of the same spec proved nothing falls in (after, now]."""
+        known = self._next_due.get(key)
+        return known is not None and known[0] == spec and after >= known[1] and now < known[2]
+
+    def _remember(self, key: tuple, spec: tuple, evaluated_at: dt.datetime, next_at: dt.datetime) -> None:
+        self._next_due[key] = (spec, evaluated_at, next_at)
 
     def _count_claims(self, firings: list[Firing], claimed: list[Firing]) -> None:
         won = {id(f) for f in claimed}

@@ -136,6 +136,20 @@ def latest_occurrence(at: dt.time, tz: dt.tzinfo, now: dt.datetime) -> Occurrenc
     raise AssertionError("a local time occurs at least once in three days")
 
 
+def next_instant(times: tuple[dt.time, ...], tz: dt.tzinfo, now: dt.datetime) -> dt.datetime:
+    """The earliest instant strictly after `now` at which one of `times` falls."""
+    day = now.astimezone(tz).date()
+    best = None
+    for ahead in range(3):
+        for at in times:
+            instant = local_to_utc(day + dt.timedelta(days=ahead), at, tz)
+            if instant > now and (best is None or instant < best):
+                best = instant
+        if best is not None:
+            return best
+    raise AssertionError("a local time occurs at least once in three days")
+
+
 def light_edge(window: Window, tz: dt.tzinfo, now: dt.datetime) -> tuple[bool, Occurrence]:
     """Whether the light should be on at `now`, and the switching edge that made it so.
 
