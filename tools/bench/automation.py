@@ -1,0 +1,147 @@
+"""automation-engine cycle benchmark: 1,000 active zones with telemetry, 10 % out of band.
+
+    .venv/bin/python tools/bench/automation.py [--zones 1000] [--out-of-band 0.1] [--samples 12]
+
+Seeds a throwaway database (on the local PostgreSQL) with N zones (pH + EC control), each with
+a pH node (ph_sensor, pump_acid, pump_base) and an EC node (ec_sensor, pump_nutrient),
+telemetry_last rows (PH, EC, WATER_LEVEL) and a few PH/EC samples per zone in the last 2 h.
+A tenth of the zones read pH 6.3 against 5.8, so one cycle publishes that many `dose` commands
+(to the local Mosquitto under a private topic root) with their events.
+
+Prints: one full cycle with the doses (first), one steady cycle (every gate closed again), and
+the bare database reads the cycle needs (the same queries, no processing), plus the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "automation-engine")]
+
+from common import testing  # noqa: E402
+from common.db import Database  # noqa: E402
+from common.migrate import apply_migrations  # noqa: E402
+from common.mqtt import MqttClient  # noqa: E402
+from common.topics import Topics  # noqa: E402
+from actions import Services  # noqa: E402
+from config.settings import AutomationSettings  # noqa: E402
+from config_source import ConfigLoader  # noqa: E402
+from engine import Engine, utcnow  # noqa: E402
+from snapshot import load_facts, load_zones  # noqa: E402
+import datetime as dt  # noqa: E402
+
+LIMITS = '{"safe_limits": {"max_duration_ms": 5000, "min_off_ms": 3000}}'
+
+
+def admin_kwargs(database: str = "postgres") -> dict:
+    env = testing.SHARED_ENV
+    return dict(host=env["PG_HOST"], port=int(env["PG_PORT"]), user=env["PG_USER"],
+                password=env["PG_PASS"] or None, database=database)
+
+
+async def seed(conn: asyncpg.Connection, zones: int, out_of_band: float, samples: int) -> int:
+    every = max(1, round(1 / out_of_band)) if out_of_band > 0 else zones + 1
+    await conn.execute("INSERT INTO greenhouses (uid, name, timezone) SELECT 'gh-' || i, 'GH', 'UTC'"
+                       " FROM generate_series(1, 10) i")
+    await conn.execute(
+        "INSERT INTO zones (greenhouse_id, name, status, capabilities)"
+        " SELECT 1 + i % 10, 'zone ' || i, 'RUNNING', '{\"ph_control\": true, \"ec_control\": true}'"
+        " FROM generate_series(1, $1) i", zones)
+    await conn.execute("INSERT INTO recipes (name) VALUES ('lettuce')")
+    await conn.execute("INSERT INTO recipe_phases (recipe_id, phase_index, name, duration_hours, targets)"
+                       " VALUES (1, 0, 'grow', NULL, '{\"ph\": {\"min\": 5.6, \"max\": 6.0}, \"ec\": 1.4}')")
+    await conn.execute("INSERT INTO zone_recipe_instances (zone_id, recipe_id, current_phase_index, started_at)"
+                       " SELECT id, 1, 0, now() - interval '3 days' FROM zones")
+    for kind, channels in (("ph", ["ph_sensor", "pump_acid", "pump_base"]), ("ec", ["ec_sensor", "pump_nutrient"])):
+        await conn.execute("INSERT INTO nodes (uid, zone_id, type, status, validated, last_seen_at)"
+                           " SELECT 'nd-' || $1 || '-' || id, id, $1, 'online', true, now() FROM zones", kind)
+        await conn.execute(
+            "INSERT INTO node_channels (node_id, channel, type, config)"
+            " SELECT n.id, c, CASE WHEN c LIKE '%sensor' THEN 'sensor' ELSE 'actuator' END,"
+            "        CASE WHEN c LIKE 'pump%' THEN $2::jsonb ELSE '{}'::jsonb END"
+            " FROM nodes n CROSS JOIN unnest($3::text[]) c WHERE n.type = $1", kind, LIMITS, channels)
+    await conn.execute(
+        "INSERT INTO telemetry_last (zone_id, node_id, metric_type, value, updated_at)"
+        " SELECT z.id, n.id, 'PH', CASE WHEN z.id % $1 = 0 THEN 6.3 ELSE 5.8 END, now() - interval '5 seconds'"
+        " FROM zones z JOIN nodes n ON n.zone_id = z.id AND n.type = 'ph'", every)
+    await conn.execute(
+        "INSERT INTO telemetry_last (zone_id, node_id, metric_type, value, updated_at)"
+        " SELECT z.id, n.id, m, CASE WHEN m = 'EC' THEN 1.4 ELSE 0.8 END, now() - interval '5 seconds'"
+        " FROM zones z JOIN nodes n ON n.zone_id = z.id AND n.type = 'ec' CROSS JOIN unnest(ARRAY['EC','WATER_LEVEL']) m")
+    await conn.execute(
+        "INSERT INTO telemetry_samples (zone_id, node_id, metric_type, value, ts)"
+        " SELECT z.id, NULL, m, CASE WHEN m = 'EC' THEN 1.4 + (k % 3) * 0.01"
+        "                            WHEN z.id % $2 = 0 THEN 6.3 ELSE 5.8 + (k % 3) * 0.01 END,"
+        "        now() - make_interval(secs => k * 600)"
+        " FROM zones z CROSS JOIN unnest(ARRAY['PH','EC']) m CROSS JOIN generate_series(1, $1) k", samples, every)
+    await conn.execute("ANALYZE")
+    return await conn.fetchval("SELECT count(*) FROM zones WHERE id % $1 = 0", every)
+
+
+async def bare_reads(db: Database, auto: AutomationSettings) -> float:
+    started = time.perf_counter()
+    await ConfigLoader(db.settings, db)._from_db()
+    zones = await load_zones(db)
+    await load_facts(db, zones, utcnow(), command_window=dt.timedelta(minutes=60),
+                     fault_window=dt.timedelta(minutes=30), sample_count=max(4, auto.stuck_min_samples))
+    return time.perf_counter() - started
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--zones", type=int, default=1000)
+    parser.add_argument("--out-of-band", type=float, default=0.1)
+    parser.add_argument("--samples", type=int, default=12, help="PH and EC samples per zone in the last 2 h")
+    parser.add_argument("--repeat", type=int, default=5, help="baseline repetitions (median)")
+    args = parser.parse_args()
+
+    name = f"hydro_bench_auto_{os.getpid()}"
+    admin = await asyncpg.connect(**admin_kwargs())
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    settings = testing.isolated_settings(PG_DB=name, LARAVEL_API_URL="", DB_POOL_MAX="10", LOG_LEVEL="warning")
+    db, mqtt = Database(settings), MqttClient(settings, "-auto")
+    try:
+        conn = await asyncpg.connect(**admin_kwargs(name))
+        await apply_migrations(conn)
+        out_of_band = await seed(conn, args.zones, args.out_of_band, args.samples)
+        await conn.close()
+        await db.connect()
+        await mqtt.start(wait=10)
+        auto = AutomationSettings.from_env({})
+        engine = Engine(Services(db, mqtt, Topics(settings.mqtt_topic_root), settings, auto), ConfigLoader(settings, db))
+
+        baseline_before = statistics.median([await bare_reads(db, auto) for _ in range(args.repeat)])
+        first = await engine.run_cycle()
+        doses = await db.fetchval("SELECT count(*) FROM commands WHERE source = 'automation'")
+        steady = [await engine.run_cycle(utcnow() + dt.timedelta(seconds=15 * (i + 1))) for i in range(3)]
+        baseline_after = statistics.median([await bare_reads(db, auto) for _ in range(args.repeat)])
+        baseline = statistics.median([baseline_before, baseline_after])
+        steady_sec = statistics.median(r.duration for r in steady)
+
+        print(f"zones: {first.processed} processed ({out_of_band} out of band), failed {first.failed}, "
+              f"concurrency {first.concurrency}, commands published {doses}")
+        print(f"first cycle (with the doses):    {first.duration:.3f} s")
+        print(f"steady cycle (median of 3):      {steady_sec:.3f} s")
+        print(f"baseline: bare database reads:   {baseline:.3f} s (median of {2 * args.repeat})")
+        print(f"ratio first / baseline:          {first.duration / baseline:.1f}x")
+        print(f"ratio steady / baseline:         {steady_sec / baseline:.1f}x")
+        print(f"target: a {args.zones}-zone cycle within 2 s -> {'met' if first.duration <= 2.0 else 'NOT met'}")
+    finally:
+        await mqtt.stop()
+        await db.close()
+        admin = await asyncpg.connect(**admin_kwargs())
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
