@@ -5,10 +5,14 @@ BIN := $(VENV)/bin
 REQUIREMENTS := requirements-test.txt $(wildcard */requirements.txt)
 STAMP := $(VENV)/.stamp-requirements
 
-.PHONY: test venv services migrate
+.PHONY: test venv services migrate dev deploy-tools
 
-test: venv services
+test: venv services deploy-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The whole stack on this machine: servers, demo data, five services, node simulator (Ctrl-C stops it).
+dev: venv services
+	$(BIN)/python tools/dev/stack.py $(DEV_ARGS)
 
 venv: $(STAMP)
 
@@ -19,6 +23,9 @@ $(STAMP): $(REQUIREMENTS)
 
 services:
 	bash tools/dev/ensure_services.sh
+
+deploy-tools:
+	bash tools/dev/ensure_tools.sh
 
 migrate: venv
 	$(BIN)/python -m common.migrate
