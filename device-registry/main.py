@@ -57,7 +57,6 @@ class Registry:
         return {"db": await self.db.ping(), "mqtt": self.mqtt.connected}
 
     async def start(self) -> None:
-        self.settings.require_secrets("PY_API_TOKEN")
         if not self.settings.py_api_token:
             log.warning("api_token_missing", extra={"detail": "PY_API_TOKEN is not set: the REST API refuses all"})
         await self.db.connect()
@@ -81,8 +80,10 @@ class Registry:
 
 
 def build(settings: Settings, rs: registry_settings.RegistrySettings | None = None) -> Registry:
-    rs = rs or settings_or_exit(lambda: registry_settings.load(settings))
-    return Registry(settings, rs)
+    def load() -> registry_settings.RegistrySettings:
+        settings.require_secrets("PY_API_TOKEN")
+        return registry_settings.load(settings)
+    return Registry(settings, rs or settings_or_exit(load))
 
 
 if __name__ == "__main__":
