@@ -1,5 +1,6 @@
 """Registration and config delivery end to end: a test node ↔ real Mosquitto ↔ the registry ↔ PostgreSQL."""
 import orjson
+import pytest
 
 from common import testing
 from registry_testkit import (FakeNode, api, make_zone, metric, node, node_row, registry,  # noqa: F401
@@ -255,3 +256,38 @@ async def test_runs_as_a_process_and_stops_on_sigterm(settings):
     finally:
         code = proc.terminate()
     assert code == 0, proc.log()[-2000:]
+
+
+async def test_bad_config_responses_are_counted_and_skipped(settings, db, registry, node):
+    zone_id = await make_zone(db)
+    node.hello(meta={"greenhouse_token": "gh-1", "zone_id": zone_id})
+    uid = (await wait_node(db))["uid"]
+    labels = ("invalid_json", "invalid_field", "unknown_node")
+    before = {r: metric("registry_config_response_invalid_total", reason=r) for r in labels}
+    node.publish(node.node_topic("gh-1", zone_id, uid, "config_response"), b"OK")
+    node.config_response("gh-1", zone_id, uid, "MAYBE")
+    node.config_response("gh-1", zone_id, "nd-unknown", "OK")
+    await _drain(settings, node)
+    for reason in labels:
+        assert metric("registry_config_response_invalid_total", reason=reason) == before[reason] + 1, reason
+    assert not await _applied(db, uid, 1)
+
+
+async def test_refused_version_is_not_resent_on_online(settings, db, registry, node, mqtt_probe):
+    zone_id = await make_zone(db)
+    node.hello(meta={"greenhouse_token": "gh-1", "zone_id": zone_id})
+    uid = (await wait_node(db))["uid"]
+    await mqtt_probe.wait_for(1, f"{settings.mqtt_topic_root}/gh-1/zn-{zone_id}/{uid}/config")
+    node.config_response("gh-1", zone_id, uid, "ERROR", error="bad channel")
+    registry.delivery.republish_interval_sec = 0
+    node.status("gh-1", zone_id, uid, "ONLINE")
+    await _drain(settings, node)
+    assert len(config_msgs(mqtt_probe, settings, "gh-1", zone_id, uid)) == 1  # the node refused v1: not resent
+    assert await db.fetchval("SELECT count(*) FROM alerts WHERE type = 'CONFIG_ERROR' AND status = 'ACTIVE'") == 1
+
+
+def test_production_refuses_to_start_without_api_token(settings, capsys):
+    import main
+    with pytest.raises(SystemExit) as info:
+        main.build(settings.replace(app_env="production", pg_pass="a-real-secret", py_api_token="changeme"))
+    assert info.value.code == 2 and "PY_API_TOKEN" in capsys.readouterr().err
