@@ -1,4 +1,5 @@
 """Registration and config delivery end to end: a test node ↔ real Mosquitto ↔ the registry ↔ PostgreSQL."""
+import httpx
 import orjson
 import pytest
 
@@ -239,12 +240,11 @@ async def test_decommissioned_hardware_registers_as_new_node(settings, db, regis
     assert await db.fetchval("SELECT hardware_id FROM nodes WHERE id = $1", old["id"]) is None
 
 
-async def test_runs_as_a_process_and_stops_on_sigterm(settings):
-    env = testing.settings_env(settings.replace(py_api_token="t", registry_port=testing.free_port()))
+async def test_runs_as_a_process_and_stops_on_sigterm(settings, db, node):
+    env = testing.settings_env(settings.replace(py_api_token="t", registry_port=testing.free_port(),
+                                                mqtt_clean_session=True))
     proc = testing.ServiceProcess("device-registry", env).start()
     try:
-        import httpx
-
         async def healthy():
             try:
                 async with httpx.AsyncClient() as client:
@@ -253,6 +253,12 @@ async def test_runs_as_a_process_and_stops_on_sigterm(settings):
             except httpx.HTTPError:
                 return False
         await testing.eventually(healthy, 30, interval=0.2, message="registry process ready")
+
+        async def registered():  # hello is idempotent: repeat it until the subscription is in place
+            node.hello()
+            return await node_row(db)
+        row = await testing.eventually(registered, 20, interval=0.3, message="node registered by the process")
+        assert row["uid"] == "nd-ph-esp32a1b"
     finally:
         code = proc.terminate()
     assert code == 0, proc.log()[-2000:]
