@@ -87,8 +87,13 @@ def build_app(db: Database, delivery: ConfigDelivery, token: str,
     async def assign_zone(uid: str, body: nodes.ZoneBody) -> JSONResponse:
         await nodes.assign_zone(db, delivery, uid, body.zone_id)
         node = await node_or_404(uid)
-        result = await delivery.publish(uid) if node["can_receive_config"] else None
-        return ok({"node": node, "config": publish_data(result) if result else None})
+        config = None
+        if node["can_receive_config"]:
+            try:  # the zone is assigned either way; a config that cannot go out is reported, not raised
+                config = publish_data(await delivery.publish(uid))
+            except NodeConfigFailure as exc:
+                config = {"published": False, "error": str(exc)}
+        return ok({"node": node, "config": config})
 
     @app.delete("/nodes/{uid}/zone")
     async def unassign_zone(uid: str) -> JSONResponse:

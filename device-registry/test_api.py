@@ -90,6 +90,12 @@ async def test_assign_and_unassign_zone(settings, db, registry, api, node, mqtt_
     response = await api.post(f"/nodes/{uid}/config/publish")
     assert response.status_code == 400 and "zone" in response.json()["detail"]
 
+    homeless = await db.fetchval("INSERT INTO zones (name) VALUES ('no greenhouse') RETURNING id")
+    response = await api.put(f"/nodes/{uid}/zone", json={"zone_id": homeless})
+    assert response.status_code == 200 and response.json()["data"]["node"]["zone_id"] == homeless
+    assert response.json()["data"]["config"] == {
+        "published": False, "error": "greenhouse_uid is required (zone must have a greenhouse)"}
+
     await db.execute("UPDATE nodes SET lifecycle_state = 'DECOMMISSIONED' WHERE uid = $1", uid)
     assert (await api.put(f"/nodes/{uid}/zone", json={"zone_id": zone_a})).status_code == 409
 
