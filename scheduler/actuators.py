@@ -118,10 +118,11 @@ class CommandSender:
     def __init__(self, db: Database, mqtt: MqttClient, topics: Topics):
         self.db, self.mqtt, self.topics = db, mqtt, topics
 
-    async def send(self, run_id: int, gh_uid: str, zone_id: int, target: Target, cmd: str,
+    async def send(self, run_id: int | None, gh_uid: str, zone_id: int, target: Target, cmd: str,
                    params: dict) -> Sent:
         cmd_id = new_cmd_id()
-        await link_command(self.db, run_id, cmd_id, target.node_uid, target.channel, cmd)
+        if run_id is not None:
+            await link_command(self.db, run_id, cmd_id, target.node_uid, target.channel, cmd)
         try:
             await issue_command(self.db, self.mqtt, self.topics, gh_uid=gh_uid, zone_id=zone_id,
                                 node_uid=target.node_uid, channel=target.channel, cmd=cmd, params=params,

@@ -43,8 +43,9 @@ class Scheduler:
         self._light_edges: dict[int, tuple] = {}   # zone → the lighting edge key already claimed or seen
         self._reported: set[tuple] = set()         # bad specs already reported
         self._next_due: dict[tuple, tuple] = {}    # (kind, zone) → (spec, evaluated at, next instant due)
+        self.water_notes: set[tuple] = set()       # water-change problems already logged
         self._executors: dict[str, Callable[..., Awaitable[str]]] = {
-            "irrigation": irrigation.fire, "lighting": lighting.fire, "water_change": water_cycle.start}
+            "irrigation": irrigation.fire, "lighting": lighting.fire}
         self._followups = {"dry_run_check": irrigation.dry_run_check, "finish": irrigation.finish_run}
 
     # -- the tick ---------------------------------------------------------------------------
@@ -67,7 +68,7 @@ class Scheduler:
             claimed = await claim(self.db, firings, now)
             self._count_claims(firings, claimed)
             await self._execute([f for f in claimed if f.status == "running"], now)
-            await water_cycle.advance(self, zones, now)
+            await water_cycle.advance(self, zones, now, after, now - dt.timedelta(seconds=self.config.catchup_sec))
         except Exception:
             m.TICK_ERRORS.inc()
             log.exception("scheduler_tick_failed")
@@ -79,7 +80,7 @@ class Scheduler:
         return claimed
 
     def due(self, zones: list[ZoneSchedule], after: dt.datetime, now: dt.datetime) -> list[Firing]:
-        """Every firing falling in (after, now]: irrigation times, lighting edges, water-change starts."""
+        """Every firing falling in (after, now]: irrigation times and lighting edges."""
         horizon = now - dt.timedelta(seconds=self.config.catchup_sec)
         firings: list[Firing] = []
         for zone in zones:
@@ -99,7 +100,6 @@ class Scheduler:
                     else:  # seen: nothing to do until the window's next edge
                         self._remember(("lighting", zone.zone_id), (window, zone.tz), now,
                                        next_instant((window.start, window.end), zone.tz, now))
-            firings.extend(water_cycle.due(zone, after, now, horizon))
         return firings
 
     def _quiet(self, key: tuple, spec: tuple, after: dt.datetime, now: dt.datetime) -> bool:

@@ -1,14 +1,205 @@
-"""Water-change cycle (contract §8.6) — off unless enabled per zone."""
+"""Water-change cycle (contract §8.6), off unless `settings.water_cycle.water_change.enabled` is true.
+
+    NORMAL_RECIRC ─(time_of_day, solution old or EC drifted)→ WATER_CHANGE_DRAIN
+      ─(WATER_LEVEL ≤ drain target, or drain timeout)→ WATER_CHANGE_FILL
+      ─(WATER_LEVEL ≥ fill target, or fill timeout)→ WATER_CHANGE_STABILIZE
+      ─(stabilize minutes passed)→ NORMAL_RECIRC   (solution_started_at = now)
+
+A change starts at `time_of_day` (greenhouse timezone) once the solution is `interval_days` old, or
+its EC is `ec_drift_threshold` % away from the phase target (`trigger_by_ec_drift`); a solution
+older than `max_solution_age_days` starts one at the next tick whatever the hour. The start is a
+claimed firing (item `water_change`), so it happens once; each step is a compare-and-set on
+`zones.water_state`, so two schedulers never both take it. Events: WATER_CHANGE_STARTED,
+WATER_CHANGE_STEP {from, to, reason, level} on every step, WATER_CHANGE_COMPLETED. Drain and fill
+valves (`valve_drain` / `valve_fill` …) are opened with `set_relay {state: true}` when their step
+begins and closed when it ends. A zone with no online drain or fill valve does not start a change.
+"""
 from __future__ import annotations
 
+import datetime as dt
+import logging
+from typing import TYPE_CHECKING
 
-def due(zone, after, now, horizon):
-    return []
+import scheduler_metrics as m
+from actuators import DRAIN_CHANNELS, FILL_CHANNELS, freshest_metric, named_targets, zone_channels
+from common.alerts import add_zone_event
+from runs import Firing, claim, finish, iso, naive_utc, scheduler_log
+from schedules import WaterChange, ZoneSchedule
+from timespec import Occurrence, occurrences
+
+if TYPE_CHECKING:
+    from engine import Scheduler
+
+log = logging.getLogger("scheduler.water_cycle")
+
+NORMAL, DRAIN, FILL, STABILIZE = ("NORMAL_RECIRC", "WATER_CHANGE_DRAIN", "WATER_CHANGE_FILL",
+                                  "WATER_CHANGE_STABILIZE")
+CHANGING = (DRAIN, FILL, STABILIZE)
+TASK = "water_change"
 
 
-async def start(sched, firing, now) -> str:
-    return "skipped"
+def solution_age_days(zone: ZoneSchedule, now: dt.datetime) -> float | None:
+    if zone.solution_started_at is None:
+        return None
+    return (naive_utc(now) - zone.solution_started_at).total_seconds() / 86400
 
 
-async def advance(sched, zones, now) -> None:
+async def advance(sched: "Scheduler", zones: list[ZoneSchedule], now: dt.datetime, after: dt.datetime,
+                  horizon: dt.datetime) -> None:
+    """Start due water changes and move the ones under way on by at most one step each."""
+    changing = [z for z in zones if z.water_state in CHANGING]
+    for zone in zones:
+        if zone.water_change is not None and zone.water_state == NORMAL:
+            await _guarded(sched, zone, _maybe_start(sched, zone, now, after, horizon))
+    if changing:
+        cycles = {r["zone_id"]: r for r in await sched.db.fetch(
+            "SELECT * FROM scheduler_water_cycles WHERE zone_id = ANY($1)", [z.zone_id for z in changing])}
+        for zone in changing:
+            await _guarded(sched, zone, _step(sched, zone, cycles.get(zone.zone_id), now))
+
+
+async def _guarded(sched: "Scheduler", zone: ZoneSchedule, work) -> None:
+    try:
+        await work
+    except Exception:  # noqa: BLE001 - one zone's failure never stops the others
+        m.ZONE_ERRORS.labels("water_change").inc()
+        log.exception("water_change_failed", extra={"zone_id": zone.zone_id})
+
+
+async def _reason(sched: "Scheduler", zone: ZoneSchedule, settings: WaterChange, now: dt.datetime) -> str | None:
+    age = solution_age_days(zone, now)
+    if age is not None and age >= settings.interval_days:
+        return "interval"
+    if settings.trigger_by_ec_drift and zone.ec_target:
+        fresh_after = naive_utc(now) - dt.timedelta(minutes=sched.settings.telemetry_max_age_min)
+        ec = await freshest_metric(sched.db, zone.zone_id, "EC", fresh_after)
+        if ec is not None and abs(ec - zone.ec_target) / zone.ec_target * 100 >= settings.ec_drift_threshold:
+            return "ec_drift"
     return None
+
+
+async def _maybe_start(sched: "Scheduler", zone: ZoneSchedule, now: dt.datetime, after: dt.datetime,
+                       horizon: dt.datetime) -> None:
+    settings = zone.water_change
+    if zone.solution_started_at is None:
+        # Unknown age: count from now rather than drain a tank nobody asked to change.
+        await sched.db.execute("UPDATE zones SET solution_started_at = $2 WHERE id = $1"
+                               " AND solution_started_at IS NULL", zone.zone_id, naive_utc(now))
+        log.info("water_change_age_baseline", extra={"zone_id": zone.zone_id})
+        return
+    age = solution_age_days(zone, now)
+    firing = None
+    if age >= settings.max_solution_age_days:
+        local_day = now.astimezone(zone.tz).date()
+        firing = Firing(zone, "water_change", "water_change:max_age",
+                        Occurrence(dt.datetime.combine(local_day, dt.time(0)), now), details={"reason": "max_age"})
+    else:
+        due = [o for o in occurrences((settings.time_of_day,), zone.tz, after, now) if o.at >= horizon]
+        if due:
+            reason = await _reason(sched, zone, settings, now)
+            if reason is not None:
+                firing = Firing(zone, "water_change", "water_change", due[-1], details={"reason": reason})
+    if firing is None:
+        return
+    rows = await zone_channels(sched.db, zone.zone_id)
+    drains, fills = named_targets(rows, DRAIN_CHANNELS), named_targets(rows, FILL_CHANNELS)
+    if not drains or not fills:
+        if ("no_valves", zone.zone_id, firing.occurrence.local) not in sched.water_notes:
+            sched.water_notes.add(("no_valves", zone.zone_id, firing.occurrence.local))
+            log.warning("water_change_no_valves", extra={"zone_id": zone.zone_id, "drain": len(drains),
+                                                         "fill": len(fills)})
+        return
+    if not await claim(sched.db, [firing], now):
+        m.DUPLICATES.labels("water_change").inc()
+        return
+    details = {"reason": firing.details["reason"], "solution_age_days": round(age, 2), "run_id": firing.run_id}
+    async with sched.db.transaction() as conn:
+        moved = await conn.fetchval(
+            "UPDATE zones SET water_state = $2, updated_at = now() WHERE id = $1 AND water_state = $3 RETURNING id",
+            zone.zone_id, DRAIN, NORMAL)
+        if moved is None:
+            await finish(conn, firing.run_id, "failed", {"error": "water_state_changed"}, now)
+            return
+        await _save_cycle(conn, zone.zone_id, firing.run_id, DRAIN, now, started=True, details=details)
+        await add_zone_event(conn, zone.zone_id, "WATER_CHANGE_STARTED", dict(details, started_at=iso(now)))
+        await scheduler_log(conn, TASK, "running", dict(details, zone_id=zone.zone_id))
+    m.WATER_TRANSITIONS.labels(DRAIN).inc()
+    m.FIRINGS.labels("water_change", "started").inc()
+    m.SCHEDULE_EXECUTIONS.labels(str(zone.zone_id), "water_change").inc()
+    await _valves(sched, zone, firing.run_id, drains, True)
+    log.info("water_change_started", extra={"zone_id": zone.zone_id, **details})
+
+
+async def _save_cycle(conn, zone_id: int, run_id: int | None, state: str, now: dt.datetime,
+                      started: bool = False, details: dict | None = None) -> None:
+    await conn.execute(
+        """
+        INSERT INTO scheduler_water_cycles (zone_id, run_id, state, state_since, cycle_started_at, details, updated_at)
+        VALUES ($1, $2, $3, $4::timestamp, CASE WHEN $5::boolean THEN $4::timestamp END, $6, now())
+        ON CONFLICT (zone_id) DO UPDATE SET state = excluded.state, state_since = excluded.state_since,
+          run_id = CASE WHEN $5 THEN excluded.run_id ELSE scheduler_water_cycles.run_id END,
+          cycle_started_at = CASE WHEN $5 THEN excluded.cycle_started_at
+                                  ELSE scheduler_water_cycles.cycle_started_at END,
+          details = coalesce(scheduler_water_cycles.details, '{}'::jsonb) || excluded.details, updated_at = now()
+        """, zone_id, run_id, state, naive_utc(now), started, details or {})
+
+
+async def _valves(sched: "Scheduler", zone: ZoneSchedule, run_id: int | None, targets, open_: bool) -> None:
+    for target in targets:
+        await sched.sender.send(run_id, zone.gh_uid, zone.zone_id, target, "set_relay", {"state": open_})
+
+
+async def _step(sched: "Scheduler", zone: ZoneSchedule, cycle, now: dt.datetime) -> None:
+    settings = zone.water_change or WaterChange()
+    if cycle is None or cycle["state"] != zone.water_state:
+        # A state set outside the scheduler (or by an older cycle): time the step from now.
+        async with sched.db.transaction() as conn:
+            await _save_cycle(conn, zone.zone_id, None, zone.water_state, now)
+        return
+    since = cycle["state_since"]
+    elapsed_min = (naive_utc(now) - since).total_seconds() / 60
+    level = await freshest_metric(sched.db, zone.zone_id, "WATER_LEVEL", since)
+    state, nxt, reason = zone.water_state, None, None
+    if state == DRAIN:
+        if level is not None and level <= settings.drain_target_level:
+            nxt, reason = FILL, "level_reached"
+        elif elapsed_min >= settings.drain_timeout_min:
+            nxt, reason = FILL, "timeout"
+    elif state == FILL:
+        if level is not None and level >= settings.fill_target_level:
+            nxt, reason = STABILIZE, "level_reached"
+        elif elapsed_min >= settings.fill_timeout_min:
+            nxt, reason = STABILIZE, "timeout"
+    elif state == STABILIZE and elapsed_min >= settings.stabilize_min:
+        nxt, reason = NORMAL, "stabilized"
+    if nxt is None:
+        return
+    run_id = cycle["run_id"]
+    step = {"from": state, "to": nxt, "reason": reason, "level": level, "run_id": run_id,
+            "step_minutes": round(elapsed_min, 1)}
+    async with sched.db.transaction() as conn:
+        moved = await conn.fetchval(
+            "UPDATE zones SET water_state = $2::varchar, updated_at = now(),"
+            " solution_started_at = CASE WHEN $2::varchar = 'NORMAL_RECIRC' THEN $4::timestamp"
+            " ELSE solution_started_at END"
+            " WHERE id = $1 AND water_state = $3 RETURNING id", zone.zone_id, nxt, state, naive_utc(now))
+        if moved is None:
+            return  # another scheduler took this step
+        await _save_cycle(conn, zone.zone_id, run_id, nxt, now, details={f"{state.lower()}_end": step})
+        await add_zone_event(conn, zone.zone_id, "WATER_CHANGE_STEP", step)
+        if nxt == NORMAL:
+            started = cycle["cycle_started_at"]
+            done = {"run_id": run_id, "solution_started_at": iso(now),
+                    "duration_min": round((naive_utc(now) - started).total_seconds() / 60, 1) if started else None}
+            await add_zone_event(conn, zone.zone_id, "WATER_CHANGE_COMPLETED", done)
+            if run_id is not None:
+                await finish(conn, run_id, "completed", {"completed_at": iso(now)}, now)
+            await scheduler_log(conn, TASK, "completed", dict(done, zone_id=zone.zone_id))
+    m.WATER_TRANSITIONS.labels(nxt).inc()
+    log.info("water_change_step", extra={"zone_id": zone.zone_id, **step})
+    rows = await zone_channels(sched.db, zone.zone_id) if nxt in (FILL, STABILIZE) else []
+    if nxt == FILL:
+        await _valves(sched, zone, run_id, named_targets(rows, DRAIN_CHANNELS), False)
+        await _valves(sched, zone, run_id, named_targets(rows, FILL_CHANNELS), True)
+    elif nxt == STABILIZE:
+        await _valves(sched, zone, run_id, named_targets(rows, FILL_CHANNELS), False)
