@@ -1,4 +1,5 @@
 """NodeConfig validation, content-hash versioning, storage and delivery on real PostgreSQL + Mosquitto."""
+import asyncio
 import copy
 
 import orjson
@@ -274,3 +275,13 @@ async def test_broker_failure_keeps_version_and_records_error(settings, db):
     delivery = await db.fetchrow("SELECT * FROM node_config_delivery WHERE node_id = $1", node_id)
     assert delivery["published_version"] is None and "not connected" in delivery["publish_error"]
     assert (await db.fetchval("SELECT config FROM nodes WHERE id = $1", node_id))["version"] == 1
+
+
+async def test_concurrent_publishes_get_distinct_versions(settings, db, mqtt):
+    topics = Topics(settings.mqtt_topic_root)
+    node_id, _ = await make_node(db)
+    configs = [{"channels": [{"name": f"sensor_{i}", "type": "SENSOR"}]} for i in range(6)]
+    results = await asyncio.gather(*(nc.publish_node_config(db, mqtt, topics, "nd-ph-1", c) for c in configs))
+    assert sorted(r.version for r in results) == [1, 2, 3, 4, 5, 6]
+    assert (await db.fetchval("SELECT config FROM nodes WHERE id = $1", node_id))["version"] == 6
+    assert await db.fetchval("SELECT published_version FROM node_config_delivery WHERE node_id = $1", node_id) == 6
