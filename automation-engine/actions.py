@@ -61,6 +61,7 @@ class Services:
     auto: AutomationSettings
     refusals: RefusalTracker = field(default_factory=RefusalTracker)
     skip_reasons: dict[tuple[int, str], str] = field(default_factory=dict)  # last *_CORRECTION_SKIPPED reason
+    conditions: dict[tuple[int, str], bool] = field(default_factory=dict)   # zone conditions for transition events
 
 
 @dataclass
@@ -82,6 +83,14 @@ class ZoneContext:
     @property
     def db(self) -> Database:
         return self.services.db
+
+    def fresh(self, metric: str) -> float | None:
+        """The zone's freshest reading of `metric` if younger than TELEMETRY_MAX_AGE_MIN, else None."""
+        reading = self.zone.telemetry.get(metric)
+        max_age = dt.timedelta(minutes=self.services.settings.telemetry_max_age_min)
+        if reading is None or reading.updated_at is None or self.now - reading.updated_at > max_age:
+            return None
+        return reading.value
 
     def local_now(self) -> dt.datetime:
         """The cycle's time on the greenhouse's wall clock (UTC when the zone has no valid timezone)."""
@@ -147,6 +156,15 @@ class ZoneContext:
             await self.alert(alert_type, details, match)
         else:
             await self.resolve(alert_type, match)
+
+    async def transition(self, condition: str, active: bool, event_type: str, details: dict[str, Any]) -> bool:
+        """Write `event_type` when `condition` becomes true (not while it stays true); True when written."""
+        key = (self.zone.id, condition)
+        was = self.services.conditions.get(key, False)
+        self.services.conditions[key] = active
+        if active and not was:
+            return await self.event(event_type, details)
+        return False
 
     # -- refusals -------------------------------------------------------------------------
     async def refuse(self, metric: str, reason: str, details: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ import leases
 from actions import Services, ZoneContext
 from common.alerts import ensure_alert, resolve_alerts
 from config_source import ConfigLoader
-from controllers import dosing, health, phase
+from controllers import climate, dosing, health, irrigation, lighting, phase
 from snapshot import ZoneData, load_facts, load_zones
 
 log = logging.getLogger("automation.engine")
@@ -30,6 +30,10 @@ Controller = Callable[[ZoneContext], Awaitable[None]]
 # Order of contract §8.10, except that EC runs before pH (pH waits for a nutrient dose to settle).
 CONTROLLERS: list[tuple[str, Controller]] = [
     ("phase", phase.run),
+    ("light", lighting.run),
+    ("climate", climate.run),
+    ("irrigation", irrigation.run_irrigation),
+    ("recirculation", irrigation.run_recirculation),
     ("ec", dosing.run_ec),
     ("ph", dosing.run_ph),
     ("health", health.run),

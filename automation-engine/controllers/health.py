@@ -2,8 +2,6 @@
 scores in one statement at the end of the cycle."""
 from __future__ import annotations
 
-import datetime as dt
-
 from actions import ZoneContext
 from targets import target
 
@@ -20,26 +18,18 @@ def _stability(stats: tuple | None, steps: tuple[float, ...]) -> float:
     return 20.0
 
 
-def _fresh(ctx: ZoneContext, metric: str) -> float | None:
-    reading = ctx.zone.telemetry.get(metric)
-    max_age = dt.timedelta(minutes=ctx.services.settings.telemetry_max_age_min)
-    if reading is None or reading.updated_at is None or ctx.now - reading.updated_at > max_age:
-        return None
-    return reading.value
-
-
 def parts(ctx: ZoneContext) -> dict[str, float]:
     zone = ctx.zone
     climate = 100.0
-    temp, temp_target = _fresh(ctx, "TEMP_AIR"), target(ctx.targets, "temp_air")
+    temp, temp_target = ctx.fresh("TEMP_AIR"), target(ctx.targets, "temp_air")
     if temp is not None and temp_target is not None:
         off = abs(temp - temp_target.value)
         climate -= 30 if off > 3 else 20 if off > 2 else 10 if off > 1 else 0
-    humidity, humidity_target = _fresh(ctx, "HUMIDITY"), target(ctx.targets, "humidity_air")
+    humidity, humidity_target = ctx.fresh("HUMIDITY"), target(ctx.targets, "humidity_air")
     if humidity is not None and humidity_target is not None:
         off = abs(humidity - humidity_target.value)
         climate -= 30 if off > 20 else 20 if off > 15 else 10 if off > 10 else 0
-    level = _fresh(ctx, "WATER_LEVEL")
+    level = ctx.fresh("WATER_LEVEL")
     return {
         "ph": _stability(zone.stats.get("PH"), (0.1, 0.2, 0.3, 0.5)),
         "ec": _stability(zone.stats.get("EC"), (0.05, 0.1, 0.15, 0.2)),
@@ -47,7 +37,7 @@ def parts(ctx: ZoneContext) -> dict[str, float]:
         "alerts": max(100.0 - 15 * len(zone.active_alerts()), 0.0),
         "nodes": 100.0 * sum(n.online for n in zone.nodes) / len(zone.nodes) if zone.nodes else 50.0,
         "water": 30.0 if level is not None and level < 0.2 else 100.0,
-        "flow": 100.0 if _fresh(ctx, "FLOW_RATE") is not None else 50.0,
+        "flow": 100.0 if ctx.fresh("FLOW_RATE") is not None else 50.0,
     }
 
 
@@ -57,4 +47,7 @@ def score(ctx: ZoneContext) -> tuple[float, str]:
 
 
 async def run(ctx: ZoneContext) -> None:
+    level = ctx.fresh("WATER_LEVEL")
+    if level is not None and level >= 0.2:
+        await ctx.resolve("WATER_LEVEL_LOW")
     ctx.health = score(ctx)

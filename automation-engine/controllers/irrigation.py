@@ -1,0 +1,112 @@
+"""Interval irrigation and recirculation (contract §8.6), behind every pump gate of §4.3.
+
+Irrigation (capability `irrigation_control`, target `irrigation_interval_sec`): when the interval
+has passed since the last IRRIGATION_STARTED — or there was none: the first run fires at once —
+`run_pump {duration_ms}` on the first irrigation pump (`pump_in` / `pump_irrigation`, or any pump
+channel of an `irrig`/`pump` node), or `set_relay {state:true, duration_ms}` on `valve_irrigation`.
+Recirculation (capability `recirculation`, `recirculation_enabled`): every
+`recirculation_interval_min`, `run_pump` on `recirculation_pump` (or a pump of a `recirculation`
+node) for `recirculation_duration_sec` (default 300), RECIRCULATION_CYCLE event.
+Durations are capped by the channel's `safe_limits.max_duration_ms` and the 60 s run_pump limit
+(the event records both the wanted and the commanded time).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import engine_metrics as m
+import gates
+from actions import ZoneContext
+from common.commands import RUN_PUMP_MAX_MS, CommandError
+from snapshot import Node
+from targets import number
+
+IRRIGATION_CHANNELS = ("pump_in", "pump_irrigation", "valve_irrigation")
+RECIRCULATION_CHANNELS = ("recirculation_pump",)
+
+
+def _duration_ms(node: Node, channel: str, seconds: float) -> int:
+    return int(max(1, min(seconds * 1000, gates.max_duration_ms(node, channel, RUN_PUMP_MAX_MS), RUN_PUMP_MAX_MS)))
+
+
+async def _pump_cycle(ctx: ZoneContext, controller: str, actuator: tuple[Node, str], seconds: float,
+                      event: str, details: dict[str, Any]) -> bool:
+    zone, now = ctx.zone, ctx.now
+    level = ctx.fresh("WATER_LEVEL")
+    if level is not None and level < gates.WATER_LEVEL_OK:
+        m.ACTUATIONS.labels(controller, "water_level_low").inc()
+        await ctx.alert("WATER_LEVEL_LOW", {"water_level": level, "message": "water level below 0.2"})
+        await ctx.transition(f"{controller}_water_low", True, "WATER_LEVEL_LOW", {"water_level": level})
+        return False
+    ctx.services.conditions.pop((zone.id, f"{controller}_water_low"), None)
+    node, channel = actuator
+    refusal = gates.can_run_pump(zone, node, channel, now,
+                                 telemetry_max_age=dt.timedelta(seconds=ctx.auto.pump_telemetry_max_age_sec),
+                                 water_max_age=dt.timedelta(minutes=ctx.services.settings.telemetry_max_age_min),
+                                 fault_window=dt.timedelta(minutes=30))
+    if refusal:
+        m.ACTUATIONS.labels(controller, refusal).inc()
+        ctx.log.append(f"refused:{controller}:{refusal}")
+        return False
+    duration = _duration_ms(node, channel, seconds)
+    if channel.startswith("valve"):
+        cmd, params = "set_relay", {"state": True, "duration_ms": duration}
+    else:
+        cmd, params = "run_pump", {"duration_ms": duration}
+    try:
+        cmd_id = await ctx.command(node, channel, cmd, params, controller)
+    except CommandError as exc:
+        m.ACTUATIONS.labels(controller, "rejected").inc()
+        ctx.log.append(f"rejected:{controller}:{exc}")
+        return False
+    m.ACTUATIONS.labels(controller, cmd).inc()
+    await ctx.event(event, {**details, "duration_sec": seconds, "commanded_duration_ms": duration,
+                            "node_uid": node.uid, "channel": channel, "cmd": cmd, "cmd_id": cmd_id})
+    return True
+
+
+def _due(ctx: ZoneContext, event: str, interval: dt.timedelta) -> tuple[bool, dict[str, Any]]:
+    last = ctx.zone.events.get(event)
+    if last is None:
+        return True, {"last_time": None, "elapsed_sec": None}
+    elapsed = ctx.now - last[0]
+    return elapsed >= interval, {"last_time": last[0].isoformat(), "elapsed_sec": int(elapsed.total_seconds())}
+
+
+async def run_irrigation(ctx: ZoneContext) -> None:
+    if not ctx.zone.capability("irrigation_control"):
+        return
+    interval = number(ctx.targets.get("irrigation_interval_sec"))
+    if interval is None or interval < 1:
+        return
+    due, since = _due(ctx, "IRRIGATION_STARTED", dt.timedelta(seconds=interval))
+    if not due:
+        return
+    actuator = gates.find_actuator(ctx.zone, IRRIGATION_CHANNELS, ("irrig", "pump"), ("pump",))
+    if actuator is None:
+        m.ACTUATIONS.labels("irrigation", "no_actuator").inc()
+        return
+    seconds = number(ctx.targets.get("irrigation_duration_sec")) or 60.0
+    await _pump_cycle(ctx, "irrigation", actuator, seconds, "IRRIGATION_STARTED",
+                      {"interval_sec": interval, "last_irrigation_time": since["last_time"],
+                       "elapsed_sec": since["elapsed_sec"]})
+
+
+async def run_recirculation(ctx: ZoneContext) -> None:
+    if not ctx.zone.capability("recirculation") or ctx.targets.get("recirculation_enabled") is not True:
+        return
+    interval_min = number(ctx.targets.get("recirculation_interval_min"))
+    if interval_min is None or interval_min <= 0:
+        return
+    due, since = _due(ctx, "RECIRCULATION_CYCLE", dt.timedelta(minutes=interval_min))
+    if not due:
+        return
+    actuator = gates.find_actuator(ctx.zone, RECIRCULATION_CHANNELS, ("recirculation",), ("pump",))
+    if actuator is None:
+        m.ACTUATIONS.labels("recirculation", "no_actuator").inc()
+        return
+    seconds = number(ctx.targets.get("recirculation_duration_sec")) or 300.0
+    await _pump_cycle(ctx, "recirculation", actuator, seconds, "RECIRCULATION_CYCLE",
+                      {"interval_min": interval_min, "last_cycle_time": since["last_time"],
+                       "elapsed_sec": since["elapsed_sec"]})
