@@ -8,6 +8,7 @@ an outage) is recorded as `missed` and counted, not fired. The clock is injected
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -22,7 +23,7 @@ from common.alerts import add_zone_event
 from common.db import Database
 from common.env import Settings
 from config import SchedulerConfig
-from runs import Firing, claim, take_due_followups
+from runs import Firing, claim, finish, take_due_followups
 from schedules import ZoneSchedule, load_schedules
 from timespec import UTC, next_instant, occurrences
 
@@ -144,10 +145,13 @@ class Scheduler:
             outcome = await self._executors[firing.kind](self, firing, now)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - one zone's failure never stops the others
+        except Exception as exc:  # noqa: BLE001 - one zone's failure never stops the others
             m.ZONE_ERRORS.labels(firing.kind).inc()
             log.exception("schedule_firing_failed", extra={"zone_id": firing.zone.zone_id, "item": firing.item,
                                                            "run_id": firing.run_id})
+            with contextlib.suppress(Exception):  # the run says why it stopped, when the database lets it
+                await finish(self.db, firing.run_id, "failed", {"error": "internal", "message": str(exc)[:500]},
+                             now)
             return
         m.FIRINGS.labels(firing.kind, outcome).inc()
         m.SCHEDULE_EXECUTIONS.labels(str(firing.zone.zone_id), firing.kind).inc()

@@ -256,3 +256,35 @@ async def test_inactive_zones_are_not_scheduled(settings, db, mqtt, mqtt_probe):
     claimed = await sched.tick(local(TZ, 2026, 6, 1, 8, 0, 30))
     assert [f.zone.zone_id for f in claimed] == [running]
     assert REGISTRY.get_sample_value("active_schedules") == 1
+
+
+async def test_one_zone_failing_does_not_stop_the_others(settings, db, mqtt, mqtt_probe):
+    broken, fine = await irrigated_zone(db), await irrigated_zone(db)
+    sched = make_scheduler(settings, db, mqtt)
+    real = sched._executors["irrigation"]
+
+    async def explode_for_one(s, firing, now):
+        if firing.zone.zone_id == broken:
+            raise RuntimeError("boom")
+        return await real(s, firing, now)
+    sched._executors["irrigation"] = explode_for_one
+    await sched.tick(local(TZ, 2026, 6, 1, 8, 0, 30))
+    await mqtt_probe.wait_for(1, f"{settings.mqtt_topic_root}/+/zn-{fine}/+/pump_in/command")
+    runs = {r["zone_id"]: r for r in await db.fetch("SELECT zone_id, status, details FROM scheduler_runs")}
+    assert runs[broken]["status"] == "failed" and runs[broken]["details"]["message"] == "boom"
+    assert runs[fine]["status"] == "running"
+
+
+async def test_nothing_is_claimed_while_the_broker_is_down(settings, db, mqtt_probe):
+    zone = await irrigated_zone(db)
+    client = MqttClient(settings, "-scheduler")
+    sched = make_scheduler(settings, db, client)
+    assert await sched.tick(local(TZ, 2026, 6, 1, 8, 0, 10)) == []  # not connected: skipped, nothing claimed
+    assert sched.last_tick is None
+    await client.start(wait=10)
+    try:
+        claimed = await sched.tick(local(TZ, 2026, 6, 1, 8, 1, 10))
+    finally:
+        await client.stop()
+    assert [f.item for f in claimed] == ["irrigation@08:00"]
+    await mqtt_probe.wait_for(1, f"{settings.mqtt_topic_root}/+/zn-{zone}/+/pump_in/command")
