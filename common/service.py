@@ -73,12 +73,22 @@ class HttpServer:
         self.task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.task = asyncio.create_task(self.server.serve())
+        self.task = asyncio.create_task(self._serve())
         while not self.server.started:
             if self.task.done():
                 self.task.result()  # raises why it could not start (port in use, ...)
                 raise RuntimeError("HTTP server exited during start-up")
             await asyncio.sleep(0.02)
+
+    async def _serve(self) -> None:
+        # uvicorn calls sys.exit() when it cannot bind; a SystemExit escaping a task stops the whole
+        # event loop, so it is turned into an ordinary error that start() raises.
+        try:
+            await self.server.serve()
+        except SystemExit as exc:
+            config = self.server.config
+            raise RuntimeError(f"HTTP server could not start on {config.host}:{config.port} "
+                               f"(exit code {exc.code}; port in use?)") from None
 
     async def stop(self) -> None:
         if self.task is None:
