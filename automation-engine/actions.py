@@ -15,7 +15,7 @@ from typing import Any
 
 import engine_metrics as m
 from common.alerts import add_zone_event, ensure_alert, resolve_alerts
-from common.commands import issue_command
+from common.commands import CommandPublishError, issue_command
 from common.db import Database
 from common.env import Settings
 from common.mqtt import MqttClient
@@ -29,7 +29,8 @@ log = logging.getLogger("automation.actions")
 # the others (settling, waiting for EC, improving trend) are the normal rhythm of dosing.
 PERSISTENT_REASONS = {"stale_reading", "implausible_value", "implausible_rate", "stuck_sensor", "no_actuator",
                       "node_offline", "node_silent", "water_level_low", "dry_run", "pump_fault_alert",
-                      "pump_fault_count", "pending_command", "hourly_cap", "safe_limit", "command_rejected"}
+                      "pump_fault_count", "pending_command", "hourly_cap", "safe_limit", "command_rejected",
+                      "publish_failed"}
 DOSING_BLOCKED = "DOSING_BLOCKED"
 
 
@@ -104,6 +105,10 @@ class ZoneContext:
 
     # -- commands -------------------------------------------------------------------------
     async def command(self, node: Node, channel: str, cmd: str, params: dict[str, Any], metric: str) -> str:
+        """Publish through common.commands; CommandError when refused by validation, CommandPublishError
+        when the broker is not reachable (checked first, so no row is left `pending` for nothing)."""
+        if not self.services.mqtt.connected:
+            raise CommandPublishError("MQTT broker is not connected")
         issued = await issue_command(self.db, self.services.mqtt, self.services.topics, gh_uid=self.gh_uid,
                                      zone_id=self.zone.id, node_uid=node.uid, channel=channel, cmd=cmd,
                                      params=params, source="automation")

@@ -9,7 +9,7 @@ from typing import Any
 
 import engine_metrics as m
 from actions import ZoneContext
-from common.commands import CommandError
+from common.commands import CommandError, CommandPublishError
 from snapshot import CommandRow, Node
 
 RETRY_FAILED_AFTER = dt.timedelta(minutes=1)
@@ -47,6 +47,10 @@ async def ensure(ctx: ZoneContext, controller: str, node: Node, channel: str, cm
     except CommandError as exc:
         m.ACTUATIONS.labels(controller, "rejected").inc()
         ctx.log.append(f"rejected:{controller}:{exc}")
+        return False
+    except CommandPublishError:
+        m.ACTUATIONS.labels(controller, "publish_failed").inc()
+        ctx.log.append(f"publish_failed:{controller}")
         return False
     m.ACTUATIONS.labels(controller, cmd if change else "reassert").inc()
     if change and event:

@@ -13,23 +13,21 @@ PLAUSIBLE = {"PH": (0.0, 14.0), "EC": (0.0, 20.0)}
 OPEN_STATUSES = ("pending", "sent")
 
 
+def find_actuators(zone: ZoneData, channels: tuple[str, ...], node_types: tuple[str, ...] = (),
+                   contains: tuple[str, ...] = ()) -> list[tuple[Node, str]]:
+    """Every (node, channel) that is one of `channels`, or on a node of a type in `node_types` has a
+    name containing one of `contains`; online nodes first, then in the order of `channels`."""
+    found = [(node, name) for node in zone.nodes for name in node.channels
+             if name in channels or (node.type in node_types and any(w in name.lower() for w in contains))]
+    found.sort(key=lambda item: (not item[0].online,
+                                 channels.index(item[1]) if item[1] in channels else len(channels)))
+    return found
+
+
 def find_actuator(zone: ZoneData, channels: tuple[str, ...], node_types: tuple[str, ...] = (),
                   contains: tuple[str, ...] = ()) -> tuple[Node, str] | None:
-    """The first node (online first) owning one of `channels`, or of a type in `node_types` with a channel
-    whose name contains one of `contains`."""
-    found: list[tuple[Node, str]] = []
-    for node in zone.nodes:
-        for name in channels:
-            if name in node.channels:
-                found.append((node, name))
-                break
-        else:
-            if node.type in node_types:
-                for name in node.channels:
-                    if any(word in name.lower() for word in contains):
-                        found.append((node, name))
-                        break
-    found.sort(key=lambda item: not item[0].online)
+    """The preferred one of `find_actuators`, or None."""
+    found = find_actuators(zone, channels, node_types, contains)
     return found[0] if found else None
 
 

@@ -49,7 +49,7 @@ class AutomationService:
         return {"db": await self.db.ping(), "mqtt": self.mqtt.connected}
 
     async def start(self) -> None:
-        self.settings.require_secrets("LARAVEL_API_TOKEN")
+        self.settings.require_secrets(*(["LARAVEL_API_TOKEN"] if self.settings.laravel_api_url else []))
         await self.db.connect()
         await self.mqtt.start(wait=None)
         await self.http.start()

@@ -279,3 +279,13 @@ async def test_a_zone_with_every_capability_runs_every_controller_in_order_from_
         assert CountingDatabase.fetches == reads_for_one  # the same queries, whatever the number of zones
     finally:
         await counting.close()
+
+
+async def test_every_fan_of_the_zone_is_driven(db, make_engine):
+    nodes = {"nd-clim": ("climate", {"fan_A": {}, "fan_B": {}, "exhaust_fan": {}})}
+    await seed_zone(db, capabilities={"climate_control": True}, targets={"humidity_air": 60}, nodes=nodes,
+                    telemetry={"HUMIDITY": 70})
+    await make_engine().run_cycle()
+    assert cmds(await automation_commands(db)) == [("fan_A", "set_pwm", {"value": 100}),
+                                                   ("fan_B", "set_pwm", {"value": 100}),
+                                                   ("exhaust_fan", "set_pwm", {"value": 100})]

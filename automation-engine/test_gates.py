@@ -131,3 +131,13 @@ async def test_an_answered_command_no_longer_blocks_and_a_second_dose_waits_for_
     r = await engine.run_cycle(later(seconds=30))
     assert "refused:PH:settling" in r.contexts[z.zone_id].log
     assert len(await automation_commands(db, z.zone_id)) == 1
+
+
+async def test_broker_down_refuses_without_leaving_a_command_row(db, settings, make_engine):
+    from common.mqtt import MqttClient
+    z = await seed_zone(db, telemetry={"PH": 6.3, "EC": 1.4})
+    engine = make_engine()
+    engine.services.mqtt = MqttClient(settings, "-never-started")
+    result = await engine.run_cycle()
+    assert result.failed == 0 and "refused:PH:publish_failed" in result.contexts[z.zone_id].log
+    assert await db.fetchval("SELECT count(*) FROM commands") == 0

@@ -46,7 +46,7 @@ class AutomationSettings:
             min_concurrent_zones=env.int("MIN_CONCURRENT_ZONES", 5, 1, 1000),
             max_concurrent_zones=env.int("MAX_CONCURRENT_ZONES", 50, 1, 1000),
             failing_zones_alert_ratio=env.float("FAILING_ZONES_ALERT_RATIO", 0.10, 0.0, 1.0),
-            config_reload_min_sec=env.float("CONFIG_RELOAD_MIN_SEC", 2.0, 0.0, 3600),
+            config_reload_min_sec=env.float("CONFIG_RELOAD_MIN_SEC", 5.0, 0.0, 3600),
             ph_cooldown_min=env.float("PH_COOLDOWN_MIN", 10.0, 0.0, 1440),
             ec_cooldown_min=env.float("EC_COOLDOWN_MIN", 10.0, 0.0, 1440),
             ph_after_nutrient_min=env.float("PH_AFTER_NUTRIENT_MIN", 10.0, 0.0, 1440),

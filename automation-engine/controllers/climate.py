@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from actions import ZoneContext
 from actuators import commanded, ensure
-from gates import find_actuator
+from gates import find_actuators
 from targets import target
 
 HYSTERESIS = 0.5
@@ -32,19 +32,19 @@ async def run(ctx: ZoneContext) -> None:
     if not ctx.zone.capability("climate_control"):
         return
     zone = ctx.zone
-    heater = find_actuator(zone, ("heater_1",), ("climate",), ("heater",))
-    fan = find_actuator(zone, ("fan_A", "fan_B"), ("climate",), ("fan",))
+    heaters = find_actuators(zone, ("heater_1",), ("climate",), ("heater",))
+    fans = find_actuators(zone, ("fan_A", "fan_B"), ("climate",), ("fan",))
 
     temp, temp_target = ctx.fresh("TEMP_AIR"), target(ctx.targets, "temp_air")
     if temp is not None and temp_target is not None:
         goal = temp_target.value
         details = {"temp_air": temp, "target_temp_air": goal}
-        heat = temp < goal - HYSTERESIS or (heater is not None and _relay_on(ctx, heater) and temp < goal)
-        cool = temp > goal + HYSTERESIS or (fan is not None and _relay_on(ctx, fan) and temp > goal)
-        if heater:
+        heat = temp < goal - HYSTERESIS or (any(_relay_on(ctx, h) for h in heaters) and temp < goal)
+        cool = temp > goal + HYSTERESIS or (any(_relay_on(ctx, f) for f in fans) and temp > goal)
+        for heater in heaters:
             await ensure(ctx, "climate", *heater, "set_relay", {"state": heat}, kinds=RELAY,
                          event="CLIMATE_HEATING_ON" if heat else None, details=details)
-        if fan:
+        for fan in fans:
             await ensure(ctx, "climate", *fan, "set_relay", {"state": cool}, kinds=RELAY,
                          event="CLIMATE_COOLING_ON" if cool else "FAN_OFF", details=details)
         high, low = temp > goal + TEMP_ALERT, temp < goal - TEMP_ALERT
@@ -60,7 +60,7 @@ async def run(ctx: ZoneContext) -> None:
     if humidity is not None and humidity_target is not None:
         goal = humidity_target.value
         details = {"humidity": humidity, "target_humidity": goal}
-        if fan:
+        for fan in fans:
             if humidity > goal + HUMIDITY_VENT:
                 await ensure(ctx, "climate", *fan, "set_pwm", {"value": 100}, kinds=PWM, event="FAN_ON",
                              details={**details, "mode": "increase_ventilation"})

@@ -17,7 +17,7 @@ from typing import Any
 import engine_metrics as m
 import gates
 from actions import ZoneContext
-from common.commands import CommandError
+from common.commands import CommandError, CommandPublishError
 from targets import number, target
 
 
@@ -170,6 +170,9 @@ async def correct(ctx: ZoneContext, spec: Spec) -> None:
         cmd_id = await ctx.command(node, channel, cmd, params, spec.metric)
     except CommandError as exc:
         await _refuse(ctx, spec, "command_rejected", {**details, "error": str(exc)})
+        return
+    except CommandPublishError as exc:
+        await _refuse(ctx, spec, "publish_failed", {**details, "error": str(exc)})
         return
     reason = f"{spec.key}_{direction}"
     m.CORRECTIONS.labels(channel, reason).inc()

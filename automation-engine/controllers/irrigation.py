@@ -18,7 +18,7 @@ from typing import Any
 import engine_metrics as m
 import gates
 from actions import ZoneContext
-from common.commands import RUN_PUMP_MAX_MS, CommandError
+from common.commands import RUN_PUMP_MAX_MS, CommandError, CommandPublishError
 from snapshot import Node
 from targets import number
 
@@ -59,6 +59,10 @@ async def _pump_cycle(ctx: ZoneContext, controller: str, actuator: tuple[Node, s
     except CommandError as exc:
         m.ACTUATIONS.labels(controller, "rejected").inc()
         ctx.log.append(f"rejected:{controller}:{exc}")
+        return False
+    except CommandPublishError:
+        m.ACTUATIONS.labels(controller, "publish_failed").inc()
+        ctx.log.append(f"publish_failed:{controller}")
         return False
     m.ACTUATIONS.labels(controller, cmd).inc()
     await ctx.event(event, {**details, "duration_sec": seconds, "commanded_duration_ms": duration,
