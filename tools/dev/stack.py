@@ -358,8 +358,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--for", dest="run_for", type=float, default=0.0, metavar="SECONDS",
                    help="run this long, then stop everything (default: until Ctrl-C)")
     p.add_argument("--check", action="store_true",
-                   help="with --for: exit 1 unless telemetry rows arrived, every started service answered /ready "
-                        "200, and a correction command and a command ACK were seen")
+                   help="stop as soon as telemetry rows arrived, every started service answered /ready 200, and an "
+                        "automation correction and a command ACK were seen; exit 1 if --for ends first")
     p.add_argument("--no-sim", action="store_true", help="do not start the node simulator")
     p.add_argument("--no-seed", action="store_true", help="do not seed the demo greenhouse")
     p.add_argument("--status-every", type=float, default=2.0, metavar="SECONDS")
@@ -502,6 +502,12 @@ async def live_status(args, conn, zone_ids, since, procs: Processes, started, se
             last_printed = now
         if deadline and now >= deadline:
             break
+        if args.check and all((await evaluate(status, started, settings))[0].values()):
+            if tty:
+                out("")
+            out(line)
+            out("check: everything seen, stopping early")
+            break
         try:
             await asyncio.wait_for(stop.wait(), args.status_every)
         except asyncio.TimeoutError:
@@ -510,10 +516,17 @@ async def live_status(args, conn, zone_ids, since, procs: Processes, started, se
         out("")
     if not args.check:
         return 0
-    return await final_check(status, started, settings)
+    checks, ready = await evaluate(status, started, settings)
+    row = status.row
+    out(f"check: telemetry rows {status.rows_total}, ready {ready}, "
+        f"corrections {row['corrections'] if row else 0}, acked {row['acked'] if row else 0}")
+    for name, ok in checks.items():
+        out(f"check: {'ok  ' if ok else 'FAIL'} {name}")
+    return 0 if all(checks.values()) else 1
 
 
-async def final_check(status: Status, started: list[ServiceDef], settings: Settings) -> int:
+async def evaluate(status: Status, started: list[ServiceDef], settings: Settings) -> tuple[dict, dict]:
+    """The `make dev` promises: rows, readiness, a correction, an ACK."""
     row = status.row
     ready = {svc.folder: await asyncio.to_thread(http_status, url(settings, svc.ports["api"], "/ready"))
              for svc in started}
@@ -523,11 +536,7 @@ async def final_check(status: Status, started: list[ServiceDef], settings: Setti
         "an automation correction (dose / run_pump on a dosing pump)": bool(row and row["corrections"]),
         "a command acknowledged by a node": bool(row and row["acked"]),
     }
-    out(f"check: telemetry rows {status.rows_total}, ready {ready}, "
-        f"corrections {row['corrections'] if row else 0}, acked {row['acked'] if row else 0}")
-    for name, ok in checks.items():
-        out(f"check: {'ok  ' if ok else 'FAIL'} {name}")
-    return 0 if all(checks.values()) else 1
+    return checks, ready
 
 
 def main(argv: list[str] | None = None) -> int:
