@@ -19,9 +19,15 @@ FAST = BridgeSettings(max_body_bytes=65_536, retry_after_sec=5, routine_poll_sec
 
 @contextlib.asynccontextmanager
 async def running_bridge(settings, token: str = TOKEN, options: BridgeSettings = FAST, wait_mqtt: bool = True):
-    settings = settings.replace(bridge_port=testing.free_port(), py_api_token=token, http_host="127.0.0.1")
-    service = build(settings, options)
-    await service.start()
+    for attempt in range(5):  # another process may take the free port before uvicorn binds it
+        settings = settings.replace(bridge_port=testing.free_port(), py_api_token=token, http_host="127.0.0.1")
+        service = build(settings, options)
+        try:
+            await service.start()
+            break
+        except RuntimeError:
+            if attempt == 4:
+                raise
     if wait_mqtt:
         await service.mqtt.wait_connected(10)
     headers = {"Authorization": f"Bearer {token}"} if token else {}

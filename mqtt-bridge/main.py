@@ -55,13 +55,21 @@ class BridgeService:
     async def start(self) -> None:
         await self.db.connect(wait=False)  # lazy: a database that is down now is a 503 per request, not a crash
         await self.mqtt.start()            # connects (and reconnects) in the background
-        await self.http.start()
+        try:
+            await self.http.start()
+        except BaseException:
+            await self._close_clients()
+            raise
         log.info("bridge_listening", extra={"port": self.settings.bridge_port,
                                             "auth": bool(self.settings.py_api_token)})
 
     async def stop(self) -> None:
-        await self.tasks.stop()  # running routines stop their pumps while MQTT and the database are still up
+        self.routines.stopping.set()  # running routines stop their pumps while MQTT and the database are up
+        await self.tasks.stop()
         await self.http.stop()
+        await self._close_clients()
+
+    async def _close_clients(self) -> None:
         await self.mqtt.stop()
         await self.redis.aclose()
         await self.db.close()

@@ -2,8 +2,8 @@
 
 Fill / drain: FILL_STARTED event, `fill {target_level}` (or `drain`) to the zone's water node,
 poll `telemetry_last` WATER_LEVEL every BRIDGE_ROUTINE_POLL_SEC until the level reaches the target
-(fill: ≥, drain: ≤) or max_duration_sec passes, then always a stop command (also when cancelled),
-then FILL_FINISHED. `fill` / `drain` have no firmware support yet (contract §4.2).
+(fill: ≥, drain: ≤) or max_duration_sec passes, then always a stop command (also when the service
+stops or the run fails), then FILL_FINISHED. `fill` / `drain` have no firmware support yet (contract §4.2).
 
 Flow calibration: FLOW_CALIBRATION_STARTED, `run_pump {duration_ms}` on the channel, wait for the
 run, average the zone's FLOW_RATE samples of that window (telemetry_samples: `raw` carries the
@@ -69,6 +69,15 @@ class Routines:
         self.db = db
         self.publisher = publisher
         self.options = options
+        self.stopping = asyncio.Event()  # set when the service stops: runs end early and stop their pump
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep; True when the service is stopping (the run should end now)."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     async def _event(self, zone_id: int, event_type: str, details: dict[str, Any]) -> None:
         async with self.db.transaction() as conn:
@@ -109,7 +118,8 @@ class Routines:
         level, reached, status = None, False, "cancelled"
         try:
             while True:
-                await asyncio.sleep(self.options.routine_poll_sec)
+                if await self._pause(self.options.routine_poll_sec):
+                    break
                 current = await self.db.fetchval(_LEVEL, zone_id)
                 if current is not None:
                     level = current
@@ -126,7 +136,7 @@ class Routines:
                 "stop_error": stop_error, "end_time": _iso(_utcnow())})
         result = {"success": reached, "target_level": target, "final_level": level, "elapsed_sec": elapsed}
         if not reached:
-            result["error"] = "timeout"
+            result["error"] = "timeout" if status == "timeout" else "cancelled"
         if stop_error:
             result["stop_error"] = stop_error
         return result
@@ -168,7 +178,13 @@ class Routines:
         except Exception as exc:
             await self._event(zone_id, "FLOW_CALIBRATION_FINISHED", {**base, "status": "failed", "error": str(exc)})
             raise
-        await asyncio.sleep(seconds + self.options.flow_settle_sec)
+        if await self._pause(seconds + self.options.flow_settle_sec):
+            stop_cmd_id, stop_error = await self._stop(dict(gh_uid=gh_uid, zone_id=zone_id, node_uid=node_uid,
+                                                            channel=req.channel))
+            await self._event(zone_id, "FLOW_CALIBRATION_FINISHED", {
+                **base, "status": "cancelled", "cmd_id": issued.cmd_id, "stop_cmd_id": stop_cmd_id,
+                "stop_error": stop_error})
+            return {"success": False, "error": "cancelled", "pump_duration_sec": seconds}
         window_end = await self.db.fetchval("SELECT now()::timestamp")
         rows = await self.db.fetch(_FLOW_SAMPLES, zone_id, window_start, window_end)
         if len(rows) < 2:

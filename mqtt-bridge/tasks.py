@@ -1,8 +1,8 @@
 """Fill / drain / calibrate-flow runs as tasks on the service's loop, pollable by id.
 
 A synchronous request runs its routine through here too, so that one zone never runs two routines
-at once (409) and `stop()` cancels whatever is still running (each routine stops its pump on the way
-out). Finished runs stay pollable for BRIDGE_TASK_KEEP_SEC.
+at once (409) and `stop()` waits for what is still running (the service first tells the routines
+to end, and each stops its pump on the way out; a run still going after the grace time is cancelled). Finished runs stay pollable for BRIDGE_TASK_KEEP_SEC.
 """
 from __future__ import annotations
 
@@ -84,7 +84,10 @@ class TaskRegistry:
         bm.ROUTINES_RUNNING.inc()
         try:
             entry.result = await run()
-            entry.state = "succeeded" if entry.result.get("success") else "failed"
+            if entry.result.get("success"):
+                entry.state = "succeeded"
+            else:
+                entry.state = "cancelled" if entry.result.get("error") == "cancelled" else "failed"
         except asyncio.CancelledError:
             entry.state = "cancelled"
             raise
@@ -106,12 +109,16 @@ class TaskRegistry:
         for task_id in [t.id for t in self._tasks.values() if t.finished_mono is not None and t.finished_mono < cutoff]:
             del self._tasks[task_id]
 
-    async def stop(self) -> None:
+    async def stop(self, grace_sec: float = 15.0) -> None:
+        """Wait for runs to finish (the caller has told them to end), cancel what is left after grace_sec."""
         running = [t.task for t in self._tasks.values() if t.task is not None and not t.task.done()]
-        for task in running:
+        if not running:
+            return
+        _, late = await asyncio.wait(running, timeout=grace_sec)
+        for task in late:
             task.cancel()
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
+        if late:
+            await asyncio.gather(*late, return_exceptions=True)
 
 
 def _status_of(exc: Exception) -> int:
