@@ -20,7 +20,7 @@ fi
 echo "ensure_tools: installing ${missing[*]} with apt-get" >&2
 apt-get update -qq >/dev/null 2>&1 || true
 # prometheus pulls in a daemon we never start; --no-install-recommends keeps the install small.
-if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
   echo "ensure_tools: apt-get install ${missing[*]} failed; the deployment checks that need them will be skipped" >&2
 fi
 # The Debian package starts a Prometheus server on :9090 through its init script when it can; we only want promtool.

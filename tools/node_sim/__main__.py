@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--greenhouses", type=int, default=1)
     g.add_argument("--zones", type=int, default=2, help="zones per greenhouse (zone ids 1, 2, … in order)")
     g.add_argument("--nodes", type=int, default=5, help="nodes per zone; types in turn: " + ", ".join(NODE_TYPES))
-    g.add_argument("--unregistered", type=int, default=0, help="extra nodes on temporary ids that send node_hello")
+    g.add_argument("--unregistered", type=int, default=0, help="extra nodes on temporary ids that send node_hello (also with --from-db)")
     g.add_argument("--hello-greenhouse", default="", help="greenhouse_token sent in node_hello")
     g = p.add_argument_group("rates")
     g.add_argument("--poll-ms", type=int, default=0, help="every sensor's poll interval (default: its channel's)")
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("node-sim", settings.log_level)
     if args.from_db:
         layout = asyncio.run(layout_from_db(settings))
+        known = {n.hardware_id for n in layout}
+        layout += [n for n in synthetic_layout(0, 0, 0, unregistered=args.unregistered) if n.hardware_id not in known]
     else:
         layout = synthetic_layout(args.greenhouses, args.zones, args.nodes, unregistered=args.unregistered)
     if not layout:
