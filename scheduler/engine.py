@@ -47,7 +47,8 @@ class Scheduler:
         self.water_notes: set[tuple] = set()       # water-change problems already logged
         self._executors: dict[str, Callable[..., Awaitable[str]]] = {
             "irrigation": irrigation.fire, "lighting": lighting.fire}
-        self._followups = {"dry_run_check": irrigation.dry_run_check, "finish": irrigation.finish_run}
+        self._followups = {"dry_run_check": irrigation.dry_run_check, "finish": irrigation.finish_run,
+                           "lighting_retry": lighting.retry}
 
     # -- the tick ---------------------------------------------------------------------------
     async def tick(self, now: dt.datetime | None = None) -> list[Firing]:

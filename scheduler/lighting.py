@@ -5,7 +5,9 @@ the state the window asks for and the edge (start or end occurrence) that made i
 claimed once like any firing, so commands and LIGHT_ON / LIGHT_OFF go out only on transitions —
 and after a start-up the current state is asserted once, never again by a restart or a replica.
 On: `set_pwm {value: light_intensity}` when the phase gives an intensity, else
-`set_relay {state: true}`; off: `set_relay {state: false}`.
+`set_relay {state: true}`; off: `set_relay {state: false}`. An edge that finds no light online (or
+whose commands fail) stays `running` and is retried every interval until it is applied or a newer
+edge supersedes it.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from common.alerts import add_zone_event
 from actuators import light_targets, zone_channels
-from runs import Firing, finish, scheduler_log
+from runs import Firing, finish, scheduler_log, set_followup, update_details
 from schedules import ZoneSchedule
 from timespec import light_edge
 
@@ -30,33 +32,61 @@ TASK = "lighting"
 def edge_firing(zone: ZoneSchedule, now: dt.datetime) -> Firing:
     on, edge = light_edge(zone.lighting, zone.tz, now)
     return Firing(zone, "lighting", "lighting:on" if on else "lighting:off", edge,
-                  details={"window": str(zone.lighting), "state": "on" if on else "off"})
+                  details={"window": str(zone.lighting), "state": "on" if on else "off",
+                           "intensity": zone.light_intensity if on else None})
 
 
 async def fire(sched: "Scheduler", firing: Firing, now: dt.datetime) -> str:
     zone = firing.zone
-    on = firing.item == "lighting:on"
-    targets = light_targets(await zone_channels(sched.db, zone.zone_id))
-    base = {"zone_id": zone.zone_id, "run_id": firing.run_id, "state": "on" if on else "off",
-            "window": str(zone.lighting), "scheduled_local": firing.occurrence.local.isoformat()}
-    if not targets:
-        await finish(sched.db, firing.run_id, "failed", {"error": "no_nodes"}, now)
-        await scheduler_log(sched.db, TASK, "failed", dict(base, error="no_nodes"))
-        log.info("lighting_no_nodes", extra=base)
+    return await _apply(sched, zone.zone_id, zone.gh_uid, firing.run_id, firing.item == "lighting:on",
+                        firing.details, firing.occurrence.local, now, first=True)
+
+
+async def retry(sched: "Scheduler", run, now: dt.datetime) -> str:
+    """Follow-up of an edge that found no light online (or whose commands failed): try again
+    every interval until it succeeds or a newer edge of the zone supersedes it."""
+    newer = await sched.db.fetchval(
+        "SELECT 1 FROM scheduler_runs WHERE zone_id = $1 AND kind = 'lighting' AND scheduled_at > $2 LIMIT 1",
+        run["zone_id"], await sched.db.fetchval("SELECT scheduled_at FROM scheduler_runs WHERE id = $1", run["id"]))
+    if newer:
+        await finish(sched.db, run["id"], "failed", {"superseded": True}, now)
+        return "superseded"
+    gh_uid = await sched.db.fetchval(
+        "SELECT g.uid FROM zones z JOIN greenhouses g ON g.id = z.greenhouse_id WHERE z.id = $1", run["zone_id"])
+    if gh_uid is None:
+        await finish(sched.db, run["id"], "failed", {"error": "zone_gone"}, now)
         return "failed"
-    if on and zone.light_intensity is not None:
-        orders = [(t, "set_pwm", {"value": zone.light_intensity}) for t in targets]
-    else:
-        orders = [(t, "set_relay", {"state": on}) for t in targets]
-    sent = await sched.sender.send_all(firing.run_id, zone.gh_uid, zone.zone_id, orders)
-    ok = [s for s in sent if s.ok]
-    status = "completed" if ok else "failed"
-    async with sched.db.transaction() as conn:
+    return await _apply(sched, run["zone_id"], gh_uid, run["id"], run["item"] == "lighting:on",
+                        run["details"] or {}, run["scheduled_local"], now, first=False)
+
+
+async def _apply(sched: "Scheduler", zone_id: int, gh_uid: str, run_id: int, on: bool, spec: dict,
+                 scheduled_local: dt.datetime, now: dt.datetime, first: bool) -> str:
+    intensity = spec.get("intensity") if on else None
+    base = {"zone_id": zone_id, "run_id": run_id, "state": "on" if on else "off", "window": spec.get("window"),
+            "scheduled_local": scheduled_local.isoformat()}
+    targets = light_targets(await zone_channels(sched.db, zone_id))
+    sent = []
+    if targets:
+        if intensity is not None:
+            orders = [(t, "set_pwm", {"value": intensity}) for t in targets]
+        else:
+            orders = [(t, "set_relay", {"state": on}) for t in targets]
+        sent = await sched.sender.send_all(run_id, gh_uid, zone_id, orders)
+        ok = [s for s in sent if s.ok]
         if ok:
-            await add_zone_event(conn, zone.zone_id, "LIGHT_ON" if on else "LIGHT_OFF", dict(
-                base, nodes=[{"node_uid": s.target.node_uid, "channel": s.target.channel} for s in ok],
-                cmd_ids=[s.cmd_id for s in ok], intensity=zone.light_intensity if on else None))
-        await finish(conn, firing.run_id, status, {"commands": [s.summary() for s in sent]}, now)
-        await scheduler_log(conn, TASK, status, dict(base, commands=len(ok))
-                            if ok else dict(base, error="commands_failed"))
-    return status
+            async with sched.db.transaction() as conn:
+                await add_zone_event(conn, zone_id, "LIGHT_ON" if on else "LIGHT_OFF", dict(
+                    base, nodes=[{"node_uid": s.target.node_uid, "channel": s.target.channel} for s in ok],
+                    cmd_ids=[s.cmd_id for s in ok], intensity=intensity))
+                await finish(conn, run_id, "completed", {"commands": [s.summary() for s in sent], "error": None},
+                             now)
+                await scheduler_log(conn, TASK, "completed", dict(base, commands=len(ok)))
+            return "completed"
+    error = "commands_failed" if targets else "no_nodes"
+    await update_details(sched.db, run_id, {"error": error, "commands": [s.summary() for s in sent]})
+    await set_followup(sched.db, run_id, "lighting_retry", now + dt.timedelta(seconds=sched.config.interval_sec))
+    if first:
+        await scheduler_log(sched.db, TASK, "failed", dict(base, error=error, retrying=True))
+        log.info("lighting_not_applied_retrying", extra=dict(base, error=error))
+    return "retrying"

@@ -72,17 +72,38 @@ async def test_a_restarted_scheduler_does_not_reassert_the_lights(settings, db, 
     assert light_commands(mqtt_probe, settings) == [("set_relay", True)]
 
 
-async def test_lights_without_an_online_light_node_fail_the_run(settings, db, mqtt, mqtt_probe):
+async def test_an_edge_with_no_light_online_is_retried_until_applied(settings, db, mqtt, mqtt_probe):
     zone = await make_zone(db, targets={"lighting_schedule": "06:00-22:00"})
-    await add_node(db, zone, "nd-l-off", "light", [("white_light", "actuator", None)], status="offline")
+    node = await add_node(db, zone, "nd-l-off", "light", [("white_light", "actuator", None)], status="offline")
     sched = make_scheduler(settings, db, mqtt)
     await tick_at(sched, 7, 0)
     run = await db.fetchrow("SELECT status, details FROM scheduler_runs WHERE zone_id = $1", zone)
-    assert run["status"] == "failed" and run["details"]["error"] == "no_nodes"
+    assert run["status"] == "running" and run["details"]["error"] == "no_nodes"
     log = await db.fetchrow("SELECT task_name, status, details FROM scheduler_logs")
     assert (log["task_name"], log["status"], log["details"]["error"]) == ("lighting", "failed", "no_nodes")
-    await asyncio.sleep(0.2)
-    assert mqtt_probe.received(f"{settings.mqtt_topic_root}/#") == []
+    assert await sched.run_followups(local(TZ, 2026, 6, 1, 7, 0, 30)) == 0  # the retry is an interval away
+    assert await sched.run_followups(local(TZ, 2026, 6, 1, 7, 1, 0)) == 1  # still offline: waits again
+    await db.execute("UPDATE nodes SET status = 'online' WHERE id = $1", node)
+    await tick_at(sched, 7, 1, 30)  # the tick itself does not re-fire the claimed edge
+    assert await sched.run_followups(local(TZ, 2026, 6, 1, 7, 2, 0)) == 1
+    await mqtt_probe.wait_for(1, f"{settings.mqtt_topic_root}/+/+/+/white_light/command")
+    await asyncio.sleep(0.3)
+    assert light_commands(mqtt_probe, settings) == [("set_relay", True)]
+    run = await db.fetchrow("SELECT status, details FROM scheduler_runs WHERE zone_id = $1", zone)
+    assert run["status"] == "completed" and run["details"]["error"] is None
+    assert [e["type"] for e in await events(db, zone, "LIGHT_ON", "LIGHT_OFF")] == ["LIGHT_ON"]
+
+
+async def test_a_pending_edge_is_superseded_by_the_next_one(settings, db, mqtt, mqtt_probe):
+    zone = await make_zone(db, targets={"lighting_schedule": "06:00-22:00"})
+    await add_node(db, zone, "nd-l-off", "light", [("white_light", "actuator", None)], status="offline")
+    sched = make_scheduler(settings, db, mqtt)
+    await tick_at(sched, 21, 59)
+    await tick_at(sched, 22, 0, 10)  # the off edge: no light either, pending too
+    assert await sched.run_followups(local(TZ, 2026, 6, 1, 23, 0)) == 2
+    runs = await db.fetch("SELECT item, status, details FROM scheduler_runs WHERE zone_id = $1 ORDER BY id", zone)
+    assert [(r["item"], r["status"]) for r in runs] == [("lighting:on", "failed"), ("lighting:off", "running")]
+    assert runs[0]["details"]["superseded"] is True
 
 
 async def test_lighting_and_irrigation_in_one_tick(settings, db, mqtt, mqtt_probe):
