@@ -11,6 +11,7 @@ Programmatic use (end-to-end tests, the dev stack):
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import random
 import threading
@@ -21,6 +22,8 @@ from typing import Callable
 from .layout import NodeSpec, clone
 from .node import SimNode
 from .reservoir import Reservoir, ReservoirParams
+
+log = logging.getLogger("node_sim")
 
 
 @dataclass
@@ -185,8 +188,7 @@ class Simulator:
                 try:
                     action()
                 except Exception:  # noqa: BLE001
-                    import logging
-                    logging.getLogger("node_sim").exception("deferred_action_failed")
+                    log.exception("deferred_action_failed")
             for res in self.reservoirs().values():
                 res.step(dt)
             self._inject_outages(now)
@@ -194,8 +196,7 @@ class Simulator:
                 try:
                     node.tick(now)
                 except Exception:  # noqa: BLE001 - one node's trouble must not stop the others
-                    import logging
-                    logging.getLogger("node_sim").exception("node_tick_failed", extra={"node": node.uid})
+                    log.exception("node_tick_failed", extra={"node": node.uid})
 
     def _inject_outages(self, now: float) -> None:
         for uid, until in list(self._offline_until.items()):

@@ -16,7 +16,7 @@ import random
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import paho.mqtt.client as paho
