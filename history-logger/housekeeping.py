@@ -50,12 +50,14 @@ class Housekeeping:
         self.offline_sec = offline_sec
         self.prune = prune
         self.tasks: list[asyncio.Task] = []
+        self.stopping = False
 
     def start(self) -> None:
         self.tasks = [asyncio.create_task(self._every(self.cfg.timeout_sweep_sec, self.sweep_timeouts), name="sweep"),
                       asyncio.create_task(self._every(self.cfg.offline_sweep_sec, self.offline_sweep), name="offline")]
 
     async def stop(self) -> None:
+        self.stopping = True  # besides cancel: a cancel swallowed inside a client library still ends the loop
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -66,7 +68,7 @@ class Housekeeping:
         self.tasks = []
 
     async def _every(self, period: float, job: Callable[[], Awaitable[object]]) -> None:
-        while True:
+        while not self.stopping:
             started = time.monotonic()
             try:
                 await job()

@@ -43,7 +43,7 @@ def build_app(receiver: Receiver, ready: ReadyCheck) -> FastAPI:
                 m.INVALID.labels(exc.reason).inc()
                 return JSONResponse({"detail": f"samples.{index}: {exc.detail}"}, status_code=400)
         try:
-            count = await asyncio.wait_for(receiver.append(samples, [], [], []), APPEND_TIMEOUT_SEC)
+            count = await asyncio.wait_for(asyncio.shield(receiver.append(samples, [], [], [])), APPEND_TIMEOUT_SEC)
         except (asyncio.TimeoutError, Stopping):
             return JSONResponse({"detail": "telemetry queue unavailable, retry later"}, status_code=503)
         return JSONResponse({"status": "ok", "count": count})

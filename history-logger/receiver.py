@@ -68,7 +68,17 @@ class Receiver:
         self._reported: set[str] = set()
 
     # -- MQTT handlers ------------------------------------------------------------------
+    # The Redis work runs shielded: redis-py (8.1) can swallow a cancellation that lands inside a
+    # pipeline's execute(), which would keep the MQTT dispatcher alive through stop(). Cancelled
+    # here, the handler returns at once (no PUBACK); the write finishes on its own and a
+    # redelivery of those messages is recognised by fingerprint.
     async def on_telemetry(self, messages: list[Message]) -> None:
+        await asyncio.shield(self._telemetry(messages))
+
+    async def on_events(self, messages: list[Message]) -> None:
+        await asyncio.shield(self._events(messages))
+
+    async def _telemetry(self, messages: list[Message]) -> None:
         m.RECEIVED.inc(len(messages))
         messages = await self._without_redeliveries(messages)
         samples: list[Sample] = []
@@ -81,7 +91,7 @@ class Receiver:
                 dead.append(self.dead_entry(exc, msg.topic, msg.payload))
         await self.append(samples, dead, [], [fingerprint(msg) for msg in messages])
 
-    async def on_events(self, messages: list[Message]) -> None:
+    async def _events(self, messages: list[Message]) -> None:
         messages = await self._without_redeliveries(messages)
         events = [{b"t": msg.topic.encode(), b"p": msg.payload, b"ret": b"1" if msg.retain else b"0",
                    b"at": repr(msg.received_at).encode()} for msg in messages]
