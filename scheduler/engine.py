@@ -1,8 +1,9 @@
 """The tick: load schedules, work out what is due, claim it once, execute it.
 
 Each tick covers the interval (previous completed tick, now]; the first tick after start-up
-covers only the catch-up window. A due time older than the catch-up window (a tick held up by
-an outage) is recorded as `missed` and counted, not fired. The clock is injected: tests call
+fires only what falls in the catch-up window. A due time older than the catch-up window (a tick
+held up by an outage, or a downtime since the last tick any scheduler completed) is recorded as
+`missed` and counted, not fired. The clock is injected: tests call
 `tick(now)` and `run_followups(now)` directly and never wait.
 """
 from __future__ import annotations
@@ -23,13 +24,14 @@ from common.alerts import add_zone_event
 from common.db import Database
 from common.env import Settings
 from config import SchedulerConfig
-from runs import Firing, claim, finish, take_due_followups
+from runs import Firing, claim, finish, last_completed_tick, record_tick, take_due_followups
 from schedules import ZoneSchedule, load_schedules
 from timespec import UTC, next_instant, occurrences
 
 log = logging.getLogger("scheduler.engine")
 
 Clock = Callable[[], dt.datetime]
+MISSED_LOOKBACK = dt.timedelta(hours=24)  # how far back a start-up records the downtime's missed times
 
 
 def system_clock() -> dt.datetime:
@@ -65,12 +67,13 @@ class Scheduler:
             m.ZONES_LOADED.set(len(zones))
             m.ACTIVE_SCHEDULES.set(sum(z.item_count for z in zones))
             await self._report_bad_specs(zones)
-            after = self.last_tick or now - dt.timedelta(seconds=self.config.catchup_sec)
+            after = self.last_tick or await self._first_window_start(now)
             firings = self.due(zones, after, now)
             claimed = await claim(self.db, firings, now)
             self._count_claims(firings, claimed)
             await self._execute([f for f in claimed if f.status == "running"], now)
             await water_cycle.advance(self, zones, now, after, now - dt.timedelta(seconds=self.config.catchup_sec))
+            await record_tick(self.db, now)
         except Exception:
             m.TICK_ERRORS.inc()
             log.exception("scheduler_tick_failed")
@@ -80,6 +83,15 @@ class Scheduler:
         if self.last_tick is None or now > self.last_tick:
             self.last_tick = now
         return claimed
+
+    async def _first_window_start(self, now: dt.datetime) -> dt.datetime:
+        """The catch-up window; reaching back to the last tick any scheduler completed (at most
+        MISSED_LOOKBACK) so that the times a downtime skipped are recorded as missed."""
+        start = now - dt.timedelta(seconds=self.config.catchup_sec)
+        previous = await last_completed_tick(self.db)
+        if previous is not None and previous < start:
+            return max(previous, now - MISSED_LOOKBACK)
+        return start
 
     def due(self, zones: list[ZoneSchedule], after: dt.datetime, now: dt.datetime) -> list[Firing]:
         """Every firing falling in (after, now]: irrigation times and lighting edges."""

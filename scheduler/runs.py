@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import asyncpg
 import orjson
@@ -131,10 +131,18 @@ async def command_statuses(db: Database, run_id: int) -> list[asyncpg.Record]:
     return await db.fetch("SELECT * FROM scheduler_run_command_status WHERE run_id = $1 ORDER BY cmd_id", run_id)
 
 
+async def last_completed_tick(db: Database) -> dt.datetime | None:
+    value = await db.fetchval("SELECT last_tick_at FROM scheduler_ticks WHERE name = 'scheduler'")
+    return aware_utc(value) if value is not None else None
+
+
+async def record_tick(db: Database, now: dt.datetime) -> None:
+    await db.execute(
+        "INSERT INTO scheduler_ticks (name, last_tick_at, updated_at) VALUES ('scheduler', $1, now())"
+        " ON CONFLICT (name) DO UPDATE SET updated_at = now(),"
+        " last_tick_at = GREATEST(scheduler_ticks.last_tick_at, excluded.last_tick_at)", naive_utc(now))
+
+
 def iso(moment: dt.datetime | None) -> str | None:
     return None if moment is None else aware_utc(moment).isoformat().replace("+00:00", "Z")
 
-
-def chunks(items: list, size: int) -> Iterable[list]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]

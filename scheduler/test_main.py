@@ -92,6 +92,17 @@ async def test_a_time_beyond_the_catchup_window_is_recorded_missed_not_fired(set
     assert commands_on(mqtt_probe, settings) == []
 
 
+async def test_times_skipped_by_a_downtime_are_recorded_missed_after_restart(settings, db, mqtt, mqtt_probe):
+    zone = await irrigated_zone(db, targets={"irrigation_schedule": "07:00,08:00,08:27"})
+    await make_scheduler(settings, db, mqtt).tick(local(TZ, 2026, 6, 1, 7, 50))  # then the process dies
+    claimed = await make_scheduler(settings, db, mqtt, catchup_sec=300).tick(local(TZ, 2026, 6, 1, 8, 30))
+    assert [(f.item, f.status) for f in claimed] == [("irrigation@08:00", "missed"), ("irrigation@08:27", "running")]
+    runs = await db.fetch("SELECT item, status FROM scheduler_runs WHERE zone_id = $1 ORDER BY scheduled_at", zone)
+    assert [(r["item"], r["status"]) for r in runs] == [("irrigation@08:00", "missed"), ("irrigation@08:27", "running")]
+    await settle()
+    assert len(commands_on(mqtt_probe, settings)) == 1
+
+
 async def test_first_tick_after_start_does_not_fire_old_times(settings, db, mqtt, mqtt_probe):
     await irrigated_zone(db, targets={"irrigation_schedule": ["06:00", "09:58"]})
     sched = make_scheduler(settings, db, mqtt, catchup_sec=300)

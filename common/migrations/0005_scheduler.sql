@@ -51,3 +51,11 @@ CREATE TABLE IF NOT EXISTS scheduler_water_cycles (
   details jsonb,
   updated_at timestamp(0) without time zone NOT NULL DEFAULT CURRENT_TIMESTAMP
 );
+
+-- When the schedulers last completed a tick: after a restart, the due times of the downtime beyond
+-- the catch-up window are recorded as `missed` instead of silently skipped.
+CREATE TABLE IF NOT EXISTS scheduler_ticks (
+  name varchar(64) PRIMARY KEY,
+  last_tick_at timestamp(3) without time zone NOT NULL,
+  updated_at timestamp(0) without time zone NOT NULL DEFAULT CURRENT_TIMESTAMP
+);
