@@ -111,6 +111,9 @@ async def test_light_follows_the_photoperiod_in_the_greenhouse_timezone(db, make
     await engine.run_cycle()
     assert cmds(await automation_commands(db, tokyo.zone_id)) == [("white_light", "set_pwm", {"value": 80})]
     assert cmds(await automation_commands(db, utc.zone_id)) == [("white_light", "set_relay", {"state": False})]
+    [msg] = await mqtt_probe.wait_for(1, f"{settings.mqtt_topic_root}/gh-tokyo/+/nd-light/white_light/command")
+    payload = mqtt_probe.payloads(msg.topic)[0]
+    assert payload["cmd"] == "set_pwm" and payload["value"] == 80 and payload["cmd_id"]
     assert len(await events(db, tokyo.zone_id, "LIGHT_ON")) == 1
     assert len(await events(db, utc.zone_id, "LIGHT_OFF")) == 1
     await engine.run_cycle(later(seconds=15))

@@ -6,6 +6,7 @@ import pytest
 
 from common.db import Database
 from config_source import ConfigLoader
+from engine import CONTROLLERS
 from zone_fixtures import *  # noqa: F401,F403 - fixtures
 from zone_fixtures import alerts, automation_commands, events, later, metric_value, seed_zone
 
@@ -80,7 +81,6 @@ def _failing_for(zone_ids):
 
 
 async def test_a_failing_zone_does_not_stop_the_others(db, make_engine):
-    from engine import CONTROLLERS
     zones = [await seed_zone(db, name=f"Z{i}", telemetry={"PH": 6.3, "EC": 1.4}) for i in range(11)]
     bad = zones[3].zone_id
     before = metric_value("zone_processing_errors_total", zone_id=str(bad), error_type="boom:RuntimeError")
@@ -93,7 +93,6 @@ async def test_a_failing_zone_does_not_stop_the_others(db, make_engine):
 
 
 async def test_more_than_ten_percent_failing_raises_an_infra_alert_and_resolves(db, make_engine):
-    from engine import CONTROLLERS
     zones = [await seed_zone(db, name=f"Z{i}", telemetry={"PH": 5.8, "EC": 1.4}) for i in range(5)]
     failing = {zones[0].zone_id}
     engine = make_engine(controllers=[("boom", _failing_for(failing))] + CONTROLLERS)

@@ -4,10 +4,11 @@ Every variable is documented with its default in ../README.md.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
-from common.env import EnvReader, Settings, get_settings
+from common.env import EnvReader, Settings, SettingsError, get_settings
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,11 @@ class AutomationSettings:
             zone_lease_sec=env.float("ZONE_LEASE_SEC", 120.0, 1.0, 86_400),
         )
         if settings.min_concurrent_zones > settings.max_concurrent_zones:
-            from common.env import SettingsError
             raise SettingsError(f"MIN_CONCURRENT_ZONES={settings.min_concurrent_zones} is larger than "
                                 f"MAX_CONCURRENT_ZONES={settings.max_concurrent_zones}")
         return settings
 
     def replace(self, **changes) -> "AutomationSettings":
-        import dataclasses
         return dataclasses.replace(self, **changes)
 
 
