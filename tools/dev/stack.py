@@ -1,6 +1,6 @@
 """`make dev`: the whole stack on this machine, without Docker.
 
-    python tools/dev/stack.py [--for SECONDS] [--check] [--no-sim] [--no-seed]
+    python tools/dev/stack.py [--for SECONDS] [--check] [--no-sim] [--no-seed] [--seed-only]
 
 1. PostgreSQL / Redis / Mosquitto on 127.0.0.1: reused when they answer, else started (or
    installed with apt as root) by tools/dev/ensure_services.sh.
@@ -362,6 +362,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "automation correction and a command ACK were seen; exit 1 if --for ends first")
     p.add_argument("--no-sim", action="store_true", help="do not start the node simulator")
     p.add_argument("--no-seed", action="store_true", help="do not seed the demo greenhouse")
+    p.add_argument("--seed-only", action="store_true",
+                   help="create / migrate the database and seed the demo greenhouse, then exit (compose's seed step)")
     p.add_argument("--status-every", type=float, default=2.0, metavar="SECONDS")
     p.add_argument("--logs", type=Path, help="directory for the processes' logs (default: a new temp dir)")
     p.add_argument("--sim-args", default="", help="extra options for tools.node_sim, e.g. '--drop-responses 0.1'")
@@ -375,7 +377,8 @@ async def run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         out(f"configuration error: {exc}")
         return 2
-    ensure_servers(settings)
+    if not args.seed_only:
+        ensure_servers(settings)
     if await ensure_database(settings):
         out(f"database: created {settings.pg_db}")
     if subprocess.call([PYTHON, "-m", "common.migrate"], cwd=ROOT, env=env) != 0:
@@ -392,6 +395,8 @@ async def run(args: argparse.Namespace) -> int:
             zone_ids = await seed_demo(conn)
             out(f"demo: greenhouse {DEMO_GH}, zones {', '.join(f'{n} (zn-{i})' for n, i in zip(ZONES, zone_ids))}, "
                 f"{len(NODE_TYPES) * len(zone_ids)} nodes, recipe '{DEMO_RECIPE}'")
+        if args.seed_only:
+            return 0
         since = (await conn.fetchval("SELECT now()::timestamp(0)")) - dt.timedelta(seconds=1)
         log_dir = args.logs or Path(tempfile.mkdtemp(prefix="hydro-dev-"))
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import threading
@@ -25,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tools.node_sim", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("broker")
-    g.add_argument("--host", help="MQTT host (default: $MQTT_HOST)")
+    g.add_argument("--host", help="MQTT host (default: $MQTT_HOST, else 127.0.0.1)")
     g.add_argument("--port", type=int, help="MQTT port (default: $MQTT_PORT)")
     g.add_argument("--topic-root", help="first topic segment (default: $MQTT_TOPIC_ROOT, hydro)")
     g.add_argument("--client-prefix", default="sim-", help="client id prefix; the hardware id is appended")
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--offline-for", type=float, default=20.0, metavar="SEC", help="... and bring it back after this long")
     p.add_argument("--for", dest="run_for", type=float, default=0.0, metavar="SEC", help="stop after SEC seconds")
     p.add_argument("--status-every", type=float, default=10.0, metavar="SEC", help="print a status line (0: never)")
+    p.add_argument("--alive-file", metavar="PATH",
+                   help="rewrite PATH every second with 'online N' (a container health check reads it)")
     return p.parse_args(argv)
 
 
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         print("node-sim: no nodes to simulate", file=sys.stderr)
         return 1
     options = SimOptions(
-        host=args.host or settings.mqtt_host, port=args.port or settings.mqtt_port,
+        host=args.host or (settings.mqtt_host if "MQTT_HOST" in os.environ else "127.0.0.1"),
+        port=args.port or settings.mqtt_port,
         username=settings.mqtt_user, password=settings.mqtt_pass, tls=settings.mqtt_tls,
         ca_file=settings.mqtt_ca_file, topic_root=args.topic_root or settings.mqtt_topic_root,
         client_prefix=args.client_prefix, poll_ms=args.poll_ms, heartbeat_sec=args.heartbeat_sec,
@@ -85,9 +89,15 @@ def main(argv: list[str] | None = None) -> int:
           f"root {options.topic_root}", flush=True)
     deadline = time.monotonic() + args.run_for if args.run_for > 0 else None
     next_status = time.monotonic() + args.status_every
+    next_alive = 0.0
     try:
         while not stop.wait(0.5):
             now = time.monotonic()
+            if args.alive_file and now >= next_alive:
+                next_alive = now + 1.0
+                online = sum(1 for n in sim.nodes.values() if n.connected.is_set())
+                with open(args.alive_file, "w") as handle:
+                    handle.write(f"online {online}\n")
             if deadline and now >= deadline:
                 break
             if args.status_every > 0 and now >= next_status:
