@@ -92,6 +92,7 @@ def create_app(service: BridgeService) -> FastAPI:
 
     @app.exception_handler(CommandPublishError)
     async def publish_error(request: Request, exc: CommandPublishError) -> JSONResponse:
+        log.warning("command_not_published", extra={"path": request.url.path, "error": str(exc)})
         return JSONResponse({"detail": str(exc)}, 503, headers=retry)
 
     async def db_unavailable(request: Request, exc: Exception) -> JSONResponse:
