@@ -182,9 +182,12 @@ class Scheduler:
                 m.BAD_SPECS.labels(bad.key).inc()
                 log.warning("schedule_spec_invalid", extra={"zone_id": bad.zone_id, "key": bad.key,
                                                             "value": bad.value, "reason": bad.reason})
-                async with self.db.transaction() as conn:
-                    await add_zone_event(conn, bad.zone_id, "SCHEDULE_SPEC_INVALID",
-                                         {"key": bad.key, "value": bad.value, "reason": bad.reason})
+                try:
+                    async with self.db.transaction() as conn:
+                        await add_zone_event(conn, bad.zone_id, "SCHEDULE_SPEC_INVALID",
+                                             {"key": bad.key, "value": bad.value, "reason": bad.reason})
+                except Exception:  # noqa: BLE001 - e.g. the zone was deleted meanwhile; the tick goes on
+                    log.exception("schedule_spec_event_failed", extra={"zone_id": bad.zone_id, "key": bad.key})
 
     # -- follow-ups -------------------------------------------------------------------------
     async def run_followups(self, now: dt.datetime | None = None) -> int:
