@@ -38,7 +38,7 @@ CONTROLLERS: list[tuple[str, Controller]] = [
     ("ph", dosing.run_ph),
     ("health", health.run),
 ]
-ALWAYS = {"phase", "health"}  # run even when capabilities is NULL (explicit opt-in for the rest)
+ALWAYS = {"health"}  # the only controller of a zone whose capabilities are NULL (contract §8.10: opt-in)
 FAILURE_ALERT_MATCH = {"service": "automation-engine", "reason": "zone_failures"}
 
 
@@ -132,6 +132,7 @@ class Engine:
             gh = config.zones.get(zone.id)
             ctx = ZoneContext(zone, self.services, now, gh_uid=gh.uid if gh else (zone.gh_uid or ""),
                               timezone=(gh.timezone if gh else None) or zone.timezone)
+            ctx.targets = phase.current_targets(ctx)
             result.contexts[zone.id] = ctx
             if zone.capabilities is None and zone.id not in self._null_capabilities_logged:
                 self._null_capabilities_logged.add(zone.id)

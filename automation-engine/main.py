@@ -77,6 +77,8 @@ class AutomationService:
 
     async def _loop(self) -> None:
         interval = self.auto.interval_sec
+        with contextlib.suppress(asyncio.TimeoutError):  # a first cycle without the broker would only refuse
+            await self.mqtt.wait_connected(5.0)
         while not self._stopping:
             started = time.monotonic()
             self._wake.clear()

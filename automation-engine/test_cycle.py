@@ -120,10 +120,13 @@ async def test_two_engines_on_one_database_dose_each_zone_at_most_once(db, make_
 
 async def test_zone_status_and_capabilities_decide_what_runs(db, make_engine):
     paused = await seed_zone(db, status="PAUSED", telemetry={"PH": 6.3, "EC": 1.4})
-    bare = await seed_zone(db, capabilities=None, telemetry={"PH": 6.3, "EC": 1.4})
+    bare = await seed_zone(db, capabilities=None, telemetry={"PH": 6.3, "EC": 1.4}, started_hours_ago=100,
+                           phases=[(24, {"ph": 5.8}), (None, {"ph": 5.5})])
     result = await make_engine().run_cycle()
     assert set(result.contexts) == {bare.zone_id}
+    assert result.contexts[bare.zone_id].log == [] and result.contexts[bare.zone_id].health is not None
     assert await automation_commands(db) == []
+    assert await db.fetchval("SELECT count(*) FROM zone_events") == 0  # not even a phase transition
     assert await db.fetchval("SELECT health_score FROM zones WHERE id = $1", bare.zone_id) is not None
     assert await db.fetchval("SELECT health_score FROM zones WHERE id = $1", paused.zone_id) is None
 

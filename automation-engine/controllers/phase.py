@@ -1,10 +1,16 @@
 """Phase transition (contract §8.2): forward-only by elapsed time; open-ended phases never end.
-Sets the context's targets from the (possibly new) current phase."""
+Sets the context's targets from the (possibly new) current phase; the engine sets them from the
+current phase beforehand, for zones that run without this controller (NULL capabilities)."""
 from __future__ import annotations
 
 from actions import ZoneContext
 from common.alerts import add_zone_event
 from targets import due_phase_index
+
+
+def current_targets(ctx: ZoneContext) -> dict:
+    phase = next((p for p in ctx.zone.phases if p.index == ctx.zone.current_phase_index), None)
+    return dict(phase.targets) if phase else {}
 
 
 async def run(ctx: ZoneContext) -> None:
@@ -22,5 +28,4 @@ async def run(ctx: ZoneContext) -> None:
             ctx.log.append("event:PHASE_TRANSITION")
             ctx.events_written.add("PHASE_TRANSITION")
         zone.current_phase_index = due
-    phase = next((p for p in zone.phases if p.index == zone.current_phase_index), None)
-    ctx.targets = dict(phase.targets) if phase else {}
+    ctx.targets = current_targets(ctx)
