@@ -221,3 +221,26 @@ async def test_malformed_payload_injection(env):
         return isinstance(data, dict) and "metric_type" in data and isinstance(data.get("value"), (int, float))
     assert not any(valid(m.payload) for m in messages)
     assert sim.stats["malformed_sent"] >= 5
+
+
+async def test_relays_pwm_and_calibration(env):
+    settings, probe, make = env
+    layout = synthetic_layout(1, 1, 5)  # ph, ec, climate, irrig, light
+    sim = make(layout=layout)
+    uid = {n.type: n.uid for n in layout}
+    res = sim.reservoir(1)
+    ok = await response_for(probe, command(settings, uid["light"], "white_light", "set_pwm", value=80))
+    assert ok["status"] == "ACK" and res.snapshot()["light_level"] == pytest.approx(0.8)
+    lux = f"{settings.mqtt_topic_root}/gh-1/zn-1/{uid['light']}/light_sensor/telemetry"
+    await eventually(lambda: _async(probe.payloads(lux) and probe.payloads(lux)[-1]["value"] > 10_000), 10)
+    assert (await response_for(probe, command(settings, uid["climate"], "fan_A", "set_relay", state=True)))["status"] == "ACK"
+    assert res.snapshot()["fan_on"] is True
+    bad = await response_for(probe, command(settings, uid["climate"], "fan_A", "set_relay", state="on"))
+    assert bad["error_code"] == "invalid_parameter"
+    assert (await response_for(probe, command(settings, uid["irrig"], "pump_in", "run_pump", duration_ms=2000)))["status"] == "ACK"
+    flow = f"{settings.mqtt_topic_root}/gh-1/zn-1/{uid['irrig']}/flow_sensor/telemetry"
+    await eventually(lambda: _async(any(p["value"] > 1.0 for p in probe.payloads(flow))), 10, message="flow while irrigating")
+    cal = await response_for(probe, command(settings, uid["ph"], "ph_sensor", "calibrate", stage=1, known_ph=7.0))
+    assert cal["status"] == "ACK"
+    no_cal = await response_for(probe, command(settings, uid["climate"], "temp_air", "calibrate", stage=1, known_ph=7.0))
+    assert no_cal["error_code"] == "calibration_failed"
