@@ -42,3 +42,35 @@ async def test_service_runs_cycles_serves_ops_and_reloads_on_signal(settings, db
 
 async def _cycles(service, n):
     return service._cycles_ok >= n
+
+
+async def test_service_process_doses_serves_ops_and_stops_cleanly(settings, db, mqtt_probe):
+    settings = settings.replace(automation_port=testing.free_port(), laravel_api_url="")
+    z = await seed_zone(db, telemetry={"PH": 6.3, "EC": 1.4})
+    env = dict(testing.settings_env(settings), AUTOMATION_INTERVAL_SEC="1")
+    proc = testing.ServiceProcess("automation-engine", env).start()
+    try:
+        [msg] = await mqtt_probe.wait_for(1, f"{settings.mqtt_topic_root}/+/+/+/pump_acid/command", timeout=30)
+        base = f"http://127.0.0.1:{settings.automation_port}"
+        async with httpx.AsyncClient(timeout=5) as client:
+            async def ready():
+                r = await client.get(f"{base}/ready")
+                return r.status_code == 200
+            await testing.eventually(ready, 15, message="automation-engine ready")
+            text = (await client.get(f"{base}/metrics")).text
+        assert 'automation_corrections_total{pump="pump_acid",reason="ph_high"} 1.0' in text
+        assert 'automation_config_source{source="db"} 1.0' in text
+        # later cycles refuse (command unanswered / settling) instead of dosing again
+        await testing.eventually(lambda: _refused(base), 15, message="a refused cycle")
+    finally:
+        code = proc.terminate()
+    assert code == 0, proc.log()[-3000:]
+    assert len(await automation_commands(db, z.zone_id)) == 1
+    assert b'"dose_ml":5.0' in msg.payload and b'"cmd":"dose"' in msg.payload
+    assert '"service_stopped"' in proc.log().replace(": ", ":")
+
+
+async def _refused(base):
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"{base}/metrics")).text
+    return 'automation_dosing_refusals_total{metric="PH",reason="pending_command"}' in text
