@@ -499,8 +499,9 @@ async def live_status(args, conn, zone_ids, since, procs: Processes, started, se
         except (asyncpg.PostgresError, OSError) as exc:
             line = f"status unavailable: {exc}"
         now = time.monotonic()
-        if tty:
-            sys.stdout.write("\r\033[K" + line)
+        if tty:  # one line, rewritten in place: cut to the terminal's width so it never wraps
+            width = shutil.get_terminal_size((160, 24)).columns - 1
+            sys.stdout.write("\r\033[K" + (line if len(line) <= width else line[:width - 1] + "…"))
             sys.stdout.flush()
         elif now - last_printed >= 10 or (deadline and now >= deadline):
             out(line)
