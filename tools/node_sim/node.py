@@ -57,7 +57,7 @@ class SimNode:
         self.connected = threading.Event()
         self.online = False           # False while taken offline on purpose
         self.drop_responses = 0       # answer nothing to the next N commands
-        self.responses: list[dict] = []   # every command_response / config_response sent (for tests)
+        self.responses: collections.deque[dict] = collections.deque(maxlen=500)  # recent answers sent
         self._cmd_ids: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._pump_until: dict[str, float] = {}
         self._pump_off_at: dict[str, float] = {}
