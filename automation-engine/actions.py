@@ -7,6 +7,7 @@ so a healthy zone costs no writes.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import zoneinfo
@@ -152,6 +153,9 @@ class ZoneContext:
             ids = await resolve_alerts(conn, zone_id=self.zone.id, alert_type=alert_type, match=match)
         if ids:
             self.log.append(f"resolved:{alert_type}")
+            resolved = set(ids)
+            self.zone.alerts = [dataclasses.replace(a, active=False) if a.id in resolved else a
+                                for a in self.zone.alerts]
         return bool(ids)
 
     async def set_alert(self, alert_type: str, active: bool, details: dict[str, Any],
@@ -161,6 +165,22 @@ class ZoneContext:
             await self.alert(alert_type, details, match)
         else:
             await self.resolve(alert_type, match)
+
+    async def water_low(self, level: float) -> None:
+        """Level under 0.2: WATER_LEVEL_LOW; under 0.15 also DRY_RUN (a pump must not start). Both are
+        resolved by `water_recovered` once a fresh level is back."""
+        await self.alert("WATER_LEVEL_LOW", {"water_level": level, "message": "water level below 0.2"})
+        if level < 0.15:
+            await self.alert("DRY_RUN", {"water_level": level, "raised_by": "automation-engine",
+                                         "message": "water level below 0.15: pumps must not run dry"},
+                             match={"raised_by": "automation-engine"})
+
+    async def water_recovered(self) -> None:
+        """Resolve the water alerts once a fresh level is back at 0.2 (before any pump controller runs)."""
+        level = self.fresh("WATER_LEVEL")
+        if level is not None and level >= 0.2:
+            await self.resolve("WATER_LEVEL_LOW")
+            await self.resolve("DRY_RUN", {"raised_by": "automation-engine"})
 
     async def transition(self, condition: str, active: bool, event_type: str, details: dict[str, Any]) -> bool:
         """Write `event_type` when `condition` becomes true (not while it stays true); True when written."""

@@ -138,6 +138,12 @@ class Engine:
                 self._null_capabilities_logged.add(zone.id)
                 log.info("zone_without_capabilities_runs_health_only", extra={"zone_id": zone.id})
             ok = True
+            try:
+                await ctx.water_recovered()
+            except Exception as exc:  # noqa: BLE001 - counted like a controller failure
+                ok = False
+                m.ZONE_PROCESSING_ERRORS.labels(str(zone.id), f"water:{type(exc).__name__}").inc()
+                log.exception("zone_water_alerts_failed", extra={"zone_id": zone.id})
             for name, controller in self.controllers:
                 if zone.capabilities is None and name not in ALWAYS:
                     continue

@@ -189,11 +189,18 @@ async def test_irrigation_respects_every_pump_gate(db, make_engine, gate):
     z = await seed_zone(db, capabilities={"irrigation_control": True}, targets={"irrigation_interval_sec": 600},
                         nodes=IRRIGATION, telemetry={"WATER_LEVEL": 0.8})
     await gate(db, z)
-    await make_engine().run_cycle()
+    engine = make_engine()
+    await engine.run_cycle()
     assert await automation_commands(db) == []
     assert await events(db, z.zone_id, "IRRIGATION_STARTED") == []
     if gate is _low_water:
         assert len(await alerts(db, "WATER_LEVEL_LOW", z.zone_id)) == 1
+        assert [a["code"] for a in await alerts(db, "DRY_RUN", z.zone_id)] == ["biz_dry_run"]
+        assert len(await events(db, z.zone_id, "WATER_LEVEL_LOW")) == 1
+        await set_telemetry(db, z.zone_id, "WATER_LEVEL", 0.7, node_id=z.nodes["nd-irr"])
+        await engine.run_cycle(later(seconds=15))
+        assert await alerts(db, "WATER_LEVEL_LOW", z.zone_id) == [] and await alerts(db, "DRY_RUN", z.zone_id) == []
+        assert len(await automation_commands(db)) == 1  # and irrigation goes ahead
 
 
 async def test_recirculation_runs_when_enabled_and_due(db, make_engine):

@@ -124,7 +124,7 @@ async def correct(ctx: ZoneContext, spec: Spec) -> None:
 
     level = gates.water_level(zone, now, dt.timedelta(minutes=ctx.services.settings.telemetry_max_age_min))
     if level is not None and level < gates.WATER_LEVEL_OK:
-        await ctx.alert("WATER_LEVEL_LOW", {"water_level": level, "message": "water level below 0.2"})
+        await ctx.water_low(level)
         await _refuse(ctx, spec, "water_level_low", {**details, "water_level": level})
         return
     actuator = gates.find_actuator(zone, (pump,))

@@ -47,7 +47,4 @@ def score(ctx: ZoneContext) -> tuple[float, str]:
 
 
 async def run(ctx: ZoneContext) -> None:
-    level = ctx.fresh("WATER_LEVEL")
-    if level is not None and level >= 0.2:
-        await ctx.resolve("WATER_LEVEL_LOW")
     ctx.health = score(ctx)

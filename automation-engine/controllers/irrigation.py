@@ -36,7 +36,7 @@ async def _pump_cycle(ctx: ZoneContext, controller: str, actuator: tuple[Node, s
     level = ctx.fresh("WATER_LEVEL")
     if level is not None and level < gates.WATER_LEVEL_OK:
         m.ACTUATIONS.labels(controller, "water_level_low").inc()
-        await ctx.alert("WATER_LEVEL_LOW", {"water_level": level, "message": "water level below 0.2"})
+        await ctx.water_low(level)
         await ctx.transition(f"{controller}_water_low", True, "WATER_LEVEL_LOW", {"water_level": level})
         return False
     ctx.services.conditions.pop((zone.id, f"{controller}_water_low"), None)
