@@ -33,6 +33,7 @@ PERSISTENT_REASONS = {"stale_reading", "implausible_value", "implausible_rate", 
                       "pump_fault_count", "pending_command", "hourly_cap", "safe_limit", "command_rejected",
                       "publish_failed"}
 DOSING_BLOCKED = "DOSING_BLOCKED"
+_BAD_TIMEZONES: set[str] = set()  # logged once each
 
 
 class RefusalTracker:
@@ -101,7 +102,10 @@ class ZoneContext:
             try:
                 return aware.astimezone(zoneinfo.ZoneInfo(self.timezone))
             except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-                pass
+                if self.timezone not in _BAD_TIMEZONES:
+                    _BAD_TIMEZONES.add(self.timezone)
+                    log.warning("unknown_timezone_using_utc", extra={"zone_id": self.zone.id,
+                                                                      "timezone": self.timezone})
         return aware
 
     # -- commands -------------------------------------------------------------------------

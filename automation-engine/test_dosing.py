@@ -118,3 +118,14 @@ async def test_trend_improving_skips_the_correction(db, make_engine):
     assert await automation_commands(db) == []
     [skipped] = await events(db, z.zone_id, "PH_CORRECTION_SKIPPED")
     assert skipped["details"]["reason"] == "trend_improving"
+
+
+async def test_alerts_open_beyond_the_threshold_but_never_inside_the_band(db, make_engine):
+    wide = await seed_zone(db, targets={"ph": {"min": 5.5, "max": 6.5}, "ec": 1.4}, telemetry={"PH": 6.45, "EC": 1.4})
+    narrow = await seed_zone(db, targets={"ph": 5.8, "ec": 1.4}, telemetry={"PH": 5.45, "EC": 1.4})
+    await make_engine().run_cycle()
+    assert await alerts(db, "PH_HIGH", wide.zone_id) == []
+    assert await automation_commands(db, wide.zone_id) == []
+    [low] = await alerts(db, "PH_LOW", narrow.zone_id)
+    assert low["code"] == "biz_low_ph" and low["details"]["current_ph"] == 5.45
+    assert len(await events(db, narrow.zone_id, "PH_TOO_LOW_DETECTED")) == 1
