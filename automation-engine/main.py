@@ -102,10 +102,14 @@ class AutomationService:
     async def _listen(self) -> None:
         """Wake the loop on every config-changed message; resubscribe after Redis errors."""
         channel = key(self.settings, CONFIG_CHANGED_CHANNEL)
+        warned = False
         while not self._stopping:
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(channel)
+                if warned:
+                    log.info("config_signal_available")
+                warned = False
                 while not self._stopping:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None:
@@ -115,7 +119,9 @@ class AutomationService:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis down: the loop still runs on its interval
-                log.warning("config_signal_unavailable", extra={"error": str(exc)})
+                if not warned:
+                    log.warning("config_signal_unavailable", extra={"error": str(exc)})
+                    warned = True
                 await asyncio.sleep(2.0)
             finally:
                 with contextlib.suppress(Exception):
