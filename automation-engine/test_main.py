@@ -74,3 +74,15 @@ async def _refused(base):
     async with httpx.AsyncClient(timeout=5) as client:
         text = (await client.get(f"{base}/metrics")).text
     return 'automation_dosing_refusals_total{metric="PH",reason="pending_command"}' in text
+
+
+async def test_cycles_go_on_without_redis(settings, db):
+    await seed_zone(db, telemetry={"PH": 5.8, "EC": 1.4})
+    s = settings.replace(automation_port=testing.free_port(), laravel_api_url="", redis_port=testing.free_port())
+    service = build(s, AutomationSettings.from_env({}).replace(interval_sec=0.2))
+    await service.start()
+    try:
+        await testing.eventually(lambda: _cycles(service, 3), 20, message="cycles without Redis")
+    finally:
+        await service.stop()
+    assert await db.fetchval("SELECT health_status FROM zones") is not None
