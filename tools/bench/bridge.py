@@ -138,6 +138,35 @@ async def drop_database(name: str) -> None:
         await admin.close()
 
 
+async def issue_command_alone(settings, seconds: float, clients: int) -> float:
+    """Commands/s of common.commands.issue_command with no HTTP in front (where the bridge's time goes)."""
+    from common.commands import issue_command
+    from common.db import Database
+    from common.mqtt import MqttClient
+    from common.topics import Topics
+
+    db, mqtt = Database(settings), MqttClient(settings, "-bench")
+    await db.connect()
+    await mqtt.start(wait=10)
+    topics, done = Topics(settings.mqtt_topic_root), 0
+    stop_at = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < stop_at:
+            await issue_command(db, mqtt, topics, gh_uid=BODY["greenhouse_uid"], zone_id=BODY["zone_id"],
+                                node_uid=BODY["node_uid"], channel=BODY["channel"], cmd=BODY["type"],
+                                params=BODY["params"])
+            done += 1
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*[worker() for _ in range(clients)])
+    finally:
+        await mqtt.stop()
+        await db.close()
+    return done / (time.perf_counter() - started)
+
+
 async def main(args: argparse.Namespace) -> int:
     db_name = f"hydro_bench_{os.getpid()}"
     await prepare_database(db_name)
@@ -153,6 +182,7 @@ async def main(args: argparse.Namespace) -> int:
         for path in routes.values():  # warm-up: connections, pools, first-request work
             await drive(port, path, 1.0, args.clients)
         results = {name: await drive(port, path, args.seconds, args.clients) for name, path in routes.items()}
+        alone = await issue_command_alone(settings, args.seconds, args.clients)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -167,6 +197,8 @@ async def main(args: argparse.Namespace) -> int:
               f"({r['n']} requests, {r['errors']} non-200 {r['statuses']})")
     ratio = results["bridge"]["rps"] / results["baseline"]["rps"]
     print(f"  ratio bridge / baseline = {ratio:.2f}  (target >= 0.60; bridge p99 target <= 50 ms)")
+    print(f"  for reference: common.commands.issue_command alone, no HTTP, {args.clients} concurrent in one "
+          f"process: {alone:.0f} commands/s")
     return 0
 
 
