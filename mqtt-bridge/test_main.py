@@ -175,3 +175,13 @@ async def test_production_without_py_api_token_refuses_to_start(settings):
     code = await asyncio.to_thread(process.proc.wait, 30)
     assert code == 2
     assert "PY_API_TOKEN must be set to a real secret" in process.log_path.read_text()
+
+
+async def test_database_unreachable_is_503_with_retry_after(settings):
+    no_database = settings.replace(pg_port=testing.free_port())  # nothing listens there
+    async with running_bridge(no_database) as b:
+        command = await b.http.post("/bridge/zones/1/commands", json=COMMAND)
+        assert command.status_code == 503 and command.headers["Retry-After"] == "5"
+        assert command.json()["detail"].startswith("database unavailable")
+        health = await b.http.get("/health")
+        assert health.status_code == 503 and health.json()["data"] == {"mqtt": "ok", "db": "down"}
