@@ -16,7 +16,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 import orjson
-from starlette.routing import Match, Router
+from starlette.routing import Router
 
 import bridge_metrics as bm
 
@@ -39,6 +39,7 @@ class BridgeGuard:
         self.router = router
         self.token = token.encode() if token else b""
         self.max_body = max_body_bytes
+        self._templates: list | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -125,13 +126,23 @@ class BridgeGuard:
     def _template(self, scope: Scope) -> str:
         """The route template of the request (bounded label values), resolved by the router when it ran."""
         route = scope.get("route")
-        if route is None:
-            for candidate in self.router.routes:
-                match, _ = candidate.matches(scope)
-                if match is not Match.NONE:
-                    route = candidate
-                    break
-        return getattr(route, "path", None) or "unmatched"
+        if route is not None:
+            return getattr(route, "path", None) or "unmatched"
+        if self._templates is None:  # refused before routing: match the path against the route templates
+            self._templates = [(r.path_regex, r.path) for r in _leaf_routes(self.router.routes)]
+        for regex, template in self._templates:
+            if regex.match(scope["path"]):
+                return template
+        return "unmatched"
+
+
+def _leaf_routes(routes):
+    for route in routes:
+        inner = getattr(route, "original_router", None)  # FastAPI keeps an included router as one entry
+        if inner is not None:
+            yield from _leaf_routes(inner.routes)
+        elif getattr(route, "path_regex", None) is not None and getattr(route, "path", None):
+            yield route
 
 
 async def _json(send: Send, status: int, body: dict, headers: tuple = ()) -> None:

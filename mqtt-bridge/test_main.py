@@ -27,6 +27,8 @@ async def test_wrong_or_missing_token_is_401_before_the_body_is_read(bridge, wor
     for response in (valid, broken, status):
         assert (response.status_code, response.json()) == (401, {"detail": "Unauthorized: invalid or missing token"})
     assert await db.fetchval("SELECT count(*) FROM commands") == 0
+    metrics = (await bridge.http.get("/metrics")).text  # refused before routing, still counted by route
+    assert 'bridge_requests_total{path="/bridge/commands/{cmd_id}",status="401"}' in metrics
 
 
 async def test_no_token_configured_refuses_every_bridge_route(settings, world, db):
