@@ -5,6 +5,7 @@ Every NODE_OFFLINE_SWEEP_SEC (60 s): online nodes silent for NODE_OFFLINE_TIMEOU
 (alert + events like an LWT); a zone whose newest telemetry is older than ZONE_NO_TELEMETRY_MIN
 gets one NO_TELEMETRY zone event (zones.status is Laravel's and is not touched); committed-entry
 records no pending entry can need are pruned.
+Every second: samples kept out of the stream by queue sampling refresh telemetry_last.
 """
 from __future__ import annotations
 
@@ -43,18 +44,20 @@ SELECT l.zone_id, 'NO_TELEMETRY', jsonb_build_object('last_telemetry_at', l.last
 
 class Housekeeping:
     def __init__(self, db: Database, cfg: LoggerSettings, timeout_sec: int, offline_sec: int,
-                 prune: Callable[[], Awaitable[None]]):
+                 prune: Callable[[], Awaitable[None]], flush_sampled: Callable[[], Awaitable[int]]):
         self.db = db
         self.cfg = cfg
         self.timeout_sec = timeout_sec
         self.offline_sec = offline_sec
         self.prune = prune
+        self.flush_sampled = flush_sampled
         self.tasks: list[asyncio.Task] = []
         self.stopping = False
 
     def start(self) -> None:
         self.tasks = [asyncio.create_task(self._every(self.cfg.timeout_sweep_sec, self.sweep_timeouts), name="sweep"),
-                      asyncio.create_task(self._every(self.cfg.offline_sweep_sec, self.offline_sweep), name="offline")]
+                      asyncio.create_task(self._every(self.cfg.offline_sweep_sec, self.offline_sweep), name="offline"),
+                      asyncio.create_task(self._every(1.0, self.flush_sampled), name="sampled-last")]
 
     async def stop(self) -> None:
         self.stopping = True  # besides cancel: a cancel swallowed inside a client library still ends the loop

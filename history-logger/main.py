@@ -55,7 +55,8 @@ class HistoryLogger:
             name="events")
         self.housekeeping = Housekeeping(
             self.db, self.cfg, settings.command_timeout_sec, settings.node_offline_timeout_sec,
-            lambda: prune_streams(self.db, self.redis, [self.keys.telemetry, self.keys.events], self.keys.group))
+            lambda: prune_streams(self.db, self.redis, [self.keys.telemetry, self.keys.events], self.keys.group),
+            self.writer.flush_sampled)
         self.api = HttpServer(http_api.build_app(self.receiver, self.ready), settings.http_host,
                               settings.history_logger_port)
         self.metrics_http = HttpServer(ops_app(self.ready, "history-logger metrics"), settings.http_host,

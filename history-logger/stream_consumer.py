@@ -1,7 +1,7 @@
 """A Redis-stream consumer-group loop: read a batch, hand it to `handle`, XACK + XDEL after it returns.
 
 Start-up first re-reads this consumer's own pending entries (a previous run died with them);
-every CLAIM_EVERY_SEC it takes over entries another consumer left pending longer than
+every min(15 s, claim_idle_ms / 4) it takes over entries another consumer left pending longer than
 claim_idle_ms (XAUTOCLAIM). `handle` is retried with backoff on transient failures (the batch
 stays pending meanwhile) and must be idempotent for entries it already committed — the
 writers record entry ids in PostgreSQL in the same transaction (see ingest_log.py).
@@ -45,7 +45,8 @@ class StreamConsumer:
         self.stopping = False
         self.task: asyncio.Task | None = None
         self._own_pending_done = False
-        self._next_claim = time.monotonic() + CLAIM_EVERY_SEC
+        self.claim_every = max(0.5, min(CLAIM_EVERY_SEC, claim_idle_ms / 4000))
+        self._next_claim = time.monotonic() + self.claim_every
         self._claim_cursor = "0-0"
 
     async def ensure_group(self) -> None:
@@ -104,7 +105,7 @@ class StreamConsumer:
                 return entries
             self._own_pending_done = True
         if time.monotonic() >= self._next_claim:
-            self._next_claim = time.monotonic() + CLAIM_EVERY_SEC
+            self._next_claim = time.monotonic() + self.claim_every
             cursor, entries, *_ = await self.redis.xautoclaim(self.stream, self.group, self.consumer,
                                                               self.claim_idle_ms, self._claim_cursor, count=self.count)
             self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else cursor

@@ -76,7 +76,6 @@ class TelemetryWriter:
         self.keys = keys
         self.cache = cache
         self.dead_max = dead_max
-        self._last_merge = 0.0
 
     async def handle(self, entries: list[Entry]) -> None:
         """The StreamConsumer handler: returns once the batch is committed (or dead-lettered)."""
@@ -84,9 +83,8 @@ class TelemetryWriter:
         rows, dead = await self._resolve(entries)
         if dead:
             await self._dead_letter(dead)
-        extra_last = await self._sampled_last()
         try:
-            stored = await self._write(rows, extra_last)
+            stored = await self._write(rows, [])
         except PG_TRANSIENT as exc:
             raise Transient(f"database: {exc}") from exc
         except asyncpg.PostgresError as exc:
@@ -154,20 +152,15 @@ class TelemetryWriter:
                 await self._dead_letter([(row.entry_id, row.sample, "db_rejected")], str(exc))
         return stored
 
-    async def _sampled_last(self) -> list[Row]:
-        """Samples the receiver kept out of the stream while sampling: they refresh telemetry_last only."""
-        if time.monotonic() - self._last_merge < 1.0:
-            return []
-        self._last_merge = time.monotonic()
-        try:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hgetall(self.keys.last)
-            pipe.delete(self.keys.last)
-            values, _ = await pipe.execute()
-        except REDIS_TRANSIENT:
-            return []
+    async def flush_sampled(self) -> int:
+        """Samples the receiver kept out of the stream while sampling refresh telemetry_last only
+        (contract §9.4: telemetry_last stays fresh). Runs every second; returns how many."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hgetall(self.keys.last)
+        pipe.delete(self.keys.last)
+        values, _ = await pipe.execute()
         if not values:
-            return []
+            return 0
         samples = [tp.decode({b"d": d}) for d in values.values()]
         nodes = await self.cache.resolve({s.node for s in samples if s.node})
         rows = []
@@ -177,7 +170,8 @@ class TelemetryWriter:
                 rows.append(Row(b"", s, None, s.zone))
             elif info is not None and info.validated:
                 rows.append(Row(b"", s, info.node_id, info.zone_id))
-        return rows
+        await self._write([], rows)
+        return len(rows)
 
     async def _dead_letter(self, dead: list[tuple[bytes, tp.Sample | None, str]], detail: str = "") -> None:
         pipe = self.redis.pipeline(transaction=False)

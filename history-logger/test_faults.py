@@ -1,0 +1,269 @@
+"""Fault tests: servers restarted or the service killed mid-stream → no loss, no duplicates.
+
+PostgreSQL, Redis and Mosquitto are private servers here (common.testing) so they can be
+stopped and killed; the writer-kill test runs the service as a real process and SIGKILLs it.
+"""
+import asyncio
+import signal
+import threading
+import time
+
+import asyncpg
+import orjson
+
+from common import testing
+from common.migrate import apply_migrations
+from common.redis_client import redis_client
+from logger_fixtures import drop_redis_keys, fast_settings, seed, start_logger, wait_rows, wait_subscribed
+
+import telemetry_parse as tp
+
+
+def telemetry_messages(settings, ids, start: int, count: int) -> list[tuple[str, bytes, int, bool]]:
+    topic = f"{settings.mqtt_topic_root}/gh-1/zn-{ids['zone_id']}/{ids['node_uid']}/ph_sensor/telemetry"
+    now_ms = int(time.time() * 1000)
+    return [(topic, orjson.dumps({"metric": "PH", "value": 6.0, "seq": i, "ts": now_ms + i}), 1, False)
+            for i in range(start, start + count)]
+
+
+class Publisher(threading.Thread):
+    """Publishes `total` numbered readings in chunks, each chunk acknowledged by the broker."""
+
+    def __init__(self, settings, ids, total: int, chunk: int = 100, pause: float = 0.05):
+        super().__init__(daemon=True)
+        self.settings, self.ids, self.total, self.chunk, self.pause = settings, ids, total, chunk, pause
+        self.sent = 0
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            while self.sent < self.total:
+                n = min(self.chunk, self.total - self.sent)
+                testing.publish_sync(self.settings.mqtt_host, self.settings.mqtt_port,
+                                     telemetry_messages(self.settings, self.ids, self.sent, n))
+                self.sent += n
+                time.sleep(self.pause)
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+
+async def assert_exactly(db, total: int) -> None:
+    row = await db.fetchrow("SELECT count(*) AS n, count(DISTINCT (raw->>'seq')::int) AS d,"
+                            " min((raw->>'seq')::int) AS lo, max((raw->>'seq')::int) AS hi FROM telemetry_samples")
+    assert (row["n"], row["d"], row["lo"], row["hi"]) == (total, total, 0, total - 1)
+
+
+async def wait_published(pub: Publisher, timeout: float = 60) -> None:
+    await asyncio.to_thread(pub.join, timeout)
+    assert pub.error is None and pub.sent == pub.total
+
+
+async def test_postgres_restarted_mid_stream_loses_nothing():
+    from common.db import Database
+    pg = testing.PrivatePostgres()
+    pg.start()
+    try:
+        conn = await asyncpg.connect(host="127.0.0.1", port=pg.port, user="postgres", database="postgres")
+        await apply_migrations(conn)
+        await conn.close()
+        s = fast_settings(testing.isolated_settings(**pg.settings_env()), db_command_timeout_sec=5.0)
+        db = Database(s)
+        await db.connect()
+        ids = await seed(db)
+        service = await start_logger(s)
+        try:
+            pub = Publisher(s, ids, 1500, chunk=50)
+            pub.start()
+            await wait_rows(db, 100)
+            pg.proc.send_signal(signal.SIGINT)  # fast shutdown: every connection is cut
+            await asyncio.to_thread(pg.proc.wait, 30)
+            pg.proc = None
+            await asyncio.sleep(1.5)            # writes fail meanwhile; the backlog waits in Redis
+            await asyncio.to_thread(pg.start)
+            await wait_published(pub)
+            await wait_rows(db, 1500, 60)
+            await assert_exactly(db, 1500)
+        finally:
+            await service.stop()
+            await db.close()
+            await drop_redis_keys(s)
+    finally:
+        pg.close()
+
+
+async def test_writer_killed_mid_stream_no_loss_no_duplicates(settings, db):
+    # A private broker that queues without limit while the service is down (the stock config
+    # keeps 1,000 queued QoS1 messages per client and drops the rest).
+    with testing.PrivateMosquitto() as broker:
+        s = fast_settings(settings, mqtt_port=broker.port)
+        ids = await seed(db)
+        env = dict(testing.settings_env(s), TELEMETRY_FLUSH_MS="50", TELEMETRY_BATCH_SIZE="200")
+        proc = testing.ServiceProcess("history-logger", env).start()
+        try:
+            await asyncio.to_thread(testing.wait_port, s.history_logger_port, 30)
+            await heartbeat_seen(s, db, ids)  # subscribed
+            testing.publish_sync(s.mqtt_host, s.mqtt_port, telemetry_messages(s, ids, 0, 1))
+            await wait_rows(db, 1, 20)
+            pub = Publisher(s, ids, 4000, chunk=200, pause=0.02)
+            pub.sent = 1
+            pub.start()
+            await wait_rows(db, 800, 60)
+            proc.kill()  # SIGKILL: anywhere between receipt, stream append, commit and XACK
+            killed_at = await db.fetchval("SELECT count(*) FROM telemetry_samples")
+            proc.start()
+            await wait_published(pub)
+            try:
+                await wait_rows(db, 4000, 60)
+            except AssertionError:
+                print(proc.log()[-4000:])
+                raise
+            await asyncio.sleep(1.0)  # anything still arriving would be a duplicate
+            await assert_exactly(db, 4000)
+            assert killed_at < 4000
+            assert proc.terminate() == 0, proc.log()[-2000:]  # SIGTERM: clean exit
+        finally:
+            proc.kill()
+            await drop_redis_keys(s)
+
+
+async def heartbeat_seen(s, db, ids, timeout: float = 30) -> None:
+    topic = f"{s.mqtt_topic_root}/gh-1/zn-{ids['zone_id']}/{ids['node_uid']}/heartbeat"
+    deadline = time.monotonic() + timeout
+    while not await db.fetchval("SELECT last_heartbeat_at IS NOT NULL FROM nodes WHERE id = $1", ids["node_id"]):
+        assert time.monotonic() < deadline, "the service never received a heartbeat"
+        await asyncio.to_thread(testing.publish_sync, s.mqtt_host, s.mqtt_port, [(topic, b'{"uptime":1000}', 1, False)])
+        await asyncio.sleep(0.3)
+
+
+async def test_crash_between_commit_and_xack_and_dead_consumer_reclaimed(settings, db):
+    """Entries committed but never acknowledged, and entries pending on a dead consumer."""
+    s = fast_settings(settings)
+    ids = await seed(db)
+    client = redis_client(s)
+    from receiver import StreamKeys
+    from node_cache import NodeCache
+    from common.db import Database
+    from telemetry_writer import TelemetryWriter
+    keys = StreamKeys(s)
+    await client.xgroup_create(keys.telemetry, keys.group, id="0", mkstream=True)
+    for i in range(30):
+        sample = tp.Sample(ids["node_uid"], None, "ph_sensor", "PH", 6.0, int(time.time() * 1000) + i, False,
+                           orjson.dumps({"seq": i}))
+        await client.xadd(keys.telemetry, sample.fields())
+    own = f"{s.mqtt_client_id}-logger"
+    mine = (await client.xreadgroup(keys.group, own, {keys.telemetry: ">"}, count=10))[0][1]
+    dead = (await client.xreadgroup(keys.group, "dead-replica", {keys.telemetry: ">"}, count=10))[0][1]
+    writer = TelemetryWriter(db, client, keys, NodeCache(db), 1000)
+    await writer.handle(mine)           # committed ...
+    await writer.handle(dead[:5])       # ... and the dead replica committed half of its batch
+    assert await db.fetchval("SELECT count(*) FROM telemetry_samples") == 15
+    service = await start_logger(s, TELEMETRY_CLAIM_IDLE_MS="1000")  # ... XACK never happened
+    try:
+        await wait_rows(db, 30, 30)
+        await testing.eventually(lambda: _empty(client, keys), 20)
+        await asyncio.sleep(0.5)
+        await assert_exactly(db, 30)
+        assert await db.fetchval("SELECT count(*) FROM history_logger_ingested WHERE stream = $1", keys.telemetry) == 30
+    finally:
+        await service.stop()
+        await client.aclose()
+        await drop_redis_keys(s)
+
+
+async def _empty(client, keys) -> bool:
+    pending = await client.xpending(keys.telemetry, keys.group)
+    return pending["pending"] == 0 and await client.xlen(keys.telemetry) == 0
+
+
+async def test_redis_restarted_loses_no_acknowledged_message(settings, db):
+    with testing.PrivateRedis(appendonly=True) as redis_server, testing.PrivateMosquitto() as broker:
+        s = fast_settings(settings, redis_port=redis_server.port, mqtt_port=broker.port)
+        ids = await seed(db)
+        service = await start_logger(s)
+        try:
+            pub = Publisher(s, ids, 2000, chunk=100)
+            pub.start()
+            await wait_rows(db, 200)
+            redis_server.kill()              # no shutdown save: only the append-only file survives
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(redis_server.start)
+            await wait_published(pub)
+            await wait_rows(db, 2000, 60)
+            await asyncio.sleep(0.5)
+            await assert_exactly(db, 2000)
+        finally:
+            await service.stop()
+
+
+async def test_broker_restarted_resubscribes_and_stores_what_follows(settings, db):
+    with testing.PrivateMosquitto() as broker:  # no persistence: the broker forgets our session
+        s = fast_settings(settings, mqtt_port=broker.port)
+        ids = await seed(db)
+        service = await start_logger(s)
+        try:
+            testing.publish_sync(s.mqtt_host, broker.port, telemetry_messages(s, ids, 0, 100))
+            await wait_rows(db, 100)
+            await asyncio.to_thread(broker.restart)
+            await service.mqtt.wait_connected(30)
+            await wait_subscribed(service, 20)
+            await asyncio.to_thread(testing.publish_sync, s.mqtt_host, broker.port,
+                                    telemetry_messages(s, ids, 100, 900))
+            await wait_rows(db, 1000, 30)
+            await asyncio.sleep(0.3)
+            await assert_exactly(db, 1000)
+        finally:
+            await service.stop()
+            await drop_redis_keys(s)
+
+
+async def test_queue_sampling_above_90_percent_and_hold_at_capacity(settings, db):
+    import logger_metrics as m
+    s = fast_settings(settings, telemetry_queue_capacity=100)
+    ids = await seed(db)
+    service = await start_logger(s, TELEMETRY_SAMPLE_EVERY="10")
+    try:
+        await service.telemetry_consumer.stop()  # the writer pauses: the stream fills up
+        topic = f"{s.mqtt_topic_root}/gh-1/zn-{ids['zone_id']}/{ids['node_uid']}"
+        t0 = int(time.time()) - 500
+        fill = [(f"{topic}/ch{i}/telemetry", orjson.dumps({"metric": "EC", "value": 1.0, "ts": t0 + i}), 1, False)
+                for i in range(92)]
+        await asyncio.to_thread(testing.publish_sync, s.mqtt_host, s.mqtt_port, fill)
+        await testing.eventually(lambda: _xlen_at_least(service, 92), 10)
+        sampled_before = m.DROPPED.labels("sampled")._value.get()
+        burst = [(f"{topic}/ph_sensor/telemetry", orjson.dumps({"metric": "PH", "value": 5.0 + i / 10, "ts": t0 + 100 + i}),
+                  1, False) for i in range(20)]
+        for item in burst:  # one by one: each is decided on its own
+            await asyncio.to_thread(testing.publish_sync, s.mqtt_host, s.mqtt_port, [item])
+        await testing.eventually(lambda: _sampled(m, sampled_before, 18), 10)
+        assert await service.redis.xlen(service.keys.telemetry) == 94  # 1 of 10 kept per key
+        # at capacity: held back, not acknowledged, not dropped
+        overflow_before = m.OVERFLOW._value.get()
+        held = [(f"{topic}/ch{i}/telemetry", orjson.dumps({"metric": "EC", "value": 2.0, "ts": t0 + 200 + i}), 1, False)
+                for i in range(92, 100)] + \
+               [(f"{topic}/ch{i}/telemetry", orjson.dumps({"metric": "TEMP_WATER", "value": 2.0, "ts": t0 + 300 + i}),
+                 1, False) for i in range(20)]
+        await asyncio.to_thread(testing.publish_sync, s.mqtt_host, s.mqtt_port, held)
+        await testing.eventually(lambda: _grew(m.OVERFLOW, overflow_before), 10)
+        service.telemetry_consumer.stopping = False
+        service.telemetry_consumer.start()        # the writer resumes and makes room
+        await wait_rows(db, 94 + 28, 30)   # everything held back is stored once there is room
+        await asyncio.sleep(0.5)
+        assert await db.fetchval("SELECT count(*) FROM telemetry_samples") == 122
+        # newest PH (sampled away from the stream) still reached telemetry_last
+        await testing.eventually(lambda: db.fetchval(
+            "SELECT value = 6.9 FROM telemetry_last WHERE metric_type = 'PH'"), 10)
+    finally:
+        await service.stop()
+        await drop_redis_keys(s)
+
+
+async def _xlen_at_least(service, n):
+    return await service.redis.xlen(service.keys.telemetry) >= n
+
+
+async def _sampled(m, before, n):
+    return m.DROPPED.labels("sampled")._value.get() - before >= n
+
+
+async def _grew(counter, before):
+    return counter._value.get() > before
