@@ -54,7 +54,7 @@ class SimNode:
         self.config_version = 0
         self.applied_config: dict | None = None
         self.boot = time.monotonic()
-        self.connected = threading.Event()
+        self.connected = threading.Event()  # set once subscribed (SUBACK): commands and configs reach it
         self.online = False           # False while taken offline on purpose
         self.drop_responses = 0       # answer nothing to the next N commands
         self.responses: collections.deque[dict] = collections.deque(maxlen=500)  # recent answers sent
@@ -69,6 +69,7 @@ class SimNode:
         self._client: paho.Client | None = None
         self._random = random.Random(spec.uid)
         self.known_segments: list[tuple[str, str, str]] = []  # every id set this node has used
+        self._subscribe_mid: int | None = None
 
     # -- identity -------------------------------------------------------------------------
     @property
@@ -118,6 +119,7 @@ class SimNode:
             client.on_connect = self._on_connect
             client.on_disconnect = self._on_disconnect
             client.on_message = self._on_message
+            client.on_subscribe = self._on_subscribe
             self._client = client
             self.online = True
             client.connect_async(o.host, o.port, keepalive=o.keepalive)
@@ -167,10 +169,15 @@ class SimNode:
         uptime_s = self.uptime_ms() // 1000
         client.publish(self.node_topic("status"), orjson.dumps({"status": "ONLINE", "ts": uptime_s}), qos=1,
                        retain=True)
-        client.subscribe([(self.node_topic("config"), 1), (self._command_filter(), 1)])
         now = time.monotonic()
         self._next_heartbeat = now + 1.0
         self._next_hello = now
+        _, self._subscribe_mid = client.subscribe([(self.node_topic("config"), 1), (self._command_filter(), 1)])
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        """SUBACK: from now on the broker delivers this node's config and commands."""
+        if mid != self._subscribe_mid:
+            return
         self.connected.set()
         self.sim.count("connects")
         with self._lock:
