@@ -1,0 +1,267 @@
+"""history-logger benchmark: backlog drain rate vs a bare paho subscriber, latency at 1,000 msg/s, RSS.
+
+    PYTHONPATH=. .venv/bin/python tools/bench/history_logger.py [--n 100000] [--rate 1000] [--seconds 15]
+
+A private Mosquitto (max_queued_messages 0: the stock config keeps only 1,000 queued QoS1
+messages per client and drops the rest) holds N QoS1 telemetry messages for a stopped
+persistent session; we time until the last one is committed in PostgreSQL (history-logger run
+as a real process, `python main.py`) and, in the same run, until a bare paho subscriber with a
+persistent session has drained the same N (the baseline). Then a steady publisher at --rate
+msg/s: publish→commit latency per reading (commit seen by polling every 10 ms). Peak RSS is the
+service process's VmHWM. Uses the local PostgreSQL (a throwaway database) and Redis (own prefix).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import asyncpg
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from common import testing  # noqa: E402
+from common.migrate import apply_migrations  # noqa: E402
+from common.redis_client import redis_client  # noqa: E402
+
+NODES = 20
+CHANNELS = ("ph_sensor", "ec_sensor", "temp_sensor")
+METRICS = ("PH", "EC", "TEMP_WATER")
+
+
+def payloads(root: str, zone_ids: list[int], start: int, count: int) -> list[tuple[str, bytes]]:
+    out = []
+    for i in range(start, start + count):
+        node = i % NODES
+        ch = (i // NODES) % len(CHANNELS)
+        topic = f"{root}/gh-1/zn-{zone_ids[node]}/nd-bench-{node}/{CHANNELS[ch]}/telemetry"
+        out.append((topic, orjson.dumps({"metric_type": METRICS[ch], "value": 6.0 + (i % 100) / 100, "seq": i,
+                                         "ts": int(time.time() * 1000)})))
+    return out
+
+
+def publish_all(port: int, messages: list[tuple[str, bytes]]) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=testing.unique_id("bench-pub-"))
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        for start in range(0, len(messages), 10_000):  # packet ids wrap at 65535: bounded windows
+            infos = [client.publish(t, p, qos=1) for t, p in messages[start:start + 10_000]]
+            for info in infos:
+                info.wait_for_publish(60)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+class BareSubscriber:
+    """The baseline: a paho MQTT v5 subscriber with a persistent session and automatic PUBACK."""
+
+    def __init__(self, port: int, filter_: str):
+        self.port, self.filter = port, filter_
+        self.count = 0
+        self.done = threading.Event()
+        self.target = 0
+        self.client_id = testing.unique_id("bench-bare-")
+
+    def _client(self) -> paho.Client:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5)
+        client.max_inflight_messages_set(1000)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        props.ReceiveMaximum = 1000
+        client.on_message = self._on_message
+        client.connect("127.0.0.1", self.port, clean_start=False, properties=props)
+        return client
+
+    def _on_message(self, client, userdata, msg) -> None:
+        self.count += 1
+        if self.count >= self.target:
+            self.done.set()
+
+    def register(self) -> None:
+        client = self._client()
+        client.loop_start()
+        subscribed = threading.Event()
+        client.on_subscribe = lambda *a: subscribed.set()
+        client.subscribe(self.filter, qos=1)
+        subscribed.wait(10)
+        client.disconnect()
+        client.loop_stop()
+
+    def drain(self, n: int) -> float:
+        self.target, self.count = n, 0
+        self.done.clear()
+        started = time.perf_counter()
+        client = self._client()
+        client.loop_start()
+        if not self.done.wait(600):
+            raise RuntimeError(f"bare subscriber got {self.count} of {n}")
+        elapsed = time.perf_counter() - started
+        client.disconnect()
+        client.loop_stop()
+        return elapsed
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def wait_count(conn: asyncpg.Connection, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while await conn.fetchval("SELECT count(*) FROM telemetry_samples") < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {await conn.fetchval('SELECT count(*) FROM telemetry_samples')} of {n} rows")
+        await asyncio.sleep(0.05)
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--rate", type=int, default=1000)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--batch", type=int, default=200, help="TELEMETRY_BATCH_SIZE")
+    args = ap.parse_args()
+
+    broker = testing.PrivateMosquitto()
+    broker.start()
+    dbname = f"hydro_bench_{os.getpid()}"
+    env = testing.SHARED_ENV
+    admin = await asyncpg.connect(host=env["PG_HOST"], port=int(env["PG_PORT"]), user=env["PG_USER"],
+                                  database="postgres")
+    await admin.execute(f'CREATE DATABASE "{dbname}"')
+    proc = None
+    settings = testing.isolated_settings(PG_DB=dbname, MQTT_PORT=str(broker.port)).replace(
+        history_logger_port=testing.free_port(), history_logger_metrics_port=testing.free_port())
+    conn = await asyncpg.connect(host=env["PG_HOST"], port=int(env["PG_PORT"]), user=env["PG_USER"], database=dbname)
+    try:
+        await apply_migrations(conn)
+        gh = await conn.fetchval("INSERT INTO greenhouses (uid, name) VALUES ('gh-1', 'bench') RETURNING id")
+        zone_ids = []
+        for i in range(NODES):
+            zone = await conn.fetchval("INSERT INTO zones (greenhouse_id, name) VALUES ($1, $2) RETURNING id",
+                                       gh, f"z{i}")
+            zone_ids.append(zone)
+            await conn.execute("INSERT INTO nodes (uid, zone_id, validated, status) VALUES ($1, $2, true, 'online')",
+                               f"nd-bench-{i}", zone)
+        root = settings.mqtt_topic_root
+        service_env = dict(testing.settings_env(settings), TELEMETRY_BATCH_SIZE=str(args.batch),
+                           TELEMETRY_QUEUE_CAPACITY=str(max(100_000, 2 * args.n)), LOG_LEVEL="warning")
+        proc = testing.ServiceProcess("history-logger", service_env)
+
+        # register both persistent sessions, then stop them
+        bare = BareSubscriber(broker.port, f"{root}/+/+/+/+/telemetry")
+        bare.register()
+        proc.start()
+        await asyncio.to_thread(testing.wait_port, settings.history_logger_port, 30)
+        deadline = time.monotonic() + 30
+        while not await conn.fetchval("SELECT count(*) FROM telemetry_samples"):  # until it is subscribed
+            if time.monotonic() > deadline:
+                raise RuntimeError("history-logger stored nothing:\n" + proc.log()[-3000:])
+            await asyncio.to_thread(publish_all, broker.port, payloads(root, zone_ids, -1, 1))
+            await asyncio.sleep(0.5)
+        proc.terminate()
+        await conn.execute("TRUNCATE telemetry_samples, telemetry_last")
+
+        # preload N into both stopped sessions
+        t0 = time.perf_counter()
+        await asyncio.to_thread(publish_all, broker.port, payloads(root, zone_ids, 0, args.n))
+        print(f"preloaded {args.n} QoS1 messages in {time.perf_counter() - t0:.1f}s")
+
+        bare_sec = await asyncio.to_thread(bare.drain, args.n)
+        bare_rate = args.n / bare_sec
+
+        started = time.perf_counter()
+        proc.start()
+        await wait_count(conn, args.n, 900)
+        logger_sec = time.perf_counter() - started
+        logger_rate = args.n / logger_sec
+        dup = await conn.fetchval("SELECT count(*) - count(DISTINCT (raw->>'seq')::int) FROM telemetry_samples")
+
+        # steady rate: publish→commit latency
+        await conn.execute("TRUNCATE telemetry_samples")
+        latencies = []
+        stop = threading.Event()
+
+        def steady() -> None:
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=testing.unique_id("bench-rate-"))
+            client.max_inflight_messages_set(1000)
+            client.connect("127.0.0.1", broker.port)
+            client.loop_start()
+            i, begin = 0, time.perf_counter()
+            total = int(args.rate * args.seconds)
+            while i < total and not stop.is_set():
+                due = begin + i / args.rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                topic, payload = payloads(root, zone_ids, i, 1)[0]
+                data = orjson.loads(payload)
+                data["ts"] = int(time.time() * 1000)
+                client.publish(topic, orjson.dumps(data), qos=1)
+                i += 1
+            time.sleep(0.5)
+            client.disconnect()
+            client.loop_stop()
+
+        total = int(args.rate * args.seconds)
+        pub = threading.Thread(target=steady, daemon=True)
+        pub.start()
+        last_id = 0
+        deadline = time.monotonic() + args.seconds + 60
+        while len(latencies) < total and time.monotonic() < deadline:
+            rows = await conn.fetch("SELECT id, (raw->>'ts')::bigint AS ts FROM telemetry_samples WHERE id > $1",
+                                    last_id)
+            seen = time.time() * 1000
+            for r in rows:
+                latencies.append((seen - r["ts"]) / 1000)
+                last_id = max(last_id, r["id"])
+            await asyncio.sleep(0.01)
+        stop.set()
+        pub.join(10)
+        rss = peak_rss_mb(proc.proc.pid)
+        proc.terminate()
+
+        latencies.sort()
+        p50 = statistics.median(latencies)
+        p99 = latencies[int(len(latencies) * 0.99) - 1]
+        print(f"bare paho drain:        {args.n} msgs in {bare_sec:.2f}s = {bare_rate:,.0f} msg/s (baseline)")
+        print(f"history-logger drain:   {args.n} rows committed in {logger_sec:.2f}s = {logger_rate:,.0f} msg/s"
+              f"  (duplicates: {dup}, TELEMETRY_BATCH_SIZE={args.batch})")
+        print(f"ratio logger/bare:      {logger_rate / bare_rate:.2f}  (target >= 0.5, stretch 0.75)")
+        print(f"steady {args.rate} msg/s for {args.seconds:g}s: {len(latencies)}/{total} committed,"
+              f" publish->commit p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (target p99 <= 1000 ms)")
+        print(f"peak RSS of the service: {rss:.0f} MB (target <= 150 MB)")
+        return 0
+    finally:
+        if proc is not None:
+            proc.kill()
+        await conn.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        await admin.close()
+        client = redis_client(settings)
+        keys = [k async for k in client.scan_iter(match=f"{settings.redis_key_prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+        broker.close()
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
