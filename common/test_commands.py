@@ -79,6 +79,28 @@ async def test_issue_publishes_once_per_cmd_id(settings, db, mqtt, mqtt_probe, z
     assert row["node_id"] is not None and row["params"] == {"duration_ms": 2500}
 
 
+async def test_concurrent_commands_share_batches_and_repeats_publish_once(settings, db, mqtt, mqtt_probe, zone):
+    topics = Topics(settings.mqtt_topic_root)
+
+    def send(cmd_id):
+        return issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd-1", channel="pump_in",
+                             cmd="run_pump", params={"duration_ms": 1000}, cmd_id=cmd_id)
+
+    ids = [f"c-{i}" for i in range(40)]
+    results = await asyncio.gather(*(send(i) for i in ids + ids[:10]), send(None))
+    assert sum(r.published for r in results) == 41 and all(r.status == "sent" for r in results)
+    await mqtt_probe.wait_for(41, f"{settings.mqtt_topic_root}/#")
+    await asyncio.sleep(0.3)
+    published_ids = sorted(p["cmd_id"] for p in mqtt_probe.payloads(f"{settings.mqtt_topic_root}/#"))
+    assert len(published_ids) == 41 and set(ids) <= set(published_ids)
+    assert await db.fetchval("SELECT count(*) FROM commands WHERE status = 'sent'") == 41
+    with pytest.raises(CommandError, match="max_duration_ms=5000"):
+        await asyncio.gather(send("ok-1"), issue_command(
+            db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd-1", channel="pump_in", cmd="run_pump",
+            params={"duration_ms": 9000}, cmd_id="too-long"))
+    assert await db.fetchval("SELECT count(*) FROM commands WHERE cmd_id = 'too-long'") == 0
+
+
 async def test_laravel_pending_row_is_published(settings, db, mqtt, mqtt_probe, zone):
     await db.execute("INSERT INTO commands (cmd, cmd_id, status, created_at) VALUES ('stop_pump', 'pend-1', 'pending',"
                      " now())")

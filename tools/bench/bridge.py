@@ -172,7 +172,9 @@ async def main(args: argparse.Namespace) -> int:
     await prepare_database(db_name)
     zone = BODY["zone_id"]
     port = testing.free_port()
-    settings = testing.isolated_settings(PG_DB=db_name, DB_POOL_MAX=str(args.pool))
+    # A private broker configured like deploy/ (TCP_NODELAY: PUBACK bursts are not held by Nagle).
+    broker = testing.PrivateMosquitto(extra_conf="set_tcp_nodelay true\nmax_queued_messages 0\n").start()
+    settings = testing.isolated_settings(PG_DB=db_name, DB_POOL_MAX=str(args.pool), MQTT_PORT=str(broker.port))
     env = dict(os.environ, **testing.settings_env(settings.replace(bridge_port=port, py_api_token=TOKEN)))
     env.update(PYTHONPATH=str(ROOT), LOG_LEVEL="warning", DB_POOL_MAX=str(args.pool))
     server = subprocess.Popen([sys.executable, __file__, "--serve"], cwd=BRIDGE, env=env)
@@ -190,6 +192,7 @@ async def main(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             server.kill()
         await drop_database(db_name)
+        broker.close()
     print(f"POST, {args.clients} concurrent keep-alive clients, {args.seconds:g} s per route, one server process "
           f"(DB_POOL_MAX={settings.db_pool_max})")
     for name, r in results.items():
