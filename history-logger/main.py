@@ -43,12 +43,14 @@ class HistoryLogger:
         self.receiver = Receiver(settings, self.cfg, self.redis, self.keys)
         self.mqtt = MqttClient(settings, "-logger", manual_ack=True)
         self.cache = NodeCache(self.db)
-        self.writer = TelemetryWriter(self.db, self.redis, self.keys, self.cache, self.cfg.dead_letter_max)
+        self.writer = TelemetryWriter(self.db, self.redis, self.keys, self.cache, self.cfg.dead_letter_max,
+                                      settings.telemetry_batch_size)
         self.events = NodeEvents(settings, self.db, self.keys.events)
         self.telemetry_consumer = StreamConsumer(
             self.redis, self.keys.telemetry, self.keys.group, self.cfg.consumer, self.writer.handle,
             count=settings.telemetry_batch_size, block_ms=settings.telemetry_flush_ms,
-            claim_idle_ms=self.cfg.claim_idle_ms, name="telemetry")
+            claim_idle_ms=self.cfg.claim_idle_ms, name="telemetry", counter_key=self.keys.queued,
+            on_queued=self.receiver.note_queued)
         self.events_consumer = StreamConsumer(
             self.redis, self.keys.events, self.keys.group, self.cfg.consumer, self.events.handle,
             count=EVENTS_BATCH, block_ms=settings.telemetry_flush_ms, claim_idle_ms=self.cfg.claim_idle_ms,

@@ -8,7 +8,9 @@ redelivers (DUP) what we stored but could not acknowledge before a crash, and th
 recognised and acknowledged without being stored twice. The set keeps the last
 2 x MQTT_RECEIVE_MAXIMUM fingerprints — the broker never has more messages unacknowledged.
 
-Queue capacity (contract §9.4): above 90 % keep 1 of TELEMETRY_SAMPLE_EVERY samples per
+Samples are written up to ENTRY_SAMPLES to a stream entry (a busy MQTT batch costs a few XADDs,
+not one per reading); the queue length is counted in samples (`telemetry:queued`, incremented
+here, decremented by the writer's acknowledgement). Queue capacity (contract §9.4): above 90 % keep 1 of TELEMETRY_SAMPLE_EVERY samples per
 (node, channel, metric) — the others only refresh telemetry_last through a small hash —
 and at 100 % hold the batch (no PUBACK: the broker keeps it) until the writer made room.
 """
@@ -37,6 +39,7 @@ log = logging.getLogger("history_logger.receiver")
 
 REDIS_TRANSIENT = (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, ConnectionError, OSError)
 DEAD_PAYLOAD_MAX = 4096  # bytes of a rejected payload kept for inspection
+ENTRY_SAMPLES = 100      # samples per stream entry at most (one XADD per entry, not per sample)
 
 
 class StreamKeys:
@@ -45,6 +48,7 @@ class StreamKeys:
         self.events = key(settings, "events:stream")
         self.dead = key(settings, "telemetry:dead")
         self.last = key(settings, "telemetry:last")          # sampled-away samples: newest per key
+        self.queued = key(settings, "telemetry:queued")      # samples in the stream not yet acknowledged
         self.inflight = key(settings, f"mqtt:inflight:{settings.mqtt_client_id}")
         self.group = "history-logger"
 
@@ -61,6 +65,7 @@ class Receiver:
         self.keys = keys
         self.topics = Topics(settings.mqtt_topic_root)
         self.capacity = settings.telemetry_queue_capacity
+        self.entry_samples = max(1, min(ENTRY_SAMPLES, settings.telemetry_batch_size))
         self.keep_marks = 2 * settings.mqtt_receive_maximum + 1000
         self.queue_len = 0
         self.stopping = False
@@ -145,18 +150,19 @@ class Receiver:
     async def _write(self, samples, last_only, dead, events, marks) -> None:
         k = self.keys
         pipe = self.redis.pipeline(transaction=True)
-        for sample in samples:
-            pipe.xadd(k.telemetry, sample.fields())
+        step = self.entry_samples
+        for start in range(0, len(samples), step):
+            pipe.xadd(k.telemetry, tp.encode_entry(samples[start:start + step]))
         for entry in dead:
             pipe.xadd(k.dead, entry, maxlen=self.cfg.dead_letter_max, approximate=True)
         for entry in events:
             pipe.xadd(k.events, entry)
         if last_only:
-            pipe.hset(k.last, mapping={orjson.dumps(s.key): s.fields()[b"d"] for s in last_only})
+            pipe.hset(k.last, mapping={orjson.dumps(s.key): orjson.dumps(s.meta()) for s in last_only})
         now = time.time()
         pipe.zadd(k.inflight, {mark: now for mark in marks})
         pipe.zremrangebyrank(k.inflight, 0, -self.keep_marks - 1)
-        pipe.xlen(k.telemetry)
+        pipe.incrby(k.queued, len(samples))
         results = await pipe.execute()
         self.queue_len = results[-1]
         m.QUEUE_SIZE.set(self.queue_len)
@@ -176,7 +182,7 @@ class Receiver:
                 raise Stopping("stopping while the telemetry queue is full")
             await asyncio.sleep(0.2)
             try:
-                self.queue_len = await self.redis.xlen(self.keys.telemetry)
+                self.queue_len = await self.queued()
             except REDIS_TRANSIENT:
                 pass
 
@@ -218,8 +224,16 @@ class Receiver:
             log.warning("redis_append_retry", extra={"attempt": attempt, "error": str(exc), "retry_in_sec": delay})
         await asyncio.sleep(delay)
 
+    def note_queued(self, count: int) -> None:
+        """The writer acknowledged entries; `count` samples are left in the stream."""
+        self.queue_len = count
+        m.QUEUE_SIZE.set(count)
+
+    async def queued(self) -> int:
+        return int(await self.redis.get(self.keys.queued) or 0)
+
     async def refresh_queue_len(self) -> int:
-        self.queue_len = await self.redis.xlen(self.keys.telemetry)
+        self.queue_len = await self.queued()
         m.QUEUE_SIZE.set(self.queue_len)
         return self.queue_len
 

@@ -25,6 +25,21 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 Handler = Callable[[list[Entry]], Awaitable[None]]
 CLAIM_EVERY_SEC = 15.0
 
+# XACK + XDEL; the counter (samples queued) drops by the `n` of each entry this call acknowledged
+# (an entry acknowledged twice, by two consumers after a claim, counts once); reset when empty.
+_ACK_COUNTED = """
+local freed = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then freed = freed + tonumber(ARGV[i + 1]) end
+  redis.call('XDEL', KEYS[1], ARGV[i])
+end
+if redis.call('XLEN', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[2], 0)
+  return 0
+end
+return redis.call('DECRBY', KEYS[2], freed)
+"""
+
 
 class Transient(Exception):
     """A failure worth retrying (database or Redis unreachable); the batch stays pending."""
@@ -32,7 +47,8 @@ class Transient(Exception):
 
 class StreamConsumer:
     def __init__(self, client: redis.Redis, stream: str, group: str, consumer: str, handle: Handler, *,
-                 count: int, block_ms: int, claim_idle_ms: int, name: str):
+                 count: int, block_ms: int, claim_idle_ms: int, name: str, counter_key: str | None = None,
+                 on_queued: Callable[[int], None] | None = None):
         self.redis = client
         self.stream = stream
         self.group = group
@@ -42,6 +58,9 @@ class StreamConsumer:
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
         self.name = name
+        self.counter_key = counter_key
+        self.on_queued = on_queued  # told how many samples are left after each acknowledgement
+        self._ack_counted = client.register_script(_ACK_COUNTED) if counter_key else None
         self.stopping = False
         self.task: asyncio.Task | None = None
         self._own_pending_done = False
@@ -124,8 +143,12 @@ class StreamConsumer:
             try:
                 await self.handle(live)
                 break
-            except Transient as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep the batch in hand and retry it, never skip it
                 attempt += 1
+                if not isinstance(exc, Transient) and attempt in (1, 5) or attempt % 50 == 0:
+                    log.exception("stream_batch_failed", extra={"stream": self.stream, "attempt": attempt})
                 if self.stopping:  # leave them pending: the next run re-reads them
                     log.warning("stream_batch_left_pending", extra={"stream": self.stream, "count": len(live)})
                     return
@@ -133,6 +156,14 @@ class StreamConsumer:
         ids = [eid for eid, _ in entries]
         while True:
             try:
+                if self._ack_counted is not None:
+                    args: list = [self.group]
+                    for eid, fields in entries:
+                        args += [eid, int(fields.get(b"n", 1)) if fields else 0]
+                    left = await self._ack_counted(keys=[self.stream, self.counter_key], args=args)
+                    if self.on_queued is not None:
+                        self.on_queued(int(left))
+                    return
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.xack(self.stream, self.group, *ids)
                 pipe.xdel(self.stream, *ids)

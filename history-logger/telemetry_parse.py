@@ -1,7 +1,7 @@
 """Telemetry input → one normalised sample (contract §2.4, §3.1, §7.2), or a rejection with a reason.
 
-A sample travels through the Redis stream as two fields: `d` (a compact JSON list) and `r`
-(the full original payload, which becomes `telemetry_samples.raw`).
+Samples travel through the Redis stream several to an entry (`encode_entry`): their metadata as
+compact JSON lists and their full original payloads (which become `telemetry_samples.raw`).
 """
 from __future__ import annotations
 
@@ -41,18 +41,32 @@ class Sample:
     stub: bool
     raw: bytes               # JSON text of the full payload
 
-    def fields(self) -> dict[bytes, bytes]:
-        return {b"d": orjson.dumps([self.node, self.zone, self.channel, self.metric, self.value, self.ts_ms,
-                                    self.stub]), b"r": self.raw}
+    def meta(self) -> list:
+        return [self.node, self.zone, self.channel, self.metric, self.value, self.ts_ms, self.stub]
 
     @property
     def key(self) -> tuple:
         return (self.node, self.zone, self.channel, self.metric)
 
 
-def decode(fields: dict[bytes, bytes]) -> Sample:
-    node, zone, channel, metric, value, ts_ms, stub = orjson.loads(fields[b"d"])
-    return Sample(node, zone, channel, metric, value, ts_ms, stub, fields.get(b"r") or b"null")
+def from_meta(meta: list, raw: bytes = b"null") -> Sample:
+    node, zone, channel, metric, value, ts_ms, stub = meta
+    return Sample(node, zone, channel, metric, value, ts_ms, stub, raw)
+
+
+def encode_entry(samples: list[Sample]) -> dict[bytes, bytes]:
+    """Several samples in one stream entry: `n` count, `d` their metadata, `r` raw payloads joined
+    by NUL (which valid JSON text never contains)."""
+    return {b"n": str(len(samples)).encode(), b"d": orjson.dumps([s.meta() for s in samples]),
+            b"r": b"\0".join(s.raw for s in samples)}
+
+
+def decode_entry(fields: dict[bytes, bytes]) -> list[Sample]:
+    metas = orjson.loads(fields[b"d"])
+    raws = fields[b"r"].split(b"\0")
+    if len(raws) != len(metas):
+        raise ValueError("entry with mismatched d / r")
+    return [from_meta(meta, raw) for meta, raw in zip(metas, raws)]
 
 
 def to_ms(when: dt.datetime) -> int:

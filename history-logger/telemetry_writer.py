@@ -1,12 +1,14 @@
 """Telemetry stream → PostgreSQL, one transaction per batch (contract §6 write path, §9.4).
 
-Per batch: node uids resolved through NodeCache (one query for all misses), then in ONE
-transaction: record the entry ids (ingest_log.claim, skips what a crashed run committed),
+A read of up to TELEMETRY_BATCH_SIZE stream entries (each holding one or more samples) is
+written in batches of at most TELEMETRY_BATCH_SIZE samples (whole entries). Per batch: node uids
+resolved through NodeCache (one query for all misses), then in ONE transaction: record the
+entry ids (ingest_log.claim, skips what a crashed run committed),
 ONE insert into telemetry_samples, ONE upsert of telemetry_last keeping each key's newest
 sample (and never letting an older sample overwrite a newer one). value null and stub samples
 are stored but do not touch telemetry_last; a node without a zone gets samples only.
-A batch PostgreSQL refuses for its content (not a connection problem) is retried entry by
-entry; an entry refused alone goes to the dead-letter stream as db_rejected.
+A batch PostgreSQL refuses for its content (not a connection problem) is retried entry by entry,
+each sample in a savepoint; a sample refused alone goes to the dead-letter stream as db_rejected.
 """
 from __future__ import annotations
 
@@ -69,87 +71,116 @@ class Row:
         self.zone_id = zone_id
 
 
+Dead = tuple[bytes, "tp.Sample | None", str]
+
+
 class TelemetryWriter:
-    def __init__(self, db: Database, client: redis.Redis, keys: StreamKeys, cache: NodeCache, dead_max: int):
+    def __init__(self, db: Database, client: redis.Redis, keys: StreamKeys, cache: NodeCache, dead_max: int,
+                 batch_size: int = 200):
         self.db = db
         self.redis = client
         self.keys = keys
         self.cache = cache
         self.dead_max = dead_max
+        self.batch_size = batch_size
 
     async def handle(self, entries: list[Entry]) -> None:
-        """The StreamConsumer handler: returns once the batch is committed (or dead-lettered)."""
-        started = time.perf_counter()
-        rows, dead = await self._resolve(entries)
+        """The StreamConsumer handler: returns once every entry is committed (or dead-lettered)."""
+        batch: list[tuple[bytes, list[tp.Sample]]] = []
+        size = 0
+        dead: list[Dead] = []
+        for entry_id, fields in entries:
+            try:
+                samples = tp.decode_entry(fields)
+            except (KeyError, ValueError, TypeError, orjson.JSONDecodeError):
+                dead.append((entry_id, None, "invalid_entry"))
+                continue
+            if batch and size + len(samples) > self.batch_size:
+                await self._batch(batch)
+                batch, size = [], 0
+            batch.append((entry_id, samples))
+            size += len(samples)
         if dead:
             await self._dead_letter(dead)
+        if batch:
+            await self._batch(batch)
+
+    async def _batch(self, batch: list[tuple[bytes, list[tp.Sample]]]) -> None:
+        started = time.perf_counter()
+        rows, dead = await self._resolve(batch)
+        if dead:
+            await self._dead_letter(dead)
+        entry_ids = [entry_id for entry_id, _ in batch]
         try:
-            stored = await self._write(rows, [])
+            stored = await self._write(entry_ids, rows)
         except PG_TRANSIENT as exc:
             raise Transient(f"database: {exc}") from exc
         except asyncpg.PostgresError as exc:
             log.warning("telemetry_batch_refused", extra={"error": str(exc)[:300], "rows": len(rows)})
-            stored = await self._write_one_by_one(rows)
-        m.PROCESSED.inc(len(entries))
-        m.BATCH_SIZE.observe(len(entries))
+            stored = await self._write_entry_by_entry(entry_ids, rows)
+        count = sum(len(samples) for _, samples in batch)
+        m.PROCESSED.inc(count)
+        m.BATCH_SIZE.observe(count)
         m.FLUSH_SECONDS.observe(time.perf_counter() - started)
         if stored:
             m.INSERTED.inc(len(stored))
             now_ms = time.time() * 1000
+            observe = m.COMMIT_LAG.observe
             for row in stored:
-                m.COMMIT_LAG.observe(max(0.0, (now_ms - row.sample.ts_ms) / 1000))
+                observe(max(0.0, (now_ms - row.sample.ts_ms) / 1000))
 
-    async def _resolve(self, entries: list[Entry]) -> tuple[list[Row], list[tuple[bytes, tp.Sample, str]]]:
-        decoded = []
-        dead = []
-        for entry_id, fields in entries:
-            try:
-                decoded.append((entry_id, tp.decode(fields)))
-            except (KeyError, ValueError, TypeError, orjson.JSONDecodeError):
-                dead.append((entry_id, None, "invalid_entry"))
+    async def _resolve(self, batch: list[tuple[bytes, list[tp.Sample]]]) -> tuple[list[Row], list[Dead]]:
         try:
-            nodes = await self.cache.resolve({s.node for _, s in decoded if s.node})
+            nodes = await self.cache.resolve({s.node for _, samples in batch for s in samples if s.node})
         except PG_TRANSIENT as exc:
             raise Transient(f"database: {exc}") from exc
-        rows = []
-        for entry_id, sample in decoded:
-            if sample.node is None:
-                rows.append(Row(entry_id, sample, None, sample.zone))
-                continue
-            info = nodes.get(sample.node)
-            if info is None:
-                dead.append((entry_id, sample, "unknown_node"))
-            elif not info.validated:
-                dead.append((entry_id, sample, "unvalidated_node"))
-            else:
-                rows.append(Row(entry_id, sample, info.node_id, info.zone_id))
+        rows: list[Row] = []
+        dead: list[Dead] = []
+        for entry_id, samples in batch:
+            for sample in samples:
+                if sample.node is None:
+                    rows.append(Row(entry_id, sample, None, sample.zone))
+                    continue
+                info = nodes.get(sample.node)
+                if info is None:
+                    dead.append((entry_id, sample, "unknown_node"))
+                elif not info.validated:
+                    dead.append((entry_id, sample, "unvalidated_node"))
+                else:
+                    rows.append(Row(entry_id, sample, info.node_id, info.zone_id))
         return rows, dead
 
-    async def _write(self, rows: list[Row], extra_last: list[Row]) -> list[Row]:
-        if not rows and not extra_last:
-            return []
+    async def _write(self, entry_ids: list[bytes], rows: list[Row]) -> list[Row]:
         async with self.db.transaction() as conn:
-            if rows:
-                fresh = await ingest_log.claim(conn, self.keys.telemetry, [r.entry_id for r in rows])
-                if len(fresh) != len(rows):
-                    log.info("telemetry_already_committed", extra={"skipped": len(rows) - len(fresh)})
-                    rows = [r for r in rows if r.entry_id in fresh]
-            if rows:
-                await conn.execute(_INSERT_SAMPLES, *_sample_columns(rows))
-            last = _newest_per_key(rows + extra_last)
-            if last:
-                await conn.execute(_UPSERT_LAST, *_last_columns(last))
+            fresh = await ingest_log.claim(conn, self.keys.telemetry, entry_ids)
+            if len(fresh) != len(entry_ids):
+                log.info("telemetry_already_committed", extra={"entries": len(entry_ids) - len(fresh)})
+                rows = [r for r in rows if r.entry_id in fresh]
+            await _insert(conn, rows)
         return rows
 
-    async def _write_one_by_one(self, rows: list[Row]) -> list[Row]:
-        stored = []
-        for row in rows:
-            try:
-                stored += await self._write([row], [])
-            except PG_TRANSIENT as exc:
-                raise Transient(f"database: {exc}") from exc
-            except asyncpg.PostgresError as exc:
-                await self._dead_letter([(row.entry_id, row.sample, "db_rejected")], str(exc))
+    async def _write_entry_by_entry(self, entry_ids: list[bytes], rows: list[Row]) -> list[Row]:
+        stored: list[Row] = []
+        refused: list[Dead] = []
+        try:
+            for entry_id in entry_ids:
+                async with self.db.transaction() as conn:
+                    if not await ingest_log.claim(conn, self.keys.telemetry, [entry_id]):
+                        continue
+                    for row in (r for r in rows if r.entry_id == entry_id):
+                        try:
+                            async with conn.transaction():  # savepoint: the entry's other samples stay
+                                await _insert(conn, [row])
+                            stored.append(row)
+                        except PG_TRANSIENT:
+                            raise
+                        except asyncpg.PostgresError as exc:
+                            refused.append((entry_id, row.sample, "db_rejected"))
+                            log.warning("telemetry_sample_refused", extra={"error": str(exc)[:300]})
+        except PG_TRANSIENT as exc:
+            raise Transient(f"database: {exc}") from exc
+        if refused:
+            await self._dead_letter(refused)
         return stored
 
     async def flush_sampled(self) -> int:
@@ -161,7 +192,7 @@ class TelemetryWriter:
         values, _ = await pipe.execute()
         if not values:
             return 0
-        samples = [tp.decode({b"d": d}) for d in values.values()]
+        samples = [tp.from_meta(orjson.loads(d)) for d in values.values()]
         nodes = await self.cache.resolve({s.node for s in samples if s.node})
         rows = []
         for s in samples:
@@ -170,10 +201,13 @@ class TelemetryWriter:
                 rows.append(Row(b"", s, None, s.zone))
             elif info is not None and info.validated:
                 rows.append(Row(b"", s, info.node_id, info.zone_id))
-        await self._write([], rows)
-        return len(rows)
+        last = _newest_per_key(rows)
+        if last:
+            async with self.db.transaction() as conn:
+                await conn.execute(_UPSERT_LAST, *_last_columns(last))
+        return len(last)
 
-    async def _dead_letter(self, dead: list[tuple[bytes, tp.Sample | None, str]], detail: str = "") -> None:
+    async def _dead_letter(self, dead: list[Dead], detail: str = "") -> None:
         pipe = self.redis.pipeline(transaction=False)
         for entry_id, sample, reason in dead:
             m.DROPPED.labels(reason).inc()
@@ -186,6 +220,15 @@ class TelemetryWriter:
             await pipe.execute()
         except REDIS_TRANSIENT as exc:
             raise Transient(f"redis: {exc}") from exc
+
+
+async def _insert(conn: asyncpg.Connection, rows: list[Row]) -> None:
+    if not rows:
+        return
+    await conn.execute(_INSERT_SAMPLES, *_sample_columns(rows))
+    last = _newest_per_key(rows)
+    if last:
+        await conn.execute(_UPSERT_LAST, *_last_columns(last))
 
 
 def _sample_columns(rows: list[Row]) -> tuple[list, ...]:

@@ -149,7 +149,7 @@ async def test_crash_between_commit_and_xack_and_dead_consumer_reclaimed(setting
     for i in range(30):
         sample = tp.Sample(ids["node_uid"], None, "ph_sensor", "PH", 6.0, int(time.time() * 1000) + i, False,
                            orjson.dumps({"seq": i}))
-        await client.xadd(keys.telemetry, sample.fields())
+        await client.xadd(keys.telemetry, tp.encode_entry([sample]))
     own = f"{s.mqtt_client_id}-logger"
     mine = (await client.xreadgroup(keys.group, own, {keys.telemetry: ">"}, count=10))[0][1]
     dead = (await client.xreadgroup(keys.group, "dead-replica", {keys.telemetry: ">"}, count=10))[0][1]
@@ -235,7 +235,7 @@ async def test_queue_sampling_above_90_percent_and_hold_at_capacity(settings, db
         for item in burst:  # one by one: each is decided on its own
             await asyncio.to_thread(testing.publish_sync, s.mqtt_host, s.mqtt_port, [item])
         await testing.eventually(lambda: _sampled(m, sampled_before, 18), 10)
-        assert await service.redis.xlen(service.keys.telemetry) == 94  # 1 of 10 kept per key
+        assert await service.receiver.queued() == 94  # 1 of 10 kept per key
         # at capacity: held back, not acknowledged, not dropped
         overflow_before = m.OVERFLOW._value.get()
         held = [(f"{topic}/ch{i}/telemetry", orjson.dumps({"metric": "EC", "value": 2.0, "ts": t0 + 200 + i}), 1, False)
@@ -258,7 +258,7 @@ async def test_queue_sampling_above_90_percent_and_hold_at_capacity(settings, db
 
 
 async def _xlen_at_least(service, n):
-    return await service.redis.xlen(service.keys.telemetry) >= n
+    return await service.receiver.queued() >= n
 
 
 async def _sampled(m, before, n):

@@ -137,6 +137,9 @@ async def main() -> int:
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--batch", type=int, default=200, help="TELEMETRY_BATCH_SIZE")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra environment for the service (repeatable), e.g. MQTT_RECEIVE_MAXIMUM=5000")
+    ap.add_argument("--profile", help="write a py-spy profile (collapsed stacks) of the drain to this file")
     args = ap.parse_args()
 
     broker = testing.PrivateMosquitto()
@@ -163,6 +166,7 @@ async def main() -> int:
         root = settings.mqtt_topic_root
         service_env = dict(testing.settings_env(settings), TELEMETRY_BATCH_SIZE=str(args.batch),
                            TELEMETRY_QUEUE_CAPACITY=str(max(100_000, 2 * args.n)), LOG_LEVEL="warning")
+        service_env.update(item.split("=", 1) for item in args.env)
         proc = testing.ServiceProcess("history-logger", service_env)
 
         # register both persistent sessions, then stop them
@@ -189,7 +193,16 @@ async def main() -> int:
 
         started = time.perf_counter()
         proc.start()
+        spy = None
+        if args.profile:  # py-spy must be installed (pip install py-spy); it samples the drain only
+            import subprocess
+            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(proc.proc.pid),
+                                    "-r", "200", "-f", "raw", "-o", args.profile, "--nonblocking"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         await wait_count(conn, args.n, 900)
+        if spy is not None:
+            spy.send_signal(2)
+            spy.wait(30)
         logger_sec = time.perf_counter() - started
         logger_rate = args.n / logger_sec
         dup = await conn.fetchval("SELECT count(*) - count(DISTINCT (raw->>'seq')::int) FROM telemetry_samples")
