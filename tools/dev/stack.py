@@ -94,7 +94,11 @@ SERVICES = [
 
 
 def out(line: str = "") -> None:
-    print(line, flush=True)
+    """Print for the user; a closed stdout (the reader went away) must never stop the clean-up."""
+    try:
+        print(line, flush=True)
+    except (BrokenPipeError, OSError):
+        pass
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,6 +241,20 @@ class Child:
     reported_exit: bool = False
 
 
+try:  # resolved here, in the parent: the forked child only makes the call (no imports, no locks)
+    import ctypes
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _PRCTL = None
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the runner dies, even by SIGKILL (Linux), so nothing is orphaned."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
 class Processes:
     """Children in process groups of their own: stopping one stops everything it started."""
 
@@ -248,7 +266,8 @@ class Processes:
         log = self.log_dir / f"{name}.log"
         with open(log, "ab") as handle:
             proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
         child = Child(name, proc, log)
         self.children.append(child)
         return child
@@ -420,7 +439,7 @@ async def run(args: argparse.Namespace) -> int:
         finally:
             out("")
             out("stopping: " + ", ".join(c.name for c in reversed(procs.children)))
-            procs.stop_all()
+            procs.stop_all()  # out() never raises, so this always runs
             left = [c.name for c in procs.children if c.proc.poll() is None]
             out("stopped: nothing left running" if not left else f"still running: {left}")
             out(f"logs: {log_dir}")
