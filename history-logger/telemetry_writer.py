@@ -2,8 +2,8 @@
 
 A read of up to TELEMETRY_BATCH_SIZE stream entries (each holding one or more samples) is
 written in batches of at most TELEMETRY_BATCH_SIZE samples (whole entries). Per batch: node uids
-resolved through NodeCache (one query for all misses), then in ONE transaction: record the
-entry ids (ingest_log.claim, skips what a crashed run committed),
+resolved through NodeCache (one query for all misses), then ONE statement (one transaction, one
+round trip): record the entry ids (skips what a crashed run committed, see ingest_log.py),
 ONE insert into telemetry_samples, ONE upsert of telemetry_last keeping each key's newest
 sample (and never letting an older sample overwrite a newer one). value null and stub samples
 are stored but do not touch telemetry_last; a node without a zone gets samples only.
@@ -47,6 +47,38 @@ SELECT z.id, n.id, u.channel, u.metric, u.value, u.raw::jsonb, u.ts
        AS u(zone_id, node_id, channel, metric, value, raw, ts)
   LEFT JOIN zones z ON z.id = u.zone_id
   LEFT JOIN nodes n ON n.id = u.node_id
+"""
+
+# The whole batch in ONE statement (one round trip, atomic on its own): record the entry ids,
+# insert the samples of the entries recorded now (not those a crashed run committed already),
+# upsert telemetry_last (idempotent, so it needs no filter). Returns the entries recorded now.
+_WRITE_BATCH = """
+WITH claimed AS (
+  INSERT INTO history_logger_ingested (stream, entry_ms, entry_seq)
+  SELECT $1, e.ms, e.seq FROM unnest($2::bigint[], $3::bigint[]) AS e(ms, seq)
+  ON CONFLICT DO NOTHING
+  RETURNING entry_ms, entry_seq
+), samples AS (
+  INSERT INTO telemetry_samples (zone_id, node_id, channel, metric_type, value, raw, ts)
+  SELECT z.id, n.id, u.channel, u.metric, u.value, u.raw::jsonb, u.ts
+    FROM unnest($4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::float8[],
+                $11::text[], $12::timestamp[]) AS u(ems, eseq, zone_id, node_id, channel, metric, value, raw, ts)
+    JOIN claimed c ON c.entry_ms = u.ems AND c.entry_seq = u.eseq
+    LEFT JOIN zones z ON z.id = u.zone_id
+    LEFT JOIN nodes n ON n.id = u.node_id
+  RETURNING 1
+), last AS (
+  INSERT INTO telemetry_last AS t (zone_id, node_id, metric_type, channel, value, updated_at)
+  SELECT z.id, l.node_id, l.metric, l.channel, l.value, l.ts
+    FROM unnest($13::bigint[], $14::bigint[], $15::text[], $16::text[], $17::float8[], $18::timestamp[])
+         AS l(zone_id, node_id, metric, channel, value, ts)
+    JOIN zones z ON z.id = l.zone_id
+  ON CONFLICT (zone_id, node_id, metric_type) DO UPDATE
+     SET channel = EXCLUDED.channel, value = EXCLUDED.value, updated_at = EXCLUDED.updated_at
+   WHERE t.updated_at IS NULL OR t.updated_at <= EXCLUDED.updated_at
+  RETURNING 1
+)
+SELECT entry_ms, entry_seq FROM claimed
 """
 
 _UPSERT_LAST = """
@@ -151,12 +183,15 @@ class TelemetryWriter:
         return rows, dead
 
     async def _write(self, entry_ids: list[bytes], rows: list[Row]) -> list[Row]:
-        async with self.db.transaction() as conn:
-            fresh = await ingest_log.claim(conn, self.keys.telemetry, entry_ids)
-            if len(fresh) != len(entry_ids):
-                log.info("telemetry_already_committed", extra={"entries": len(entry_ids) - len(fresh)})
-                rows = [r for r in rows if r.entry_id in fresh]
-            await _insert(conn, rows)
+        ids = {eid: ingest_log.split_id(eid) for eid in entry_ids}
+        claimed = await self.db.fetch(
+            _WRITE_BATCH, self.keys.telemetry, [p[0] for p in ids.values()], [p[1] for p in ids.values()],
+            [ids[r.entry_id][0] for r in rows], [ids[r.entry_id][1] for r in rows], *_sample_columns(rows),
+            *_last_columns(_newest_per_key(rows)))
+        if len(claimed) != len(entry_ids):
+            log.info("telemetry_already_committed", extra={"entries": len(entry_ids) - len(claimed)})
+            fresh = {(c["entry_ms"], c["entry_seq"]) for c in claimed}
+            rows = [r for r in rows if ids[r.entry_id] in fresh]
         return rows
 
     async def _write_entry_by_entry(self, entry_ids: list[bytes], rows: list[Row]) -> list[Row]:
