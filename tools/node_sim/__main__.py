@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--host", help="MQTT host (default: $MQTT_HOST, else 127.0.0.1)")
     g.add_argument("--port", type=int, help="MQTT port (default: $MQTT_PORT)")
     g.add_argument("--topic-root", help="first topic segment (default: $MQTT_TOPIC_ROOT, hydro)")
-    g.add_argument("--client-prefix", default="sim-", help="client id prefix; the hardware id is appended")
+    g.add_argument("--client-prefix",
+                   help="client id prefix, the hardware id is appended (default: $MQTT_CLIENT_ID-sim-, so two "
+                        "simulators with different MQTT_CLIENT_ID never take over each other's sessions)")
     g = p.add_argument_group("layout")
     g.add_argument("--from-db", action="store_true",
                    help="simulate exactly the nodes and channels in PostgreSQL (PG_* variables)")
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port or settings.mqtt_port,
         username=settings.mqtt_user, password=settings.mqtt_pass, tls=settings.mqtt_tls,
         ca_file=settings.mqtt_ca_file, topic_root=args.topic_root or settings.mqtt_topic_root,
-        client_prefix=args.client_prefix, poll_ms=args.poll_ms, heartbeat_sec=args.heartbeat_sec,
+        client_prefix=args.client_prefix or f"{settings.mqtt_client_id}-sim-", poll_ms=args.poll_ms, heartbeat_sec=args.heartbeat_sec,
         hello_greenhouse=args.hello_greenhouse, drop_rate=args.drop_responses, malformed_rate=args.malformed,
         offline_every_sec=args.offline_every, offline_for_sec=args.offline_for,
         initial_ph=args.initial_ph, initial_ec=args.initial_ec,
