@@ -181,10 +181,18 @@ def test_dockerfiles():
         assert "PYTHONPATH=/app" in text
         assert re.search(r"HEALTHCHECK .*\n?.*CMD .*?/health", text), f"{folder}: no HEALTHCHECK on /health"
         assert lines[-1] == 'CMD ["python", "main.py"]'
-        for line in (ROOT / folder / "requirements.txt").read_text().splitlines():
-            line = line.split("#")[0].strip()
-            if line and not line.startswith("-r"):
-                assert "==" in line, f"{folder}/requirements.txt: {line} is not pinned"
+        pip_at = next(i for i, line in enumerate(lines) if line.startswith("RUN pip install"))
+        copied_before = {line.split()[1] for line in lines[:pip_at] if line.startswith("COPY ")}
+        pending = [ROOT / folder / "requirements.txt"]
+        while pending:  # every requirements file pip reads is in the image before `pip install`
+            req = pending.pop()
+            assert str(req.relative_to(ROOT)) in copied_before, f"{folder}: {req.relative_to(ROOT)} not copied first"
+            for line in req.read_text().splitlines():
+                line = line.split("#")[0].strip()
+                if line.startswith("-r"):
+                    pending.append((req.parent / line[2:].strip()).resolve())
+                elif line:
+                    assert "==" in line, f"{req.relative_to(ROOT)}: {line} is not pinned"
 
 
 # ---------------------------------------------------------------------------------------
