@@ -12,6 +12,7 @@ from common.db import Database
 from common.env import Settings
 from common.redis_client import redis_client
 
+import logger_metrics as m
 from logger_settings import LoggerSettings
 from main import HistoryLogger
 
@@ -43,7 +44,6 @@ async def wait_subscribed(service: HistoryLogger, timeout: float = 10.0) -> None
 
 
 def _count(service: HistoryLogger) -> float:
-    import logger_metrics as m
     return m.STATUS.labels("status")._value.get()
 
 

@@ -16,7 +16,12 @@ from common.migrate import apply_migrations
 from common.redis_client import redis_client
 from logger_fixtures import drop_redis_keys, fast_settings, seed, start_logger, wait_rows, wait_subscribed
 
+import logger_metrics as m
 import telemetry_parse as tp
+from common.db import Database
+from node_cache import NodeCache
+from receiver import StreamKeys
+from telemetry_writer import TelemetryWriter
 
 
 def telemetry_messages(settings, ids, start: int, count: int) -> list[tuple[str, bytes, int, bool]]:
@@ -59,7 +64,6 @@ async def wait_published(pub: Publisher, timeout: float = 60) -> None:
 
 
 async def test_postgres_restarted_mid_stream_loses_nothing():
-    from common.db import Database
     pg = testing.PrivatePostgres()
     pg.start()
     try:
@@ -140,10 +144,6 @@ async def test_crash_between_commit_and_xack_and_dead_consumer_reclaimed(setting
     s = fast_settings(settings)
     ids = await seed(db)
     client = redis_client(s)
-    from receiver import StreamKeys
-    from node_cache import NodeCache
-    from common.db import Database
-    from telemetry_writer import TelemetryWriter
     keys = StreamKeys(s)
     await client.xgroup_create(keys.telemetry, keys.group, id="0", mkstream=True)
     for i in range(30):
@@ -217,7 +217,6 @@ async def test_broker_restarted_resubscribes_and_stores_what_follows(settings, d
 
 
 async def test_queue_sampling_above_90_percent_and_hold_at_capacity(settings, db):
-    import logger_metrics as m
     s = fast_settings(settings, telemetry_queue_capacity=100)
     ids = await seed(db)
     service = await start_logger(s, TELEMETRY_SAMPLE_EVERY="10")

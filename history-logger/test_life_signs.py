@@ -6,8 +6,9 @@ import time
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from common import testing
-from logger_fixtures import apublish, logger, seed  # noqa: F401 - fixture
+from common import alerts, testing
+from logger_fixtures import (apublish, drop_redis_keys, fast_settings, logger, seed,  # noqa: F401 - fixture
+                             start_logger)
 
 
 def node_topic(settings, ids, kind, zone=None):
@@ -34,7 +35,6 @@ async def test_status_online_resolves_offline_alert_and_logs_event(logger, db):
     s = logger.settings
     ids = await seed(db, status="offline", last_seen_sql="now() - interval '1 hour'")
     async with db.transaction() as conn:
-        from common import alerts
         await alerts.ensure_alert(conn, zone_id=ids["zone_id"], alert_type="NODE_OFFLINE",
                                   details={"node_uid": ids["node_uid"]}, match={"node_uid": ids["node_uid"]})
     await apublish(s, [(node_topic(s, ids, "status"), {"status": "ONLINE", "ts": 12})])
@@ -78,7 +78,6 @@ async def test_lwt_of_a_killed_client_marks_offline_and_raises_alert(logger, db)
 
 
 async def test_retained_lwt_is_only_a_hint(settings, db):
-    from logger_fixtures import drop_redis_keys, fast_settings, start_logger
     s = fast_settings(settings)
     fresh = await seed(db, node_uid="nd-fresh", status="online", last_seen_sql="now()")
     stale = await seed(db, node_uid="nd-stale", status="online", last_seen_sql="now() - interval '1 hour'")
@@ -134,7 +133,6 @@ async def test_command_response_ack_failed_overcurrent_and_unknown(logger, db):
 
 
 async def test_timeout_sweep_marks_old_sent_commands(settings, db):
-    from logger_fixtures import drop_redis_keys, fast_settings, start_logger
     s = fast_settings(settings, command_timeout_sec=30)
     ids = await seed(db)
     await insert_command(db, ids, "c-old", age_sec=120)
@@ -153,7 +151,6 @@ async def test_timeout_sweep_marks_old_sent_commands(settings, db):
 
 
 async def test_offline_housekeeping_marks_silent_nodes(settings, db):
-    from logger_fixtures import drop_redis_keys, fast_settings, start_logger
     s = fast_settings(settings, node_offline_timeout_sec=90)
     silent = await seed(db, node_uid="nd-silent", status="online", last_seen_sql="now() - interval '5 minutes'")
     await seed(db, node_uid="nd-alive", status="online", last_seen_sql="now()")
