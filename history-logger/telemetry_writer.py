@@ -52,6 +52,8 @@ SELECT z.id, n.id, u.channel, u.metric, u.value, u.raw::jsonb, u.ts
 # The whole batch in ONE statement (one round trip, atomic on its own): record the entry ids,
 # insert the samples of the entries recorded now (not those a crashed run committed already),
 # upsert telemetry_last (idempotent, so it needs no filter). Returns the entries recorded now.
+WRITE_CONCURRENCY = 4
+
 _WRITE_BATCH = """
 WITH claimed AS (
   INSERT INTO history_logger_ingested (stream, entry_ms, entry_seq)
@@ -117,7 +119,12 @@ class TelemetryWriter:
         self.batch_size = batch_size
 
     async def handle(self, entries: list[Entry]) -> None:
-        """The StreamConsumer handler: returns once every entry is committed (or dead-lettered)."""
+        """The StreamConsumer handler: returns once every entry is committed (or dead-lettered).
+
+        A backlog read holds many batches; up to WRITE_CONCURRENCY of them are written at once on
+        separate connections (each its own transaction; telemetry_last rows are sorted by key so
+        concurrent upserts lock in the same order)."""
+        batches: list[list[tuple[bytes, list[tp.Sample]]]] = []
         batch: list[tuple[bytes, list[tp.Sample]]] = []
         size = 0
         dead: list[Dead] = []
@@ -128,14 +135,23 @@ class TelemetryWriter:
                 dead.append((entry_id, None, "invalid_entry"))
                 continue
             if batch and size + len(samples) > self.batch_size:
-                await self._batch(batch)
+                batches.append(batch)
                 batch, size = [], 0
             batch.append((entry_id, samples))
             size += len(samples)
+        if batch:
+            batches.append(batch)
         if dead:
             await self._dead_letter(dead)
-        if batch:
-            await self._batch(batch)
+        for start in range(0, len(batches), WRITE_CONCURRENCY):
+            group = batches[start:start + WRITE_CONCURRENCY]
+            if len(group) == 1:
+                await self._batch(group[0])
+                continue
+            results = await asyncio.gather(*(self._batch(b) for b in group), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
 
     async def _batch(self, batch: list[tuple[bytes, list[tp.Sample]]]) -> None:
         started = time.perf_counter()
@@ -290,7 +306,7 @@ def _newest_per_key(rows: list[Row]) -> list[Row]:
         old = newest.get(k)
         if old is None or old.sample.ts_ms <= s.ts_ms:
             newest[k] = r
-    return list(newest.values())
+    return [newest[k] for k in sorted(newest)]  # one lock order for concurrent writers
 
 
 def _last_columns(rows: list[Row]) -> tuple[list, ...]:
