@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 REQUIREMENTS := requirements-test.txt $(wildcard */requirements.txt)
 STAMP := $(VENV)/.stamp-requirements
 
-.PHONY: test venv services migrate dev deploy-tools
+.PHONY: test venv services migrate dev deploy-tools bench
 
 test: venv services deploy-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -13,6 +13,10 @@ test: venv services deploy-tools
 # The whole stack on this machine: servers, demo data, five services, node simulator (Ctrl-C stops it).
 dev: venv services
 	$(BIN)/python tools/dev/stack.py $(DEV_ARGS)
+
+# Every benchmark under tools/bench/, each against a baseline of the same run -> BENCHMARKS.md.
+bench: venv services
+	$(BIN)/python tools/bench/run_all.py
 
 venv: $(STAMP)
 

@@ -26,6 +26,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "automation-engine")]
 
+from tools.bench import result  # noqa: E402
 from common import testing  # noqa: E402
 from common.db import Database  # noqa: E402
 from common.migrate import apply_migrations  # noqa: E402
@@ -135,6 +136,9 @@ async def main() -> None:
         print(f"ratio first / baseline:          {first.duration / baseline:.1f}x")
         print(f"ratio steady / baseline:         {steady_sec / baseline:.1f}x")
         print(f"target: a {args.zones}-zone cycle within 2 s -> {'met' if first.duration <= 2.0 else 'NOT met'}")
+        result.emit(result.row(f"automation: {args.zones}-zone cycle (with {doses} doses)", f"{first.duration:.3f} s",
+                               f"{baseline:.3f} s bare DB reads", first.duration / baseline, "<= 2 s",
+                               first.duration <= 2.0))
     finally:
         await mqtt.stop()
         await db.close()

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 import asyncpg  # noqa: E402
 import orjson  # noqa: E402
 
+from tools.bench import result  # noqa: E402
 from common import testing  # noqa: E402
 from common.migrate import apply_migrations  # noqa: E402
 
@@ -202,6 +203,12 @@ async def main(args: argparse.Namespace) -> int:
     print(f"  ratio bridge / baseline = {ratio:.2f}  (target >= 0.60; bridge p99 target <= 50 ms)")
     print(f"  for reference: common.commands.issue_command alone, no HTTP, {args.clients} concurrent in one "
           f"process: {alone:.0f} commands/s")
+    bridge, baseline = results["bridge"], results["baseline"]
+    result.emit(
+        result.row(f"bridge: POST commands, {args.clients} clients", f"{bridge['rps']:.0f} req/s",
+                   f"{baseline['rps']:.0f} req/s bare FastAPI", ratio, ">= 0.6x baseline", ratio >= 0.6),
+        result.row("bridge: p99 latency", f"{bridge['p99']:.1f} ms", f"{baseline['p99']:.1f} ms bare FastAPI",
+                   bridge["p99"] / baseline["p99"], "<= 50 ms", bridge["p99"] <= 50))
     return 0
 
 
