@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common import testing  # noqa: E402
+from tools.bench import result  # noqa: E402
 from common.migrate import apply_migrations  # noqa: E402
 from common.redis_client import redis_client  # noqa: E402
 
@@ -274,6 +275,14 @@ async def main() -> int:
         print(f"steady {args.rate} msg/s for {args.seconds:g}s: {len(latencies)}/{total} committed,"
               f" publish->commit p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (target p99 <= 1000 ms)")
         print(f"peak RSS of the service: {rss:.0f} MB (target <= 150 MB)")
+        ratio = logger_rate / bare_rate
+        result.emit(
+            result.row(f"history-logger: drain {args.n} preloaded QoS1 messages to PostgreSQL",
+                       f"{logger_rate:,.0f} msg/s", f"{bare_rate:,.0f} msg/s bare paho drain", ratio,
+                       ">= 0.5x (stretch 0.75x)", ratio >= 0.5),
+            result.row(f"history-logger: publish->commit p99 at {args.rate} msg/s", f"{p99 * 1000:.0f} ms",
+                       f"p50 {p50 * 1000:.0f} ms", None, "<= 1000 ms", p99 <= 1.0),
+            result.row("history-logger: peak RSS", f"{rss:.0f} MB", "", None, "<= 150 MB", rss <= 150))
         return 0
     finally:
         if proc is not None:
