@@ -150,6 +150,16 @@ class PrivateMosquitto(PrivateServer):
     def command(self) -> list[str]:
         return [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(self.dir / "mosquitto.conf")]
 
+    DEPLOY_KEYS = ("max_queued_messages", "max_queued_bytes", "max_inflight_messages", "max_packet_size",
+                   "set_tcp_nodelay")
+
+    @classmethod
+    def like_deploy(cls) -> "PrivateMosquitto":
+        """A private broker with the queue and socket settings of deploy/mosquitto/mosquitto.dev.conf
+        (the stock config keeps only 1,000 queued messages per offline session)."""
+        conf = (Path(__file__).resolve().parents[1] / "deploy/mosquitto/mosquitto.dev.conf").read_text()
+        return cls(extra_conf="".join(f"{line}\n" for line in conf.splitlines() if line.startswith(cls.DEPLOY_KEYS)))
+
 
 class PrivateRedis(PrivateServer):
     name = "redis"

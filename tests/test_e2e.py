@@ -11,7 +11,6 @@ import asyncio
 import datetime as dt
 import os
 import time
-from pathlib import Path
 
 import asyncpg
 import httpx
@@ -26,8 +25,6 @@ from common.topics import Topics
 from tools.node_sim import NodeSpec, SimOptions, Simulator, default_channels
 from tools.node_sim.layout import hardware_id_for
 
-ROOT = Path(__file__).resolve().parents[1]
-BROKER_KEYS = ("max_queued_messages", "max_queued_bytes", "max_inflight_messages", "max_packet_size", "set_tcp_nodelay")
 SERVICES = ("history-logger", "device-registry", "mqtt-bridge", "automation-engine", "scheduler")
 TOKEN = "e2e-token"
 PH_TARGET = {"min": 5.6, "max": 6.0}  # target 5.8, band 0.2
@@ -128,18 +125,11 @@ def _registered_specs(zones: dict[str, int]) -> list[NodeSpec]:
             _spec("nd-e2e-clim", "climate", "gh-e2e", zones["B"])]
 
 
-def _deploy_broker() -> testing.PrivateMosquitto:
-    """A private Mosquitto with the queue and socket settings of deploy/ (the shared one keeps the
-    stock limit of 1,000 queued messages per offline session, which a restart test would exceed)."""
-    conf = (ROOT / "deploy/mosquitto/mosquitto.dev.conf").read_text().splitlines()
-    return testing.PrivateMosquitto(extra_conf="".join(f"{line}\n" for line in conf if line.startswith(BROKER_KEYS)))
-
-
 @pytest.fixture(scope="module")
 def stack(pg_template):
     name = f"hydro_t_{os.getpid()}_{testing.unique_id('')}"
     asyncio.run(_create_database(name, pg_template))
-    broker = _deploy_broker().start()
+    broker = testing.PrivateMosquitto.like_deploy().start()
     ports = {f: str(testing.free_port()) for f in ("BRIDGE_PORT", "HISTORY_LOGGER_PORT", "HISTORY_LOGGER_METRICS_PORT",
                                                    "AUTOMATION_PORT", "SCHEDULER_PORT", "REGISTRY_PORT")}
     settings = testing.isolated_settings(PG_DB=name, PY_API_TOKEN=TOKEN, COMMAND_TIMEOUT_SEC="4",

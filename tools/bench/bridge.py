@@ -174,7 +174,7 @@ async def main(args: argparse.Namespace) -> int:
     zone = BODY["zone_id"]
     port = testing.free_port()
     # A private broker configured like deploy/ (TCP_NODELAY: PUBACK bursts are not held by Nagle).
-    broker = testing.PrivateMosquitto(extra_conf="set_tcp_nodelay true\nmax_queued_messages 0\n").start()
+    broker = testing.PrivateMosquitto.like_deploy().start()
     settings = testing.isolated_settings(PG_DB=db_name, DB_POOL_MAX=str(args.pool), MQTT_PORT=str(broker.port))
     env = dict(os.environ, **testing.settings_env(settings.replace(bridge_port=port, py_api_token=TOKEN)))
     env.update(PYTHONPATH=str(ROOT), LOG_LEVEL="warning", DB_POOL_MAX=str(args.pool))
