@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import zoneinfo
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +19,7 @@ from common.commands import CommandPublishError, issue_command
 from common.db import Database
 from common.env import Settings
 from common.mqtt import MqttClient
+from common.timespec import zone_info
 from common.topics import Topics
 from config.settings import AutomationSettings
 from snapshot import CommandRow, Node, ZoneData
@@ -97,16 +97,11 @@ class ZoneContext:
 
     def local_now(self) -> dt.datetime:
         """The cycle's time on the greenhouse's wall clock (UTC when the zone has no valid timezone)."""
-        aware = self.now.replace(tzinfo=dt.timezone.utc)
-        if self.timezone:
-            try:
-                return aware.astimezone(zoneinfo.ZoneInfo(self.timezone))
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-                if self.timezone not in _BAD_TIMEZONES:
-                    _BAD_TIMEZONES.add(self.timezone)
-                    log.warning("unknown_timezone_using_utc", extra={"zone_id": self.zone.id,
-                                                                      "timezone": self.timezone})
-        return aware
+        tz, known = zone_info(self.timezone)
+        if not known and self.timezone not in _BAD_TIMEZONES:
+            _BAD_TIMEZONES.add(self.timezone)
+            log.warning("unknown_timezone_using_utc", extra={"zone_id": self.zone.id, "timezone": self.timezone})
+        return self.now.replace(tzinfo=dt.timezone.utc).astimezone(tz)
 
     # -- commands -------------------------------------------------------------------------
     async def command(self, node: Node, channel: str, cmd: str, params: dict[str, Any], metric: str) -> str:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+from common.schemas import as_number
+from common.timespec import SpecError, parse_window
 
 log = logging.getLogger("automation.targets")
 
@@ -27,20 +29,6 @@ class Target:
         return self.value + self.band
 
 
-def number(value: Any) -> float | None:
-    """A finite number from a number or numeric string, else None (booleans are not numbers)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            return None
-    if isinstance(value, (int, float)) and value == value and value not in (float("inf"), float("-inf")):
-        return float(value)
-    return None
-
-
 def target(targets: dict[str, Any], key: str) -> Target | None:
     """Normalise a numeric target: scalar → (v, default band); {min,max} → (mid, half-width);
     {target,tolerance} as given; an explicit `<key>_tolerance` overrides the band."""
@@ -48,21 +36,21 @@ def target(targets: dict[str, Any], key: str) -> Target | None:
     default_band = DEFAULT_BANDS.get(key, 0.0)
     result: Target | None = None
     if isinstance(raw, dict):
-        lo, hi = number(raw.get("min")), number(raw.get("max"))
+        lo, hi = as_number(raw.get("min")), as_number(raw.get("max"))
         if lo is not None and hi is not None and hi >= lo:
             result = Target((lo + hi) / 2, (hi - lo) / 2)
         else:
-            value = number(raw.get("target", raw.get("value")))
+            value = as_number(raw.get("target", raw.get("value")))
             if value is not None:
-                tol = number(raw.get("tolerance"))
+                tol = as_number(raw.get("tolerance"))
                 result = Target(value, tol if tol is not None and tol >= 0 else default_band)
     else:
-        value = number(raw)
+        value = as_number(raw)
         if value is not None:
             result = Target(value, default_band)
     if result is None:
         return None
-    override = number(targets.get(TOLERANCE_KEYS.get(key, f"{key}_tolerance")))
+    override = as_number(targets.get(TOLERANCE_KEYS.get(key, f"{key}_tolerance")))
     if override is not None and override >= 0:
         result = Target(result.value, override)
     return result
@@ -98,35 +86,19 @@ def due_phase_index(phases: Sequence[Phase], started_at: dt.datetime | None, now
 # Time windows (contract §8.11)
 # ---------------------------------------------------------------------------------------
 ALWAYS_OFF = (dt.time(0, 0), None)  # light_hours 0: lights stay off
-_TIME = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*$")
-
-
-def parse_time(text: Any) -> dt.time | None:
-    if not isinstance(text, str):
-        return None
-    match = _TIME.match(text)
-    if not match:
-        return None
-    hour, minute = int(match.group(1)), int(match.group(2))
-    if hour > 23 or minute > 59:
-        return None
-    return dt.time(hour, minute)
-
-
 def light_window(targets: dict[str, Any]) -> tuple[dt.time, dt.time] | None:
     """Photoperiod from `light_hours` (alias `photoperiod`): int N → 06:00..06:00+N h,
     "HH:MM-HH:MM", or {start,end}. None when absent or invalid."""
     raw = targets.get("light_hours", targets.get("photoperiod"))
     if raw is None:
         return None
-    if isinstance(raw, dict):
-        start, end = parse_time(raw.get("start")), parse_time(raw.get("end"))
-        return (start, end) if start and end else None
-    if isinstance(raw, str) and "-" in raw:
-        left, _, right = raw.partition("-")
-        start, end = parse_time(left), parse_time(right)
-        return (start, end) if start and end else None
-    hours = number(raw)
+    if isinstance(raw, dict) or isinstance(raw, str) and "-" in raw:
+        try:
+            window = parse_window(raw)
+        except SpecError:
+            return None
+        return window.start, window.end
+    hours = as_number(raw)
     if hours is None or not 0 <= hours <= 24:
         return None
     if hours == 0:

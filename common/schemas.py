@@ -81,6 +81,21 @@ def normalise_metric(name: str) -> tuple[str, bool]:
     return name.strip().upper(), False
 
 
+def as_number(value: Any) -> float | None:
+    """A finite number from a number or a numeric string (recipe targets accept both, contract
+    §8.1), else None; booleans are not numbers."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 MS_THRESHOLD = 1e12
 MIN_EPOCH_SEC = 1.5e9
 MAX_FUTURE_SEC = 86_400

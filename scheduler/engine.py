@@ -26,7 +26,7 @@ from common.env import Settings
 from config import SchedulerConfig
 from runs import Firing, claim, finish, last_completed_tick, record_tick, take_due_followups
 from schedules import ZoneSchedule, load_schedules
-from timespec import UTC, next_instant, occurrences
+from common.timespec import UTC, next_instant, occurrences
 
 log = logging.getLogger("scheduler.engine")
 

@@ -19,7 +19,7 @@ from common.alerts import add_zone_event
 from actuators import light_targets, zone_channels
 from runs import Firing, finish, scheduler_log, set_followup, update_details
 from schedules import ZoneSchedule
-from timespec import light_edge
+from common.timespec import light_edge
 
 if TYPE_CHECKING:
     from engine import Scheduler

@@ -15,7 +15,7 @@ import orjson
 
 from common.db import Database
 from schedules import ZoneSchedule
-from timespec import Occurrence
+from common.timespec import Occurrence
 
 CLAIM_SQL = """
 INSERT INTO scheduler_runs (zone_id, kind, item, scheduled_local, scheduled_at, status, details, started_at,

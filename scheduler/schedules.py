@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 
 from common.db import Database
-from timespec import SpecError, Window, parse_time, parse_times, parse_window, zone_info
+from common.schemas import as_number
+from common.timespec import SpecError, Window, parse_time, parse_times, parse_window, zone_info
 
 LOAD_SQL = """
 SELECT z.id AS zone_id, g.uid AS gh_uid, g.timezone, z.capabilities, z.settings, z.water_state,
@@ -163,16 +164,8 @@ def _window(raw: bytes) -> Window | SpecError:
 
 
 def _positive_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            return None
-    if isinstance(value, (int, float)) and value == value and value >= 1 and float(value).is_integer():
-        return int(value)
-    return None
+    number = as_number(value)
+    return int(number) if number is not None and number >= 1 and number.is_integer() else None
 
 
 def build_zone(row: Any, default_duration_sec: int) -> ZoneSchedule:

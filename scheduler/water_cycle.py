@@ -25,7 +25,7 @@ from actuators import DRAIN_CHANNELS, FILL_CHANNELS, freshest_metric, named_targ
 from common.alerts import add_zone_event
 from runs import Firing, claim, finish, iso, naive_utc, scheduler_log
 from schedules import WaterChange, ZoneSchedule
-from timespec import Occurrence, occurrences
+from common.timespec import Occurrence, occurrences
 
 if TYPE_CHECKING:
     from engine import Scheduler

@@ -18,7 +18,8 @@ import engine_metrics as m
 import gates
 from actions import ZoneContext
 from common.commands import CommandError, CommandPublishError
-from targets import number, target
+from common.schemas import as_number
+from targets import target
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ async def correct(ctx: ZoneContext, spec: Spec) -> None:
         return
     cmd, params, ml = sized
     count, ml_hour = gates.pumped_last_hour(zone, node, channel, now)
-    cap_ml = number(ctx.targets.get("max_correction_per_hour_ml")) or (
+    cap_ml = as_number(ctx.targets.get("max_correction_per_hour_ml")) or (
         auto.ph_max_ml_per_hour if spec is PH else auto.ec_max_ml_per_hour)
     if count >= auto.max_doses_per_pump_hour or ml_hour + ml > cap_ml + 1e-9:
         await _refuse(ctx, spec, "hourly_cap", {**details, "doses_last_hour": count, "ml_last_hour": round(ml_hour, 3),

@@ -20,7 +20,7 @@ import gates
 from actions import ZoneContext
 from common.commands import RUN_PUMP_MAX_MS, CommandError, CommandPublishError
 from snapshot import Node
-from targets import number
+from common.schemas import as_number
 
 IRRIGATION_CHANNELS = ("pump_in", "pump_irrigation", "valve_irrigation")
 RECIRCULATION_CHANNELS = ("recirculation_pump",)
@@ -81,7 +81,7 @@ def _due(ctx: ZoneContext, event: str, interval: dt.timedelta) -> tuple[bool, di
 async def run_irrigation(ctx: ZoneContext) -> None:
     if not ctx.zone.capability("irrigation_control"):
         return
-    interval = number(ctx.targets.get("irrigation_interval_sec"))
+    interval = as_number(ctx.targets.get("irrigation_interval_sec"))
     if interval is None or interval < 1:
         return
     due, since = _due(ctx, "IRRIGATION_STARTED", dt.timedelta(seconds=interval))
@@ -91,7 +91,7 @@ async def run_irrigation(ctx: ZoneContext) -> None:
     if actuator is None:
         m.ACTUATIONS.labels("irrigation", "no_actuator").inc()
         return
-    seconds = number(ctx.targets.get("irrigation_duration_sec")) or 60.0
+    seconds = as_number(ctx.targets.get("irrigation_duration_sec")) or 60.0
     await _pump_cycle(ctx, "irrigation", actuator, seconds, "IRRIGATION_STARTED",
                       {"interval_sec": interval, "last_irrigation_time": since["last_time"],
                        "elapsed_sec": since["elapsed_sec"]})
@@ -100,7 +100,7 @@ async def run_irrigation(ctx: ZoneContext) -> None:
 async def run_recirculation(ctx: ZoneContext) -> None:
     if not ctx.zone.capability("recirculation") or ctx.targets.get("recirculation_enabled") is not True:
         return
-    interval_min = number(ctx.targets.get("recirculation_interval_min"))
+    interval_min = as_number(ctx.targets.get("recirculation_interval_min"))
     if interval_min is None or interval_min <= 0:
         return
     due, since = _due(ctx, "RECIRCULATION_CYCLE", dt.timedelta(minutes=interval_min))
@@ -110,7 +110,7 @@ async def run_recirculation(ctx: ZoneContext) -> None:
     if actuator is None:
         m.ACTUATIONS.labels("recirculation", "no_actuator").inc()
         return
-    seconds = number(ctx.targets.get("recirculation_duration_sec")) or 300.0
+    seconds = as_number(ctx.targets.get("recirculation_duration_sec")) or 300.0
     await _pump_cycle(ctx, "recirculation", actuator, seconds, "RECIRCULATION_CYCLE",
                       {"interval_min": interval_min, "last_cycle_time": since["last_time"],
                        "elapsed_sec": since["elapsed_sec"]})

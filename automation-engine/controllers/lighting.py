@@ -12,7 +12,8 @@ import datetime as dt
 from actions import ZoneContext
 from actuators import ensure, last_command
 from gates import find_actuator
-from targets import light_window, in_window, number
+from common.schemas import as_number
+from targets import in_window, light_window
 
 KINDS = ("set_relay", "set_pwm")
 LUX_MIN = 20.0
@@ -33,7 +34,7 @@ async def run(ctx: ZoneContext) -> None:
     on = in_window(window, local.time().replace(second=0, microsecond=0))
     details = {"local_time": local.strftime("%H:%M"), "window": [w.strftime("%H:%M") if w else None for w in window]}
     if on:
-        intensity = number(ctx.targets.get("light_intensity", ctx.targets.get("ppfd")))
+        intensity = as_number(ctx.targets.get("light_intensity", ctx.targets.get("ppfd")))
         if intensity is not None and 0 <= intensity <= 100:
             cmd, params = "set_pwm", {"value": intensity}
         else:

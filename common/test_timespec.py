@@ -3,7 +3,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from timespec import SpecError, Window, light_edge, occurrences, parse_time, parse_times, parse_window, zone_info
+from common.timespec import SpecError, Window, light_edge, occurrences, parse_time, parse_times, parse_window, zone_info
 
 T = dt.time
 UTC = dt.timezone.utc
