@@ -42,18 +42,27 @@ async def ensure(ctx: ZoneContext, controller: str, node: Node, channel: str, cm
         change = False
     else:
         change = True
+    cmd_id = await send(ctx, controller, node, channel, cmd, params, outcome=cmd if change else "reassert")
+    if cmd_id is None:
+        return False
+    if change and event:
+        await ctx.event(event, {**(details or {}), "node_uid": node.uid, "channel": channel, "cmd": cmd,
+                                "params": params, "cmd_id": cmd_id})
+    return change
+
+
+async def send(ctx: ZoneContext, controller: str, node: Node, channel: str, cmd: str, params: dict[str, Any],
+               *, outcome: str | None = None) -> str | None:
+    """Issue one command; the cmd_id, or None when it was refused or not published (counted)."""
     try:
         cmd_id = await ctx.command(node, channel, cmd, params, controller)
     except CommandError as exc:
         m.ACTUATIONS.labels(controller, "rejected").inc()
         ctx.log.append(f"rejected:{controller}:{exc}")
-        return False
+        return None
     except CommandPublishError:
         m.ACTUATIONS.labels(controller, "publish_failed").inc()
         ctx.log.append(f"publish_failed:{controller}")
-        return False
-    m.ACTUATIONS.labels(controller, cmd if change else "reassert").inc()
-    if change and event:
-        await ctx.event(event, {**(details or {}), "node_uid": node.uid, "channel": channel, "cmd": cmd,
-                                "params": params, "cmd_id": cmd_id})
-    return change
+        return None
+    m.ACTUATIONS.labels(controller, outcome or cmd).inc()
+    return cmd_id

@@ -18,7 +18,8 @@ from typing import Any
 import engine_metrics as m
 import gates
 from actions import ZoneContext
-from common.commands import RUN_PUMP_MAX_MS, CommandError, CommandPublishError
+from actuators import send
+from common.commands import RUN_PUMP_MAX_MS
 from snapshot import Node
 from common.schemas import as_number
 
@@ -54,17 +55,9 @@ async def _pump_cycle(ctx: ZoneContext, controller: str, actuator: tuple[Node, s
         cmd, params = "set_relay", {"state": True, "duration_ms": duration}
     else:
         cmd, params = "run_pump", {"duration_ms": duration}
-    try:
-        cmd_id = await ctx.command(node, channel, cmd, params, controller)
-    except CommandError as exc:
-        m.ACTUATIONS.labels(controller, "rejected").inc()
-        ctx.log.append(f"rejected:{controller}:{exc}")
+    cmd_id = await send(ctx, controller, node, channel, cmd, params)
+    if cmd_id is None:
         return False
-    except CommandPublishError:
-        m.ACTUATIONS.labels(controller, "publish_failed").inc()
-        ctx.log.append(f"publish_failed:{controller}")
-        return False
-    m.ACTUATIONS.labels(controller, cmd).inc()
     await ctx.event(event, {**details, "duration_sec": seconds, "commanded_duration_ms": duration,
                             "node_uid": node.uid, "channel": channel, "cmd": cmd, "cmd_id": cmd_id})
     return True
