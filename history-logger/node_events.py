@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
@@ -28,6 +28,7 @@ import logger_metrics as m
 from stream_consumer import Entry, Transient
 from telemetry_writer import PG_TRANSIENT
 
+T = TypeVar("T")
 log = logging.getLogger("history_logger.events")
 
 _HEARTBEATS = """
@@ -129,14 +130,8 @@ class NodeEvents:
         m.HEARTBEATS.inc(len(events))
         latest: dict[str, tuple] = {}
         for topic, payload, _retained, at in events:
-            data = _json_object(payload)
-            if data is None:
-                m.EVENTS_INVALID.labels("heartbeat", "invalid_json").inc()
-                continue
-            try:
-                hb = Heartbeat.model_validate(data)
-            except ValidationError:
-                m.EVENTS_INVALID.labels("heartbeat", "invalid_payload").inc()
+            hb, _ = _validated("heartbeat", payload, Heartbeat)
+            if hb is None:
                 continue
             latest[topic.node] = (hb.uptime_seconds(self.settings.heartbeat_uptime_ms), hb.free_heap_bytes,
                                   hb.rssi_dbm, utc(at))
@@ -149,15 +144,10 @@ class NodeEvents:
         m.STATUS.labels("status").inc()
         if not payload.strip():
             return  # an empty retained payload only clears the broker's copy
-        data = _json_object(payload)
-        if data is None:
-            m.EVENTS_INVALID.labels("status", "invalid_json").inc()
+        parsed, _ = _validated("status", payload, Status)
+        if parsed is None:
             return
-        try:
-            status = Status.model_validate(data).normalised
-        except ValidationError:
-            m.EVENTS_INVALID.labels("status", "invalid_payload").inc()
-            return
+        status = parsed.normalised
         node = await self._node(conn, topic.node)
         if node is None:
             return
@@ -200,14 +190,8 @@ class NodeEvents:
     async def _command_response(self, conn, topic: ParsedTopic, payload: bytes, retained: bool,
                                 at: dt.datetime) -> None:
         m.COMMAND_RESPONSES.inc()
-        data = _json_object(payload)
-        if data is None:
-            m.EVENTS_INVALID.labels("command_response", "invalid_json").inc()
-            return
-        try:
-            response = CommandResponse.model_validate(data)
-        except ValidationError:
-            m.EVENTS_INVALID.labels("command_response", "invalid_payload").inc()
+        response, data = _validated("command_response", payload, CommandResponse)
+        if response is None:
             return
         row = await commands.record_response(conn, response, data)
         if row is None:
@@ -234,6 +218,19 @@ class NodeEvents:
     def _recent(self, node: asyncpg.Record, at: dt.datetime) -> bool:
         seen = node["last_seen_at"]
         return seen is not None and seen > at - self.offline_after
+
+
+def _validated(kind: str, payload: bytes, model: type[T]) -> tuple[T | None, dict | None]:
+    """(model, the JSON object) of a payload, or (None, None) counted by reason."""
+    data = _json_object(payload)
+    if data is None:
+        m.EVENTS_INVALID.labels(kind, "invalid_json").inc()
+        return None, None
+    try:
+        return model.model_validate(data), data
+    except ValidationError:
+        m.EVENTS_INVALID.labels(kind, "invalid_payload").inc()
+        return None, None
 
 
 def _json_object(payload: bytes) -> dict | None:
