@@ -21,6 +21,7 @@ import collections
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from .env import Settings
 
 log = logging.getLogger("common.mqtt")
 
+PUBACK = 0x40
+_PUBACK = struct.Struct("!BBH")  # fixed header, remaining length 2, packet id
 SESSION_EXPIRY_SEC = 7 * 24 * 3600  # a persistent session outlives a week of downtime
 
 
@@ -248,10 +251,17 @@ class MqttClient:
         with client._out_message_mutex:  # paho keeps unacknowledged messages to resend after reconnect
             client._out_messages.pop(mid, None)
 
-    def ack(self, message: Message) -> None:
-        """PUBACK one message (manual-ack mode); no-op for QoS 0 or a previous connection."""
-        if self._client is not None and message.qos > 0 and message.generation == self._generation:
-            self._client.ack(message.mid, message.qos)
+    def ack(self, messages: list[Message]) -> None:
+        """PUBACK messages (manual-ack mode); QoS 0 ones and those of a previous connection are skipped.
+
+        The PUBACKs of a batch go out as one write: paho would wake its network thread and send
+        once per message, which costs more than the rest of receiving a message."""
+        client, generation = self._client, self._generation
+        mids = [m.mid for m in messages if m.qos == 1 and m.generation == generation]
+        if client is None or not mids:
+            return
+        packet = b"".join(_PUBACK.pack(PUBACK, 2, mid) for mid in mids)
+        client._packet_queue(PUBACK, packet, mids[-1], 1)
 
     # -- paho thread callbacks ------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -349,8 +359,7 @@ class MqttClient:
             log.exception("mqtt_handler_failed", extra={"filter": sub.filter, "messages": len(messages)})
             return
         if self.manual_ack:
-            for message in messages:
-                self.ack(message)
+            self.ack(messages)
 
 
 def _no_delay(client, userdata, sock) -> None:
