@@ -133,8 +133,11 @@ class NodeEvents:
             hb, _ = _validated("heartbeat", payload, Heartbeat)
             if hb is None:
                 continue
-            latest[topic.node] = (hb.uptime_seconds(self.settings.heartbeat_uptime_ms), hb.free_heap_bytes,
-                                  hb.rssi_dbm, utc(at))
+            values = (hb.uptime_seconds(self.settings.heartbeat_uptime_ms), hb.free_heap_bytes, hb.rssi_dbm, utc(at))
+            earlier = latest.get(topic.node)
+            # A field a heartbeat could not give keeps the value of the node's earlier one in this batch.
+            latest[topic.node] = values if earlier is None else tuple(
+                new if new is not None else old for new, old in zip(values, earlier))
         if latest:
             cols = list(zip(*[(uid, *values) for uid, values in latest.items()]))
             await conn.execute(_HEARTBEATS, *[list(c) for c in cols])

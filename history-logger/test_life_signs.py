@@ -31,6 +31,22 @@ async def test_heartbeat_updates_node_columns(logger, db):
     assert abs((row["last_seen_at"] - dt.datetime.utcnow()).total_seconds()) < 30
 
 
+async def test_heartbeats_of_one_batch_keep_each_valid_field(settings, db):
+    """Two heartbeats of a node in one batch: a field the newer one lacks keeps the older value."""
+    from node_events import NodeEvents
+    from common.topics import Topics
+
+    ids = await seed(db, last_seen_sql="NULL")
+    topic = Topics(settings.mqtt_topic_root).parse(node_topic(settings, ids, "heartbeat"))
+    now = time.time()
+    batch = [(topic, b'{"uptime": 35555, "free_heap": 102000, "rssi": -62}', False, now),
+             (topic, b'{"uptime": 36555, "heap": "bad", "rssi": -60}', False, now + 1)]
+    async with db.transaction() as conn:
+        await NodeEvents(settings, db, "unused")._heartbeats(conn, batch)
+    row = await db.fetchrow("SELECT * FROM nodes WHERE id = $1", ids["node_id"])
+    assert (row["uptime_seconds"], row["free_heap_bytes"], row["rssi"]) == (36, 102000, -60)
+
+
 async def test_status_online_resolves_offline_alert_and_logs_event(logger, db):
     s = logger.settings
     ids = await seed(db, status="offline", last_seen_sql="now() - interval '1 hour'")
