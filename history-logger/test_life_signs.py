@@ -7,6 +7,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from common import alerts, testing
+from common.topics import Topics
+from node_events import NodeEvents
 from logger_fixtures import (apublish, drop_redis_keys, fast_settings, logger, seed,  # noqa: F401 - fixture
                              start_logger)
 
@@ -33,9 +35,6 @@ async def test_heartbeat_updates_node_columns(logger, db):
 
 async def test_heartbeats_of_one_batch_keep_each_valid_field(settings, db):
     """Two heartbeats of a node in one batch: a field the newer one lacks keeps the older value."""
-    from node_events import NodeEvents
-    from common.topics import Topics
-
     ids = await seed(db, last_seen_sql="NULL")
     topic = Topics(settings.mqtt_topic_root).parse(node_topic(settings, ids, "heartbeat"))
     now = time.time()
