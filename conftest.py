@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from common import testing  # noqa: E402
 from common.db import Database  # noqa: E402
 from common.migrate import apply_migrations  # noqa: E402
+from common.mqtt import MqttClient  # noqa: E402
 
 
 def _service_dir(path: Path) -> Path | None:
@@ -141,6 +142,15 @@ async def db(settings):
     await database.connect()
     yield database
     await database.close()
+
+
+@pytest.fixture
+async def mqtt(settings):
+    """A connected MqttClient for the test (clean session: nothing is left on the broker)."""
+    client = MqttClient(settings, "-test", clean_session=True)
+    await client.start(wait=10)
+    yield client
+    await client.stop()
 
 
 @pytest.fixture

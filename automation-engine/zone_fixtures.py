@@ -12,7 +12,6 @@ from prometheus_client import REGISTRY
 
 from actions import Services
 from common import testing
-from common.mqtt import MqttClient
 from common.service import HttpServer
 from common.topics import Topics
 from config.settings import AutomationSettings
@@ -153,14 +152,6 @@ async def laravel():
 @pytest.fixture
 def auto_settings() -> AutomationSettings:
     return AutomationSettings.from_env({}).replace(refusal_alert_cycles=3)
-
-
-@pytest.fixture
-async def mqtt(settings):
-    client = MqttClient(settings, "-auto")
-    await client.start(wait=10)
-    yield client
-    await client.stop()
 
 
 @pytest.fixture

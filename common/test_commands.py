@@ -14,14 +14,6 @@ from common.topics import Topics
 
 
 @pytest.fixture
-async def mqtt(settings):
-    client = MqttClient(settings, "-cmd")
-    await client.start(wait=10)
-    yield client
-    await client.stop()
-
-
-@pytest.fixture
 async def zone(db):
     gh = await db.fetchval("INSERT INTO greenhouses (uid, name) VALUES ('gh-1', 'GH') RETURNING id")
     zone_id = await db.fetchval("INSERT INTO zones (greenhouse_id, name) VALUES ($1, 'Z') RETURNING id", gh)

@@ -136,14 +136,6 @@ async def make_node(db, *, zone=True, greenhouse=True, uid="nd-ph-1", hardware_i
     return node_id, zone_id
 
 
-@pytest.fixture
-async def mqtt(settings):
-    client = MqttClient(settings, "-nodeconfig-test", clean_session=True)
-    await client.start(wait=10)
-    yield client
-    await client.stop()
-
-
 def retained(settings, topic):
     """A fresh subscriber on `topic`: all it gets are retained messages."""
     return testing.MqttProbe(settings.mqtt_host, settings.mqtt_port, topic)

@@ -49,12 +49,30 @@ SELECT z.id, n.id, u.channel, u.metric, u.value, u.raw::jsonb, u.ts
   LEFT JOIN nodes n ON n.id = u.node_id
 """
 
+def _upsert_last(first: int) -> str:
+    """The telemetry_last upsert with its parameters numbered from `first`: a late, older sample
+    never overwrites a newer value (one statement text for both places it runs in)."""
+    p = [f"${first + i}" for i in range(6)]
+    return f"""
+INSERT INTO telemetry_last AS t (zone_id, node_id, metric_type, channel, value, updated_at)
+SELECT z.id, u.node_id, u.metric, u.channel, u.value, u.ts
+  FROM unnest({p[0]}::bigint[], {p[1]}::bigint[], {p[2]}::text[], {p[3]}::text[], {p[4]}::float8[],
+              {p[5]}::timestamp[]) AS u(zone_id, node_id, metric, channel, value, ts)
+  JOIN zones z ON z.id = u.zone_id
+ON CONFLICT (zone_id, node_id, metric_type) DO UPDATE
+   SET channel = EXCLUDED.channel, value = EXCLUDED.value, updated_at = EXCLUDED.updated_at
+ WHERE t.updated_at IS NULL OR t.updated_at <= EXCLUDED.updated_at
+"""
+
+
+_UPSERT_LAST = _upsert_last(1)
+
 # The whole batch in ONE statement (one round trip, atomic on its own): record the entry ids,
 # insert the samples of the entries recorded now (not those a crashed run committed already),
 # upsert telemetry_last (idempotent, so it needs no filter). Returns the entries recorded now.
 WRITE_CONCURRENCY = 4
 
-_WRITE_BATCH = """
+_WRITE_BATCH = f"""
 WITH claimed AS (
   INSERT INTO history_logger_ingested (stream, entry_ms, entry_seq)
   SELECT $1, e.ms, e.seq FROM unnest($2::bigint[], $3::bigint[]) AS e(ms, seq)
@@ -69,29 +87,9 @@ WITH claimed AS (
     LEFT JOIN zones z ON z.id = u.zone_id
     LEFT JOIN nodes n ON n.id = u.node_id
   RETURNING 1
-), last AS (
-  INSERT INTO telemetry_last AS t (zone_id, node_id, metric_type, channel, value, updated_at)
-  SELECT z.id, l.node_id, l.metric, l.channel, l.value, l.ts
-    FROM unnest($13::bigint[], $14::bigint[], $15::text[], $16::text[], $17::float8[], $18::timestamp[])
-         AS l(zone_id, node_id, metric, channel, value, ts)
-    JOIN zones z ON z.id = l.zone_id
-  ON CONFLICT (zone_id, node_id, metric_type) DO UPDATE
-     SET channel = EXCLUDED.channel, value = EXCLUDED.value, updated_at = EXCLUDED.updated_at
-   WHERE t.updated_at IS NULL OR t.updated_at <= EXCLUDED.updated_at
-  RETURNING 1
+), last AS ({_upsert_last(13)}  RETURNING 1
 )
 SELECT entry_ms, entry_seq FROM claimed
-"""
-
-_UPSERT_LAST = """
-INSERT INTO telemetry_last AS t (zone_id, node_id, metric_type, channel, value, updated_at)
-SELECT z.id, u.node_id, u.metric, u.channel, u.value, u.ts
-  FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::float8[], $6::timestamp[])
-       AS u(zone_id, node_id, metric, channel, value, ts)
-  JOIN zones z ON z.id = u.zone_id
-ON CONFLICT (zone_id, node_id, metric_type) DO UPDATE
-   SET channel = EXCLUDED.channel, value = EXCLUDED.value, updated_at = EXCLUDED.updated_at
- WHERE t.updated_at IS NULL OR t.updated_at <= EXCLUDED.updated_at
 """
 
 

@@ -8,7 +8,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from common.mqtt import MqttClient
 from common.topics import Topics
 from actuators import CommandSender
 from config import SchedulerConfig
@@ -70,14 +69,6 @@ async def set_metric(db, zone_id: int, metric: str, value: float, at: dt.datetim
 async def events(db, zone_id: int, *types: str) -> list:
     return await db.fetch("SELECT type, details FROM zone_events WHERE zone_id = $1 AND type = ANY($2) ORDER BY id",
                           zone_id, list(types))
-
-
-@pytest.fixture
-async def mqtt(settings):
-    client = MqttClient(settings, "-scheduler")
-    await client.start(wait=10)
-    yield client
-    await client.stop()
 
 
 def make_scheduler(settings, db, mqtt, clock: Clock | None = None, **config: Any) -> Scheduler:
