@@ -61,7 +61,7 @@ def pytest_pycollect_makemodule(module_path, parent):
 
 
 # ---------------------------------------------------------------------------------------
-# Databases: one migrated template per run, a copy of it per test
+# Databases: one migrated template per flavour and run, a copy of it per test
 # ---------------------------------------------------------------------------------------
 def _admin_kwargs() -> dict:
     env = testing.SHARED_ENV
@@ -83,8 +83,26 @@ async def _drop_stale_databases(conn: asyncpg.Connection) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{row["datname"]}" WITH (FORCE)')
 
 
-@pytest.fixture(scope="session")
-def pg_template() -> str:
+async def _build_template(name: str, flavour: str) -> None:
+    if flavour == "laravel-first":
+        conn = await asyncpg.connect(**dict(_admin_kwargs(), database=name))
+        try:
+            await conn.execute(testing.LARAVEL_SCHEMA.read_text())
+        finally:
+            await conn.close()  # the dump empties search_path for its own session
+    conn = await asyncpg.connect(**dict(_admin_kwargs(), database=name))
+    try:
+        await apply_migrations(conn)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session", params=["own-schema", "laravel-first"])
+def pg_template(request) -> str:
+    """Every database test runs on both: our migrations alone, and Laravel's schema then ours."""
+    flavour = request.param
+    if flavour == "laravel-first" and not testing.LARAVEL_SCHEMA.is_file():
+        pytest.skip(f"{testing.LARAVEL_SCHEMA} is missing: no Laravel-first database to test on")
     name = f"hydro_tpl_{os.getpid()}_{testing.unique_id('')}"
 
     async def create():
@@ -94,11 +112,7 @@ def pg_template() -> str:
             await admin.execute(f'CREATE DATABASE "{name}"')
         finally:
             await admin.close()
-        conn = await asyncpg.connect(**dict(_admin_kwargs(), database=name))
-        try:
-            await apply_migrations(conn)
-        finally:
-            await conn.close()
+        await _build_template(name, flavour)
 
     asyncio.run(create())
     yield name

@@ -278,6 +278,7 @@ async def test_a_zone_with_every_capability_runs_every_controller_in_order_from_
         engine = make_engine()
         engine.services.db = counting
         engine.config.db = counting
+        CountingDatabase.fetches = 0
         result = await engine.run_cycle()
         reads_for_one = CountingDatabase.fetches
         order = [entry.split(":")[2] for entry in result.contexts[z.zone_id].log if entry.startswith("command:")]

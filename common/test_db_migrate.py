@@ -97,3 +97,47 @@ async def test_pool_survives_a_postgres_restart():
         await db.close()
     finally:
         server.close()
+
+
+async def test_laravel_filled_database_is_completed_keeping_its_rows():
+    """Laravel migrated and wrote rows first; our migrations complete its late migrations' intent."""
+    settings = testing.isolated_settings()
+    name = await _empty_database(settings)
+    kwargs = dict(host=settings.pg_host, port=settings.pg_port, user=settings.pg_user, database=name)
+    try:
+        conn = await asyncpg.connect(**kwargs)
+        await conn.execute(testing.LARAVEL_SCHEMA.read_text())
+        await conn.close()
+        conn = await asyncpg.connect(**kwargs)
+        zone = await conn.fetchval(
+            "WITH g AS (INSERT INTO greenhouses (uid, name) VALUES ('gh-1', 'G') RETURNING id) "
+            "INSERT INTO zones (greenhouse_id, name, status) SELECT id, 'Z', 'RUNNING' FROM g RETURNING id")
+        await conn.execute("INSERT INTO telemetry_last (zone_id, node_id, metric_type, value) VALUES "
+                           "($1, NULL, 'PH', 6.1), ($1, NULL, 'EC', 1.4)", zone)
+        await conn.close()
+
+        assert len(await migrate(testing.isolated_settings(PG_DB=name))) == len(migration_files())
+        assert await migrate(testing.isolated_settings(PG_DB=name)) == []  # a second run changes nothing
+
+        conn = await asyncpg.connect(**kwargs)
+        try:
+            rows = await conn.fetch("SELECT node_id, metric_type, value FROM telemetry_last ORDER BY metric_type")
+            assert [tuple(r) for r in rows] == [(-1, "EC", 1.4), (-1, "PH", 6.1)]
+            key = await conn.fetchval("SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                                      "WHERE conrelid = 'telemetry_last'::regclass AND contype = 'p'")
+            assert key == "PRIMARY KEY (zone_id, node_id, metric_type)"
+            # The upsert the history-logger writes with: one row per node now, not per zone.
+            await conn.execute("INSERT INTO telemetry_last (zone_id, node_id, metric_type, value) VALUES "
+                               "($1, 7, 'PH', 5.9) ON CONFLICT (zone_id, node_id, metric_type) "
+                               "DO UPDATE SET value = EXCLUDED.value", zone)
+            assert await conn.fetchval("SELECT count(*) FROM telemetry_last WHERE metric_type = 'PH'") == 2
+            columns = {r["column_name"] for r in await conn.fetch(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'zones'")}
+            assert {"water_state", "solution_started_at", "health_score", "settings"} <= columns
+            assert await conn.fetchval("SELECT water_state FROM zones WHERE id = $1", zone) == "NORMAL_RECIRC"
+            indexes = {r["indexname"] for r in await conn.fetch("SELECT indexname FROM pg_indexes")}
+            assert {"commands_created_at_idx", "alerts_zone_code_status_idx", "zone_events_created_at_idx"} <= indexes
+        finally:
+            await conn.close()
+    finally:
+        await _drop(settings, name)

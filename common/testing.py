@@ -269,6 +269,8 @@ def publish_sync(host: str, port: int, messages: list[tuple[str, bytes | str, in
 
 
 ROOT = Path(__file__).resolve().parents[1]
+# Laravel migrates production databases before our services start: exactly the schema it creates.
+LARAVEL_SCHEMA = ROOT.parent / "shared" / "fixtures" / "laravel-schema.sql"
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

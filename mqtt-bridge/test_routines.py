@@ -92,6 +92,7 @@ async def test_fill_without_an_online_water_node_reports_no_nodes(bridge, world,
 ])
 async def test_routine_requests_are_refused_before_anything_runs(bridge, world, mqtt_probe, db, route, body, status,
                                                                  detail):
+    body = dict(body)  # the parameter is shared by every run of this test
     zone = body.pop("zone", world.zone)
     zone = world.bare_zone if zone == "bare" else zone
     for suffix in ("", "?async=1"):
