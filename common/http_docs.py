@@ -1,0 +1,50 @@
+"""Interactive REST docs that work on a greenhouse network without internet.
+
+Swagger UI (/docs), ReDoc (/redoc) and the OpenAPI document (/openapi.json) are served with the
+scripts and stylesheet bundled in the `fastapi-offline` package (under /static-offline-docs/),
+never from a CDN. These pages are public; the calls made from them carry the bearer token the
+operator enters with the page's Authorize button, because the OpenAPI document declares an HTTP
+bearer scheme on every protected operation. The declaration only describes the API: each service
+keeps checking the token its own way.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
+
+DOCS_URL = "/docs"
+REDOC_URL = "/redoc"
+OPENAPI_URL = "/openapi.json"
+STATIC_URL = "/static-offline-docs"
+PUBLIC_PATHS = frozenset({DOCS_URL, f"{DOCS_URL}/oauth2-redirect", REDOC_URL, OPENAPI_URL})
+BEARER_SCHEME = "bearerAuth"
+TOKEN_HELP = ("Send `Authorization: Bearer <PY_API_TOKEN>` (the value `make dev` prints, `dev-token` by default). "
+              "In /docs: **Authorize**, paste the token, then **Try it out** on a route.")
+
+
+def is_docs_path(path: str) -> bool:
+    """A path of the docs pages or their assets: answered without a token."""
+    return path in PUBLIC_PATHS or path.startswith(f"{STATIC_URL}/")
+
+
+def docs_app(*, title: str, version: str, description: str, protected: Callable[[str], bool]) -> FastAPI:
+    """A FastAPI app with offline /docs, /redoc, /openapi.json; `protected(path)` marks the routes
+    that need the bearer token in the OpenAPI document."""
+    app = FastAPIOffline(title=title, version=version, description=f"{description}\n\n{TOKEN_HELP}",
+                         docs_url=DOCS_URL, redoc_url=REDOC_URL, openapi_url=OPENAPI_URL, static_url=STATIC_URL)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()  # built once and cached by FastAPI; the additions below are idempotent
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER_SCHEME] = {
+            "type": "http", "scheme": "bearer", "description": "PY_API_TOKEN"}
+        for path, operations in schema.get("paths", {}).items():
+            if protected(path):
+                for operation in operations.values():
+                    operation["security"] = [{BEARER_SCHEME: []}]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
