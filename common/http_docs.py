@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html
+from fastapi.responses import HTMLResponse
 from fastapi_offline import FastAPIOffline
 
 DOCS_URL = "/docs"
@@ -19,6 +21,7 @@ REDOC_URL = "/redoc"
 OPENAPI_URL = "/openapi.json"
 STATIC_URL = "/static-offline-docs"
 PUBLIC_PATHS = frozenset({DOCS_URL, f"{DOCS_URL}/oauth2-redirect", REDOC_URL, OPENAPI_URL})
+REDOC_CSP = "img-src 'self' data:"
 BEARER_SCHEME = "bearerAuth"
 TOKEN_HELP = ("Send `Authorization: Bearer <PY_API_TOKEN>` (the value `make dev` prints, `dev-token` by default). "
               "In /docs: **Authorize**, paste the token, then **Try it out** on a route.")
@@ -33,7 +36,18 @@ def docs_app(*, title: str, version: str, description: str, protected: Callable[
     """A FastAPI app with offline /docs, /redoc, /openapi.json; `protected(path)` marks the routes
     that need the bearer token in the OpenAPI document."""
     app = FastAPIOffline(title=title, version=version, description=f"{description}\n\n{TOKEN_HELP}",
-                         docs_url=DOCS_URL, redoc_url=REDOC_URL, openapi_url=OPENAPI_URL, static_url=STATIC_URL)
+                         docs_url=DOCS_URL, redoc_url=None, openapi_url=OPENAPI_URL, static_url=STATIC_URL)
+
+    @app.get(REDOC_URL, include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        page = get_redoc_html(openapi_url=OPENAPI_URL, title=f"{title} - ReDoc", with_google_fonts=False,
+                              redoc_js_url=f"{STATIC_URL}/redoc.standalone.js",
+                              redoc_favicon_url=f"{STATIC_URL}/favicon.png")
+        # ReDoc always shows its maker's logo from the internet: images come from this service only, so
+        # the browser never tries to leave an offline network for it.
+        page.headers["Content-Security-Policy"] = REDOC_CSP
+        return page
+
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
