@@ -46,7 +46,8 @@ def publish_data(result: PublishResult) -> dict[str, Any]:
 def build_app(db: Database, delivery: ConfigDelivery, token: str,
               ready: Callable[[], Awaitable[dict[str, bool]]]) -> FastAPI:
     app = docs_app(title="hydro device-registry", version="2.0", protected=lambda path: path not in OPS_PATHS,
-                   description="Node registration, zone assignment, versioned NodeConfigs and their delivery.")
+                   description="Node registration, zone assignment, versioned NodeConfigs and their delivery.",
+                   tags=("nodes", "configs", "ops"))
     add_ops_routes(app, ready)
 
     @app.middleware("http")

@@ -45,7 +45,8 @@ CONFIG_STATE_OK = {"status": "ok", "data": {
         "published_version": 4, "published_at": "2025-11-20T09:00:00Z", "published_topic": PUBLISHED["topic"],
         "publish_error": None, "publish_error_at": None, "applied_version": 4, "applied_at": "2025-11-20T09:00:01Z",
         "node_error": None, "node_error_version": None, "node_error_at": None, "temp_topics_pending": False},
-    "versions": [{"version": 4, "config_hash": "9f2c...e1", "source": "registry", "created_at": "2025-11-20T09:00:00Z"}]}}
+    "versions": [{"version": 4, "config_hash": "9f2c...e1", "source": "registry",
+                  "created_at": "2025-11-20T09:00:00Z"}]}}
 PUBLISH_OK = {"status": "ok", "data": PUBLISHED}
 
 ERRORS: dict[int, tuple[str, Any]] = {
@@ -60,7 +61,7 @@ ERRORS: dict[int, tuple[str, Any]] = {
           {"detail": "node 'nd-ph-esp32a1b' is MAINTENANCE; it cannot be assigned a zone"}),
     422: ("Invalid body or query; a config problem names its field",
           {"detail": "config: must be a JSON object", "field": "config"}),
-    500: ("PY_API_TOKEN is not configured (the registry refuses every route but /health /ready /metrics)",
+    500: ("PY_API_TOKEN is not configured (every API route answers this; docs and ops routes still work)",
           {"detail": "Server misconfiguration: PY_API_TOKEN must be set for security"}),
 }
 
