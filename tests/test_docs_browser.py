@@ -131,6 +131,14 @@ def try_it_out(page: Page, op: str, params: dict[str, str], body: dict | None = 
         page.type_into(f'{op} tr[data-param-name="{name}"] input', value)
     if body is not None:
         page.type_into(f"{op} textarea.body-param__text", json.dumps(body))
+    return execute(page, op)
+
+
+def execute(page: Page, op: str) -> tuple[int, dict]:
+    """Execute (after Clear, when an earlier answer is shown); the live answer's status and body."""
+    if page.js(f"!!document.querySelector('{op} button.btn-clear')"):
+        page.click(f"{op} button.btn-clear")
+        page.wait_for(f"!document.querySelector('{op} .live-responses-table')", 30, "earlier answer cleared")
     page.click(f"{op} button.execute")
     status = page.wait_for(f"(e => e && e.innerText.trim())(document.querySelector("
                            f"'{op} .live-responses-table tr.response .response-col_status'))", 60, f"{op} answered")
@@ -172,8 +180,10 @@ async def test_registry_swagger_ui_offline_lists_operations_and_try_it_out_lists
     assert_only_from(page, services.registry)
     shoot(page, tmp_path / "registry-docs.png")
 
+    status, answer = try_it_out(page, NODES_OP, {"zone_id": str(world.zone)})  # the page is public, the API not
+    assert (status, answer) == (401, {"detail": "Unauthorized: invalid or missing token"})
     authorize(page, TOKEN)
-    status, answer = try_it_out(page, NODES_OP, {"zone_id": str(world.zone)})
+    status, answer = execute(page, NODES_OP)
     assert status == 200, answer
     assert [node["uid"] for node in answer["data"]] == [world.node]
     assert_only_from(page, services.registry)
