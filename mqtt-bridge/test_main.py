@@ -88,6 +88,9 @@ async def test_openapi_documents_every_endpoint_with_examples(bridge):
     assert "/static-offline-docs/swagger-ui-bundle.js" in assets and "/static-offline-docs/redoc.standalone.js" in assets
     assert all(answer.status_code == 200 for answer in assets.values()), {a: r.status_code for a, r in assets.items()}
     assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"  # the Authorize button
+    metrics = (await bridge.http.get("/metrics")).text  # every asset under one bounded label
+    assert 'bridge_requests_total{path="/static-offline-docs",status="200"}' in metrics
+    assert "swagger-ui-bundle.js" not in metrics
     bridge_ops = [(path, method, op) for path, item in spec["paths"].items() for method, op in item.items()
                   if path.startswith("/bridge/")]
     assert {(p, m) for p, m, _ in bridge_ops} >= {
