@@ -23,7 +23,7 @@ STATIC_URL = "/static-offline-docs"
 PUBLIC_PATHS = frozenset({DOCS_URL, f"{DOCS_URL}/oauth2-redirect", REDOC_URL, OPENAPI_URL})
 REDOC_CSP = "img-src 'self' data:"
 BEARER_SCHEME = "bearerAuth"
-TOKEN_HELP = ("Send `Authorization: Bearer <PY_API_TOKEN>` (the value `make dev` prints, `dev-token` by default). "
+TOKEN_HELP = ("Send `Authorization: Bearer <PY_API_TOKEN>` (`make dev` prints it: `dev-token` unless set). "
               "In /docs: **Authorize**, paste the token, then **Try it out** on a route.")
 
 
