@@ -108,7 +108,7 @@ def create_app(service: BridgeService) -> FastAPI:
     # Contract §7.1 [DECISION]: /health reports MQTT and the database (503 when either is down).
     app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/health"]
 
-    @app.get("/health", tags=["ops"], responses={
+    @app.get("/health", tags=["ops"], summary="MQTT and the database answer", responses={
         200: {"content": {"application/json": {"example": {"status": "ok", "data": {"mqtt": "ok", "db": "ok"}}}}},
         503: {"content": {"application/json": {"example": {"status": "unavailable",
                                                            "data": {"mqtt": "down", "db": "ok"}}}}}})
