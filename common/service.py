@@ -14,7 +14,7 @@ from typing import Awaitable, Callable, Protocol
 
 import uvicorn
 from fastapi import FastAPI, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .env import Settings, settings_or_exit
@@ -23,6 +23,8 @@ from .logs import setup_logging
 log = logging.getLogger("common.service")
 
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
+METRICS_EXAMPLE = '# HELP mqtt_connected 1 while the MQTT client is connected\n# TYPE mqtt_connected gauge\n' \
+                  'mqtt_connected{client_id="hydro-registry"} 1.0\n'
 
 
 class Service(Protocol):
@@ -33,11 +35,13 @@ class Service(Protocol):
 def add_ops_routes(app: FastAPI, ready: ReadyCheck, metrics: bool = True) -> FastAPI:
     """/health (the process is alive), /ready (dependencies answer), /metrics (Prometheus)."""
 
-    @app.get("/health", tags=["ops"])
+    @app.get("/health", tags=["ops"], summary="The process is alive", responses=_example(200, {"status": "ok"}))
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["ops"])
+    @app.get("/ready", tags=["ops"], summary="Every dependency answers", responses={
+        **_example(200, {"status": "ok", "data": {"db": "ok", "mqtt": "ok"}}),
+        **_example(503, {"status": "unavailable", "data": {"db": "ok", "mqtt": "down"}}, "A dependency is down")})
     async def ready_endpoint() -> JSONResponse:
         checks = await ready()
         ok = all(checks.values())
@@ -45,11 +49,17 @@ def add_ops_routes(app: FastAPI, ready: ReadyCheck, metrics: bool = True) -> Fas
         return JSONResponse(body, status_code=200 if ok else 503)
 
     if metrics:
-        @app.get("/metrics", tags=["ops"])
+        @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse,
+                 responses=_example(200, METRICS_EXAMPLE, media="text/plain"))
         async def metrics_endpoint() -> Response:
             return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _example(status: int, value: object, description: str = "OK", media: str = "application/json") -> dict:
+    """An OpenAPI response with its example, for /docs."""
+    return {status: {"description": description, "content": {media: {"example": value}}}}
 
 
 def ops_app(ready: ReadyCheck, title: str) -> FastAPI:

@@ -6,20 +6,23 @@ Answers: `{"status": "ok", "data": …}`; errors `{"detail": "<message>"}`.
 from __future__ import annotations
 
 import hmac
-from typing import Any, Awaitable, Callable
+from typing import Annotated, Any, Awaitable, Callable
 
-from fastapi import Body, FastAPI, HTTPException, Query, Request
+from fastapi import Body, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from common.db import Database
+from common.http_docs import docs_app, is_docs_path
 from common.nodeconfig import ConfigError, NodeConfigFailure, PublishResult
 from common.service import add_ops_routes
 from delivery import ConfigDelivery, config_state
+import examples as ex
 import nodes
 
 OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
 NO_TOKEN = "Server misconfiguration: PY_API_TOKEN must be set for security"
 UNAUTHORIZED = "Unauthorized: invalid or missing token"
+Uid = Annotated[str, Path(description="nodes.uid", examples=[ex.UID])]
 
 
 def token_refusal(configured: str, authorization: str | None) -> JSONResponse | None:
@@ -42,12 +45,14 @@ def publish_data(result: PublishResult) -> dict[str, Any]:
 
 def build_app(db: Database, delivery: ConfigDelivery, token: str,
               ready: Callable[[], Awaitable[dict[str, bool]]]) -> FastAPI:
-    app = FastAPI(title="device-registry", docs_url=None, redoc_url=None, openapi_url=None)
+    app = docs_app(title="hydro device-registry", version="2.0", protected=lambda path: path not in OPS_PATHS,
+                   description="Node registration, zone assignment, versioned NodeConfigs and their delivery.",
+                   tags=("nodes", "configs", "ops"))
     add_ops_routes(app, ready)
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
-        if request.url.path not in OPS_PATHS:
+        if request.url.path not in OPS_PATHS and not is_docs_path(request.url.path):
             refusal = token_refusal(token, request.headers.get("authorization"))
             if refusal is not None:
                 return refusal
@@ -66,25 +71,26 @@ def build_app(db: Database, delivery: ConfigDelivery, token: str,
             raise HTTPException(404, f"node {uid!r} not found")
         return node
 
-    @app.get("/nodes")
+    @app.get("/nodes", tags=["nodes"], summary="List nodes", responses=ex.responses(ex.LIST_OK, 422))
     async def list_nodes(zone_id: int | None = Query(None, ge=1), status: str | None = Query(None, max_length=64),
                          lifecycle_state: str | None = Query(None, max_length=32),
                          limit: int = Query(500, ge=1, le=5000), offset: int = Query(0, ge=0)) -> JSONResponse:
         return ok(await nodes.list_nodes(db, zone_id=zone_id, status=status, lifecycle_state=lifecycle_state,
                                          limit=limit, offset=offset))
 
-    @app.get("/nodes/{uid}")
-    async def get_node(uid: str) -> JSONResponse:
+    @app.get("/nodes/{uid}", tags=["nodes"], summary="A node", responses=ex.responses(ex.NODE_OK, 404, 422))
+    async def get_node(uid: Uid) -> JSONResponse:
         return ok(await node_or_404(uid))
 
-    @app.patch("/nodes/{uid}")
-    async def rename(uid: str, body: nodes.RenameBody) -> JSONResponse:
+    @app.patch("/nodes/{uid}", tags=["nodes"], summary="Rename a node", responses=ex.responses(ex.NODE_OK, 404, 422))
+    async def rename(uid: Uid, body: Annotated[nodes.RenameBody, Body(openapi_examples=ex.RENAME)]) -> JSONResponse:
         if not await nodes.rename(db, uid, body.name):
             raise HTTPException(404, f"node {uid!r} not found")
         return ok(await node_or_404(uid))
 
-    @app.put("/nodes/{uid}/zone")
-    async def assign_zone(uid: str, body: nodes.ZoneBody) -> JSONResponse:
+    @app.put("/nodes/{uid}/zone", tags=["nodes"], summary="Assign a node to a zone and send it its config",
+             responses=ex.responses(ex.ZONE_OK, 404, 409, 422))
+    async def assign_zone(uid: Uid, body: Annotated[nodes.ZoneBody, Body(openapi_examples=ex.ZONE)]) -> JSONResponse:
         await nodes.assign_zone(db, delivery, uid, body.zone_id)
         node = await node_or_404(uid)
         config = None
@@ -95,20 +101,23 @@ def build_app(db: Database, delivery: ConfigDelivery, token: str,
                 config = {"published": False, "error": str(exc)}
         return ok({"node": node, "config": config})
 
-    @app.delete("/nodes/{uid}/zone")
-    async def unassign_zone(uid: str) -> JSONResponse:
+    @app.delete("/nodes/{uid}/zone", tags=["nodes"], summary="Take a node out of its zone",
+                responses=ex.responses(ex.UNASSIGN_OK, 404, 422))
+    async def unassign_zone(uid: Uid) -> JSONResponse:
         await nodes.unassign_zone(db, delivery, uid)
         return ok({"node": await node_or_404(uid)})
 
-    @app.get("/nodes/{uid}/config")
-    async def get_config(uid: str) -> JSONResponse:
+    @app.get("/nodes/{uid}/config", tags=["configs"], summary="A node's config, versions and delivery state",
+             responses=ex.responses(ex.CONFIG_STATE_OK, 404, 422))
+    async def get_config(uid: Uid) -> JSONResponse:
         state = await config_state(db, uid)
         if state is None:
             raise HTTPException(404, f"node {uid!r} not found")
         return ok(state)
 
-    @app.put("/nodes/{uid}/config")
-    async def put_config(uid: str, body: Any = Body(...)) -> JSONResponse:
+    @app.put("/nodes/{uid}/config", tags=["configs"], summary="Store a node's config and publish it",
+             responses=ex.responses(ex.PUBLISH_OK, 202, 400, 404, 422))
+    async def put_config(uid: Uid, body: Any = Body(..., openapi_examples=ex.PUT_CONFIG)) -> JSONResponse:
         config = body.get("config") if isinstance(body, dict) and isinstance(body.get("config"), dict) \
             and "channels" not in body else body
         if not isinstance(config, dict):
@@ -116,8 +125,9 @@ def build_app(db: Database, delivery: ConfigDelivery, token: str,
         result = await delivery.publish(uid, config)
         return ok(publish_data(result), status_code=200 if result.published else 202)
 
-    @app.post("/nodes/{uid}/config/publish")
-    async def republish(uid: str) -> JSONResponse:
+    @app.post("/nodes/{uid}/config/publish", tags=["configs"], summary="Send a node its current config again",
+              responses=ex.responses(ex.PUBLISH_OK, 202, 400, 404, 422))
+    async def republish(uid: Uid) -> JSONResponse:
         result = await delivery.publish(uid)
         return ok(publish_data(result), status_code=200 if result.published else 202)
 

@@ -1,4 +1,6 @@
 """REST API: token (fail closed), nodes listing and editing, configs (validation errors name the field)."""
+import re
+
 import httpx
 import pytest
 
@@ -158,3 +160,32 @@ async def test_put_get_publish_config(settings, db, registry, api, node, mqtt_pr
     assert (await api.get("/nodes/nd-missing/config")).status_code == 404
     assert (await api.put("/nodes/nd-missing/config", json=body)).status_code == 404
     assert (await api.put(f"/nodes/{uid}/config", json=[1, 2])).status_code == 422
+
+
+async def test_docs_are_public_offline_and_every_route_has_examples_and_the_bearer_scheme(registry):
+    async with httpx.AsyncClient() as client:  # no token: the docs pages and their assets are public
+        pages = {path: await client.get(url(registry, path)) for path in ("/docs", "/redoc", "/openapi.json")}
+        assert all(page.status_code == 200 for page in pages.values()), {p: r.status_code for p, r in pages.items()}
+        for page in (pages["/docs"], pages["/redoc"]):
+            assert "cdn" not in page.text and "https://" not in page.text  # nothing from the internet
+            for asset in re.findall(r'(?:src|href)="([^"]+)"', page.text):
+                answer = await client.get(url(registry, asset))
+                assert answer.status_code == 200 and len(answer.content) > 1000, asset
+        assert (await client.get(url(registry, "/nodes"))).status_code == 401  # the API itself still is not
+    spec = pages["/openapi.json"].json()
+    assert spec["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http", "scheme": "bearer", "description": "PY_API_TOKEN"}
+    operations = {(method, path): op for path, item in spec["paths"].items() for method, op in item.items()}
+    assert set(operations) >= {("get", "/nodes"), ("get", "/nodes/{uid}"), ("patch", "/nodes/{uid}"),
+                               ("put", "/nodes/{uid}/zone"), ("delete", "/nodes/{uid}/zone"),
+                               ("get", "/nodes/{uid}/config"), ("put", "/nodes/{uid}/config"),
+                               ("post", "/nodes/{uid}/config/publish")}
+    for (method, path), op in operations.items():
+        if path in ("/health", "/ready", "/metrics"):
+            assert "security" not in op, path
+            continue
+        assert op["security"] == [{"bearerAuth": []}] and op["summary"], (method, path)
+        for code, answer in op["responses"].items():
+            assert "example" in answer["content"]["application/json"], (method, path, code)
+        if method in ("put", "patch"):
+            assert op["requestBody"]["content"]["application/json"]["examples"], (method, path)

@@ -1,6 +1,6 @@
 """mqtt-bridge: the REST → MQTT gateway Laravel calls (contract §7.1).
 
-One FastAPI app on BRIDGE_PORT (API, /docs, /health, /ready, /metrics), one MQTT client
+One FastAPI app on BRIDGE_PORT (API, offline /docs /redoc /openapi.json, /health, /ready, /metrics), one MQTT client
 (`-bridge`), one PostgreSQL pool, one Redis client. Every command goes through
 common.commands.issue_command. Start-up does not wait for the broker or the database: /health
 says what is down, requests answer 503 with Retry-After until it is back.
@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from common.commands import CommandError, CommandPublishError
 from common.db import CONNECTION_ERRORS, Database
 from common.env import Settings, settings_or_exit
+from common.http_docs import docs_app
 from common.mqtt import MqttClient
 from common.redis_client import redis_client
 from common.service import HttpServer, add_ops_routes, run_service
@@ -25,7 +26,7 @@ from common.topics import Topics
 
 from api import build_router
 from bridge_settings import BridgeSettings
-from http_guard import BridgeGuard
+from http_guard import PROTECTED_PREFIX, BridgeGuard
 from publisher import ApiError, Publisher
 from routines import Routines
 from tasks import TaskRegistry
@@ -76,9 +77,10 @@ class BridgeService:
 
 
 def create_app(service: BridgeService) -> FastAPI:
-    app = FastAPI(title="hydro mqtt-bridge", version="2.0",
-                  description="REST → MQTT gateway: node commands, NodeConfig publishing, zone water routines. "
-                              "Every /bridge route needs `Authorization: Bearer <PY_API_TOKEN>`.")
+    app = docs_app(title="hydro mqtt-bridge", version="2.0",
+                   description="REST → MQTT gateway: node commands, NodeConfig publishing, zone water routines. "
+                               "Every /bridge route needs the bearer token.",
+                   protected=lambda path: path.startswith(PROTECTED_PREFIX))
     app.include_router(build_router(service))
     retry = service.retry_after
 
@@ -106,7 +108,7 @@ def create_app(service: BridgeService) -> FastAPI:
     # Contract §7.1 [DECISION]: /health reports MQTT and the database (503 when either is down).
     app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/health"]
 
-    @app.get("/health", tags=["ops"], responses={
+    @app.get("/health", tags=["ops"], summary="MQTT and the database answer", responses={
         200: {"content": {"application/json": {"example": {"status": "ok", "data": {"mqtt": "ok", "db": "ok"}}}}},
         503: {"content": {"application/json": {"example": {"status": "unavailable",
                                                            "data": {"mqtt": "down", "db": "ok"}}}}}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import httpx
 import orjson
@@ -76,9 +77,20 @@ async def test_health_ready_and_metrics(bridge, world):
 
 
 async def test_openapi_documents_every_endpoint_with_examples(bridge):
-    docs = await bridge.http.get("/docs")
-    assert docs.status_code == 200 and "swagger" in docs.text.lower()
-    spec = (await bridge.http.get("/openapi.json")).json()
+    async with httpx.AsyncClient(base_url=str(bridge.http.base_url)) as anonymous:  # the docs need no token
+        docs = await anonymous.get("/docs")
+        redoc = await anonymous.get("/redoc")
+        spec = (await anonymous.get("/openapi.json")).json()
+        assets = {asset: await anonymous.get(asset) for page in (docs, redoc)
+                  for asset in re.findall(r'(?:src|href)="([^"]+)"', page.text)}
+    assert docs.status_code == 200 and "swagger" in docs.text.lower() and redoc.status_code == 200
+    assert "https://" not in docs.text + redoc.text  # scripts and styles come from the bridge, not a CDN
+    assert "/static-offline-docs/swagger-ui-bundle.js" in assets and "/static-offline-docs/redoc.standalone.js" in assets
+    assert all(answer.status_code == 200 for answer in assets.values()), {a: r.status_code for a, r in assets.items()}
+    assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"  # the Authorize button
+    metrics = (await bridge.http.get("/metrics")).text  # every asset under one bounded label
+    assert 'bridge_requests_total{path="/static-offline-docs",status="200"}' in metrics
+    assert "swagger-ui-bundle.js" not in metrics
     bridge_ops = [(path, method, op) for path, item in spec["paths"].items() for method, op in item.items()
                   if path.startswith("/bridge/")]
     assert {(p, m) for p, m, _ in bridge_ops} >= {
@@ -92,7 +104,9 @@ async def test_openapi_documents_every_endpoint_with_examples(bridge):
             assert "example" in answer["content"]["application/json"], (path, method, code)
         if method == "post":
             assert op["requestBody"]["content"]["application/json"]["examples"], (path, method)
+        assert op["security"] == [{"bearerAuth": []}], (path, method)
     assert "/health" in spec["paths"] and "/metrics" in spec["paths"]
+    assert "security" not in spec["paths"]["/health"]["get"]
 
 
 async def test_zone_updated_signals_the_automation_engine_over_redis(bridge):

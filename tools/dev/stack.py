@@ -80,16 +80,19 @@ PASSTHROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
 class ServiceDef:
     folder: str
     ports: dict[str, str]  # label -> Settings field holding the port
-    links: list[tuple[str, str]] = field(default_factory=list)  # (label, path) printed for the user
+    links: list[str] = field(default_factory=list)  # paths on the api port, printed as URLs (each answers GET 200)
+    docs: bool = False  # serves /docs and /redoc (public pages; API calls with the token via Authorize)
+    note: str = ""
 
 
+OPS = ["/health", "/ready", "/metrics"]
 SERVICES = [
-    ServiceDef("mqtt-bridge", {"api": "bridge_port"}, [("REST docs", "/docs"), ("metrics", "/metrics")]),
+    ServiceDef("mqtt-bridge", {"api": "bridge_port"}, OPS, docs=True),
     ServiceDef("history-logger", {"api": "history_logger_port", "metrics": "history_logger_metrics_port"},
-               [("ingest", "/ingest/telemetry")]),
-    ServiceDef("automation-engine", {"api": "automation_port"}, [("metrics", "/metrics")]),
-    ServiceDef("scheduler", {"api": "scheduler_port"}, [("metrics", "/metrics")]),
-    ServiceDef("device-registry", {"api": "registry_port"}, [("REST docs", "/docs"), ("metrics", "/metrics")]),
+               ["/health", "/ready"], note="POST /ingest/telemetry"),
+    ServiceDef("automation-engine", {"api": "automation_port"}, OPS),
+    ServiceDef("scheduler", {"api": "scheduler_port"}, OPS),
+    ServiceDef("device-registry", {"api": "registry_port"}, OPS, docs=True),
 ]
 
 
@@ -468,16 +471,19 @@ def url(settings: Settings, port_field: str, path: str = "") -> str:
 def print_where(started: list[ServiceDef], env: dict[str, str], settings: Settings, log_dir: Path) -> None:
     out("")
     out("where everything is:")
+    # every http:// URL printed here answers GET 200 as printed (tests/test_dev_stack.py opens each one)
     for svc in started:
         api = url(settings, svc.ports["api"])
-        extras = [f"{label} {api}{path}" for label, path in svc.links]
+        links = [f"{api}{path}" for path in svc.links]
         if "metrics" in svc.ports:
-            extras.append(f"metrics {url(settings, svc.ports['metrics'], '/metrics')}")
-        out(f"  {svc.folder:<18} {api}  (/health /ready) " + "  ".join(extras))
+            links.append(url(settings, svc.ports["metrics"], "/metrics"))
+        out(f"  {svc.folder:<18} " + "  ".join(links) + (f"  ({svc.note})" if svc.note else ""))
+        if svc.docs:
+            out(f"  {'':<18} REST docs {api}/docs  ReDoc {api}/redoc  (API calls: Authorize with the token below)")
     out(f"  {'MQTT':<18} mqtt://{settings.mqtt_host}:{settings.mqtt_port}  topics {settings.mqtt_topic_root}/#  "
         f"(mosquitto_sub -h {settings.mqtt_host} -t '{settings.mqtt_topic_root}/#' -v)")
     out(f"  {'PostgreSQL':<18} psql -h {settings.pg_host} -U {settings.pg_user} {settings.pg_db}")
-    out(f"  {'bridge token':<18} Authorization: Bearer {env.get('PY_API_TOKEN')}")
+    out(f"  {'API token':<18} Authorization: Bearer {env.get('PY_API_TOKEN')}  (bridge /bridge/* and registry routes)")
     out(f"  {'logs':<18} {log_dir}/<service>.log")
     out("")
 
