@@ -51,7 +51,8 @@ MQTT_USERS = {"mqtt-bridge": "mqtt_bridge", "history-logger": "history_logger",
               "device-registry": "device_registry"}
 NODE_A, NODE_B = "nd-ph-demo-a", "nd-ec-demo-a"   # seeded demo nodes (tools/dev/stack.py), both zone A
 SECRET_VARS = ("PG_PASS", "REDIS_PASS", "PY_API_TOKEN", "MQTT_BRIDGE_PASS", "HISTORY_LOGGER_MQTT_PASS",
-               "AUTOMATION_MQTT_PASS", "SCHEDULER_MQTT_PASS", "REGISTRY_MQTT_PASS", "GRAFANA_ADMIN_PASSWORD")
+               "AUTOMATION_MQTT_PASS", "SCHEDULER_MQTT_PASS", "REGISTRY_MQTT_PASS", "GRAFANA_ADMIN_PASSWORD",
+               "LARAVEL_API_TOKEN")
 
 
 class Report:
@@ -374,7 +375,7 @@ def run_prod(report: Report) -> None:
         proc = stack.compose("up", "-d", "--no-build", *stack.services, env_file=empty, timeout=300, log="refused")
         left = stack.leftovers()
         report.check("prod: refuses to start without the secrets", proc.returncode != 0 and not left
-                     and "set PG_PASS" in proc.stderr, f"exit {proc.returncode}, {proc.stderr.strip().splitlines()[-1][:160] if proc.stderr.strip() else ''!r}"
+                     and any(f"set {name}" in proc.stderr for name in SECRET_VARS), f"exit {proc.returncode}, {proc.stderr.strip().splitlines()[-1][:160] if proc.stderr.strip() else ''!r}"
                      + (f", created: {left}" if left else ""))
 
         if not stack.up() or not stack.wait_healthy(stack.services, "healthy"):
