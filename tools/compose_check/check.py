@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -193,7 +194,7 @@ class Stack:
         ok = True
         for name in services:
             if name in done:
-                what = "exited 0" if self.config["services"][name].get("restart") == "no" else "healthy"
+                what = "one-shot exited 0" if self.config["services"][name].get("restart") == "no" else "healthy"
                 self.report.check(f"{self.kind}: {name} {label}", True, f"{what} after {done[name]:.0f}s")
             else:
                 status, health, code = self.state(name)
@@ -273,7 +274,7 @@ def run_dev(report: Report) -> None:
         stack.skip_left_out()
         if not stack.up():
             return
-        if not stack.wait_healthy(stack.services, "healthy"):
+        if not stack.wait_healthy(stack.services, "up"):
             return
         rows = poll(lambda: int(stack.sql("SELECT count(*) FROM telemetry_samples", "hydro_dev") or 0), WAIT_SEC)
         report.check("dev: simulator telemetry in telemetry_samples (db container)", rows > 0, f"{rows} rows")
@@ -374,22 +375,15 @@ def run_prod(report: Report) -> None:
         empty.write_text("")
         proc = stack.compose("up", "-d", "--no-build", *stack.services, env_file=empty, timeout=300, log="refused")
         left = stack.leftovers()
+        named = re.search(r"set (\w+)", proc.stderr)
         report.check("prod: refuses to start without the secrets", proc.returncode != 0 and not left
-                     and any(f"set {name}" in proc.stderr for name in SECRET_VARS), f"exit {proc.returncode}, {proc.stderr.strip().splitlines()[-1][:160] if proc.stderr.strip() else ''!r}"
-                     + (f", created: {left}" if left else ""))
+                     and bool(named) and named.group(1) in SECRET_VARS,
+                     f"exit {proc.returncode}, names {named.group(1) if named else proc.stderr.strip()[-200:]!r}, "
+                     f"{'created ' + ', '.join(left) if left else 'nothing created'}")
 
-        if not stack.up() or not stack.wait_healthy(stack.services, "healthy"):
+        if not stack.up() or not stack.wait_healthy(stack.services, "up"):
             return
-        mqtt_id = stack.container("mqtt")
-
-        def users_seen():
-            logs = docker("logs", mqtt_id).stdout + docker("logs", mqtt_id).stderr
-            return {s: f"u'{u}'" in logs for s, u in MQTT_USERS.items()}
-        seen = poll(lambda: (lambda s: s if all(s.values()) else None)(users_seen()), WAIT_SEC) or users_seen()
-        for service, user in MQTT_USERS.items():
-            report.check(f"prod: {service} connects to the broker as {user}", seen[service],
-                         "connection logged by the broker" if seen[service] else "no connection with this user in the broker log")
-
+        check_broker_users(stack)
         seeded = stack.compose("run", "--rm", "--no-deps", "-v", f"{ROOT}/tools:/app/tools:ro", "migrate",
                                "python", "tools/dev/stack.py", "--seed-only", timeout=300, log="seed")
         if not report.check("prod: demo greenhouse seeded (tools/dev/stack.py --seed-only in the stack)",
@@ -401,6 +395,28 @@ def run_prod(report: Report) -> None:
         stack.down()
         stack.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_broker_users(stack: Stack) -> None:
+    """Each service's own connection (from its container's address) logged with its own user name.
+    The broker's health check logs in as device_registry from inside the broker: not counted."""
+    mqtt_id = stack.container("mqtt")
+
+    def seen() -> dict[str, bool]:
+        logs = docker("logs", mqtt_id)
+        text = logs.stdout + logs.stderr
+        found = {}
+        for service, user in MQTT_USERS.items():
+            ip = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+                        stack.container(service)).stdout.split()
+            found[service] = bool(ip) and re.search(
+                rf"New client connected from {re.escape(ip[0])}:\d+ as \S+ \(.*u'{re.escape(user)}'\)", text) is not None
+        return found
+    result = poll(lambda: (lambda f: f if all(f.values()) else None)(seen()), WAIT_SEC) or seen()
+    for service, user in MQTT_USERS.items():
+        stack.report.check(f"prod: {service} connects to the broker as {user}", result[service],
+                           "its container's connection logged with this user" if result[service]
+                           else "no connection from its container with this user in the broker log")
 
 
 def check_prod_broker(stack: Stack, values: dict[str, str], nodes: dict[str, str]) -> None:
@@ -435,10 +451,20 @@ def check_prod_broker(stack: Stack, values: dict[str, str], nodes: dict[str, str
         report.check("prod: a node's telemetry lands in telemetry_samples (history-logger via the ACL)", rows > 0,
                      f"{rows} rows with value {value}")
 
+        # Mosquitto's ACL file does not refuse a subscription (SUBACK grants it): it filters what is
+        # delivered. So `#` must bring the node nothing but what it may read. A service user publishes,
+        # in this order, another node's command and config, then this node's command.
         wildcard = node.subscribe("#")
-        own = node.subscribe(f"{where[NODE_A]}/+/command")
-        report.check("prod: ACL: a node's subscription to # is refused", bool(wildcard) and wildcard[0] >= 0x80
-                     and own and own[0] < 0x80, f"SUBACK # {wildcard}, own command topic {own}")
+        bridge_user = MqttProbe(port, "mqtt_bridge", values["MQTT_BRIDGE_PASS"], "bridge-user")
+        probes.append(bridge_user)
+        marker = secrets.token_hex(6)
+        bridge_user.publish(f"{where[NODE_B]}/ec_sensor/command", {"cmd_id": f"other-{marker}", "cmd": "calibrate"})
+        bridge_user.publish(f"{where[NODE_B]}/config", {"node_id": NODE_B, "marker": marker})
+        bridge_user.publish(f"{where[NODE_A]}/ph_sensor/command", {"cmd_id": f"own-{marker}", "cmd": "calibrate"})
+        own = poll(lambda: node.seen(lambda m: f"own-{marker}".encode() in m[1]), 30, 0.2)
+        foreign = sorted({t for t, _ in node.seen(lambda m: not m[0].startswith(where[NODE_A] + "/"))})
+        report.check("prod: ACL: a node subscribed to # receives only its own topics", bool(own) and not foreign,
+                     f"SUBACK {wildcard}, own command delivered: {bool(own)}, other topics delivered: {foreign[:3]}")
 
         bridge, token = f"http://127.0.0.1:{stack.ports[('mqtt-bridge', 9000)]}", values["PY_API_TOKEN"]
         other = http("POST", f"{bridge}/bridge/nodes/{NODE_B}/commands", token,
@@ -447,7 +473,7 @@ def check_prod_broker(stack: Stack, values: dict[str, str], nodes: dict[str, str
                     {"type": "calibrate", "channel": "ph_sensor", "params": {"stage": 1, "known_ph": 7.0}})
         cmd_id = mine[1].get("data", {}).get("command_id")
         got = poll(lambda: node.seen(lambda m: m[0].endswith("/command") and cmd_id and cmd_id.encode() in m[1]), 30, 0.2)
-        stray = node.seen(lambda m: m[0].startswith(where[NODE_B]))
+        stray = node.seen(lambda m: not m[0].startswith(where[NODE_A] + "/"))
         report.check("prod: ACL: a node receives its own command and not another node's",
                      other[0] == 200 and bool(got) and not stray,
                      f"bridge HTTP {other[0]}/{mine[0]}, own command delivered: {bool(got)}, other's delivered: {bool(stray)}")
@@ -482,7 +508,7 @@ def check_prod_persistence(stack: Stack, values: dict[str, str]) -> None:
                 proc = stack.compose("up", "-d", "--no-deps", "db", "redis", timeout=300, log="recreate")
         if not report.check(f"prod: {how} of db and redis", proc.returncode == 0, f"exit {proc.returncode}"):
             continue
-        stack.wait_healthy(["db", "redis"], f"healthy after {how}")
+        stack.wait_healthy(["db", "redis"], f"up after {how}")
         pg, rd = markers()
         report.check(f"prod: PostgreSQL data survives the {how}", pg, "marker row read back" if pg else "marker row lost")
         report.check(f"prod: Redis data survives the {how}", rd, "marker key read back" if rd else "marker key lost")

@@ -184,9 +184,9 @@ def ensure_standin(image: str, name: str, log_dir: Path) -> str:
     wanted = definition_hash(directory, extra)
     have = image_label(image)
     if have == "":
-        return f"{image}: a real image is present, used as it is"
+        return "a real image is present, used as it is"
     if have == wanted:
-        return f"{image}: stand-in present"
+        return "stand-in present"
     with tempfile.TemporaryDirectory(prefix="hydro-standin-ctx-") as ctx:
         shutil.copytree(directory, ctx, dirs_exist_ok=True)
         if name == "python":
@@ -197,4 +197,4 @@ def ensure_standin(image: str, name: str, log_dir: Path) -> str:
                                   stdout=out, stderr=subprocess.STDOUT, timeout=1800)
         if proc.returncode != 0:
             raise EngineError(f"building the stand-in {image} failed, see {log}")
-    return f"{image}: stand-in built ({'rebuilt, definition changed' if have else 'new'})"
+    return f"stand-in built ({'rebuilt, definition changed' if have else 'new'})"
