@@ -5,6 +5,7 @@
 set -euo pipefail
 if [ "${1:0:1}" = '-' ]; then set -- postgres "$@"; fi
 if [ "$1" != postgres ]; then exec "$@"; fi
+case " $* " in *" --version "*|*" -V "*|*" --help "*|*" -\? "*|*" --describe-config "*) exec "$@" ;; esac
 
 if [ "$(id -u)" = 0 ]; then
   mkdir -p "$PGDATA" /var/run/postgresql

@@ -5,6 +5,7 @@ set -e
 if [ "${1#-}" != "$1" ]; then
   set -- redis-server "$@"
 fi
+case " $* " in *" --version "*|*" -v "*|*" --help "*|*" -h "*) exec "$@" ;; esac
 if [ "$1" = redis-server ]; then
   shift
   if [ -n "${1:-}" ] && [ "${1#-}" = "$1" ]; then   # a config file comes first
