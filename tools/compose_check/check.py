@@ -227,6 +227,8 @@ class Stack:
         self.file.unlink(missing_ok=True)
 
     def up(self, services: list[str] | None = None, label: str = "up -d --build") -> bool:
+        if self.leftovers():   # an earlier run was interrupted before its `down`
+            self.compose("down", "-v", "--remove-orphans", "--timeout", "10", timeout=300, log="stale-down")
         proc = self.compose("up", "-d", "--build", *(services or self.services), timeout=1800, log="up")
         return self.report.check(f"{self.kind}: {label}", proc.returncode == 0,
                                  f"exit {proc.returncode}" + ("" if proc.returncode == 0 else
@@ -387,7 +389,8 @@ def run_prod(report: Report) -> None:
         seeded = stack.compose("run", "--rm", "--no-deps", "-v", f"{ROOT}/tools:/app/tools:ro", "migrate",
                                "python", "tools/dev/stack.py", "--seed-only", timeout=300, log="seed")
         if not report.check("prod: demo greenhouse seeded (tools/dev/stack.py --seed-only in the stack)",
-                            seeded.returncode == 0, f"exit {seeded.returncode} {seeded.stderr.strip()[-300:]!r}"):
+                            seeded.returncode == 0, f"exit {seeded.returncode}"
+                            + ("" if seeded.returncode == 0 else f" {seeded.stderr.strip()[-300:]!r}")):
             return
         check_prod_broker(stack, values, nodes)
         check_prod_persistence(stack, values)
