@@ -178,7 +178,8 @@ class Stack:
         start = time.monotonic()
         pending = {s: self.config["services"][s] for s in services}
         done: dict[str, float] = {}
-        while pending and time.monotonic() - start < HEALTH_BOUND_SEC:
+        failed = False   # a one-shot that exited non-zero will not recover
+        while pending and not failed and time.monotonic() - start < HEALTH_BOUND_SEC:
             for name in list(pending):
                 status, health, code = self.state(name)
                 one_shot = pending[name].get("restart") == "no"
@@ -186,19 +187,18 @@ class Stack:
                     done[name] = time.monotonic() - start
                     del pending[name]
                 elif one_shot and status == "exited":
-                    break
-            else:
+                    failed = True
+            if pending and not failed:
                 time.sleep(2)
-                continue
-            break
         ok = True
         for name in services:
             if name in done:
                 what = "one-shot exited 0" if self.config["services"][name].get("restart") == "no" else "healthy"
-                self.report.check(f"{self.kind}: {name} {label}", True, f"{what} after {done[name]:.0f}s")
+                self.report.check(f"{self.kind}: {name} {label}", True, f"{what} (waited {done[name]:.0f}s)")
             else:
                 status, health, code = self.state(name)
-                tail = docker("logs", "--tail", "15", self.container(name)).stderr[-600:] if self.container(name) else ""
+                logs = docker("logs", "--tail", "15", self.container(name)) if self.container(name) else None
+                tail = (logs.stdout + logs.stderr)[-600:] if logs else ""
                 ok = self.report.check(f"{self.kind}: {name} {label}", False,
                                        f"{status}/{health}/exit {code} within {HEALTH_BOUND_SEC:.0f}s; last log: {tail!r}")
         return ok and not pending
@@ -529,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
             run_dev(report)
         if args.only in (None, "prod"):
             run_prod(report)
-    print(f"compose-check: {report.summary()} in {time.monotonic() - started:.0f}s (logs in {LOG_DIR})", flush=True)
+    print(f"took {time.monotonic() - started:.0f}s; compose output in {LOG_DIR}")
+    print(f"compose-check: {report.summary()}", flush=True)
     return 1 if report.counts["FAIL"] else 0
 
 
