@@ -386,6 +386,7 @@ def run_prod(report: Report) -> None:
         if not stack.up() or not stack.wait_healthy(stack.services, "up"):
             return
         check_broker_users(stack)
+        check_prometheus(stack)
         seeded = stack.compose("run", "--rm", "--no-deps", "-v", f"{ROOT}/tools:/app/tools:ro", "migrate",
                                "python", "tools/dev/stack.py", "--seed-only", timeout=300, log="seed")
         if not report.check("prod: demo greenhouse seeded (tools/dev/stack.py --seed-only in the stack)",
