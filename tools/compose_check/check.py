@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -73,9 +74,21 @@ class Report:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range: the engine binds it a little later, and a port
+    from that range can be taken meanwhile by any process's outgoing connection (or a test's port 0)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(20000, max(low, 20001))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found below the ephemeral range")
 
 
 def poll(fn, bound: float, every: float = 2.0):
@@ -120,7 +133,8 @@ class Stack:
         self.file = ROOT / f".compose-check.{kind}.yml"
         self.project = f"hydrocheck{kind}"
         self.ports: dict[tuple[str, int], int] = {}
-        self.config = self._derive(mounts or {})
+        self.mounts = mounts or {}
+        self.config = self._derive(self.mounts)
         self.services = [s for s, spec in self.config["services"].items() if spec.get("image") not in engine.NO_STANDIN]
         self.left_out = [s for s in self.config["services"] if s not in self.services]
 
@@ -230,6 +244,12 @@ class Stack:
         if self.leftovers():   # an earlier run was interrupted before its `down`
             self.compose("down", "-v", "--remove-orphans", "--timeout", "10", timeout=300, log="stale-down")
         proc = self.compose("up", "-d", "--build", *(services or self.services), timeout=1800, log="up")
+        if proc.returncode != 0 and "address already in use" in proc.stderr:
+            # Another process took a chosen port in the meantime: new ports, once more.
+            self.compose("down", "-v", "--remove-orphans", "--timeout", "10", timeout=300, log="port-retry-down")
+            self.ports.clear()
+            self.config = self._derive(self.mounts)
+            proc = self.compose("up", "-d", "--build", *(services or self.services), timeout=1800, log="up")
         return self.report.check(f"{self.kind}: {label}", proc.returncode == 0,
                                  f"exit {proc.returncode}" + ("" if proc.returncode == 0 else
                                                              f", see {LOG_DIR}/{self.kind}-up.log: {proc.stderr.strip()[-400:]!r}"))
