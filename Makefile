@@ -5,10 +5,16 @@ BIN := $(VENV)/bin
 REQUIREMENTS := requirements-test.txt $(wildcard */requirements.txt)
 STAMP := $(VENV)/.stamp-requirements
 
-.PHONY: test venv services migrate dev deploy-tools bench
+.PHONY: test venv services migrate dev deploy-tools bench compose-check
 
 test: venv services deploy-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@if [ -n "$(COMPOSE_CHECK)" ]; then $(MAKE) --no-print-directory compose-check; fi
+
+# Both compose stacks on a real Docker engine (root; installs docker.io, starts dockerd, builds the
+# stand-in base images once). Slow: part of `make test` only with COMPOSE_CHECK=1.
+compose-check: venv
+	$(BIN)/python tools/compose_check/check.py $(COMPOSE_CHECK_ARGS)
 
 # The whole stack on this machine: servers, demo data, five services, node simulator (Ctrl-C stops it).
 dev: venv services

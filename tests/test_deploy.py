@@ -32,7 +32,8 @@ API_PORT = {"mqtt-bridge": "bridge_port", "history-logger": "history_logger_port
 METRICS_PORT = dict(API_PORT, **{"history-logger": "history_logger_metrics_port"})
 PROD_SECRETS = {"PG_PASS": "pg-secret", "REDIS_PASS": "redis-secret", "PY_API_TOKEN": "api-secret",
                 "MQTT_BRIDGE_PASS": "p1", "HISTORY_LOGGER_MQTT_PASS": "p2", "AUTOMATION_MQTT_PASS": "p3",
-                "SCHEDULER_MQTT_PASS": "p4", "REGISTRY_MQTT_PASS": "p5", "GRAFANA_ADMIN_PASSWORD": "p6"}
+                "SCHEDULER_MQTT_PASS": "p4", "REGISTRY_MQTT_PASS": "p5", "GRAFANA_ADMIN_PASSWORD": "p6",
+                "LARAVEL_API_TOKEN": "p7"}
 COMPOSE_FILES = ("docker-compose.dev.yml", "docker-compose.prod.yml")
 DASHBOARD = ROOT / "deploy/grafana/dashboards/hydro-overview.json"
 

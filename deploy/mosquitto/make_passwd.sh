@@ -33,5 +33,13 @@ else
   cp "$plain" "$out"
   docker run --rm -v "$out:/passwd" eclipse-mosquitto:2 mosquitto_passwd -U /passwd
 fi
+# The broker in the container (eclipse-mosquitto:2) reads this file after dropping root, as its user
+# mosquitto (uid and gid 1883): private to that user, it starts; private to whoever ran this, it cannot.
 chmod 600 "$out"
+if [ "$(id -u)" = 0 ]; then
+  chown "${PASSWD_OWNER:-1883:1883}" "$out"
+else
+  echo "warning: not root, so $out stays owned by you and the broker in the container cannot read it;" \
+       "run this with sudo -E, or: sudo chown 1883:1883 $out" >&2
+fi
 echo "wrote $out ($(wc -l < "$out") users)"
