@@ -34,7 +34,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "automation-engine")]
 
-from tools.bench import result  # noqa: E402
+from tools.bench import result, roundtrips  # noqa: E402
 from common import testing  # noqa: E402
 from common.db import Database  # noqa: E402
 from common.migrate import apply_migrations  # noqa: E402
@@ -47,6 +47,7 @@ from engine import Engine, utcnow  # noqa: E402
 from snapshot import load_facts, load_zones  # noqa: E402
 import datetime as dt  # noqa: E402
 
+ROUND_TRIPS = roundtrips.install()  # counts on the Database pools opened from here on
 LIMITS = '{"safe_limits": {"max_duration_ms": 5000, "min_off_ms": 3000}}'
 TARGET_10K_SEC = 3.0      # the largest size (10,000 zones)
 TARGET_1K_SEC = 2.0       # 1,000 zones
@@ -128,7 +129,9 @@ async def run_size(zones: int, args: argparse.Namespace) -> dict:
         profiler = cProfile.Profile() if args.profile else None
         if profiler:
             profiler.enable()
+        trips = ROUND_TRIPS.count
         first = await engine.run_cycle()
+        first_trips = ROUND_TRIPS.count - trips
         if profiler:
             profiler.disable()
             path = f"{args.profile}.{zones}"
@@ -136,7 +139,9 @@ async def run_size(zones: int, args: argparse.Namespace) -> dict:
             print(f"profile of the first {zones}-zone cycle written to {path}; by own time:")
             pstats.Stats(path).sort_stats("tottime").print_stats(25)
         doses = await db.fetchval("SELECT count(*) FROM commands WHERE source = 'automation'")
+        trips = ROUND_TRIPS.count
         steady = [await engine.run_cycle(utcnow() + dt.timedelta(seconds=15 * (i + 1))) for i in range(3)]
+        steady_trips = (ROUND_TRIPS.count - trips) / 3
         baseline_after = statistics.median([await bare_reads(db, auto) for _ in range(args.repeat)])
     finally:
         await mqtt.stop()
@@ -148,12 +153,15 @@ async def run_size(zones: int, args: argparse.Namespace) -> dict:
     steady_sec = statistics.median(r.duration for r in steady)
     print(f"{zones} zones: {first.processed} processed ({out_of_band} out of band), failed {first.failed}, "
           f"concurrency {first.concurrency}, commands published {doses}")
-    print(f"  first cycle (with the doses):    {first.duration:.3f} s = {first.duration / zones * 1000:.3f} ms/zone")
-    print(f"  steady cycle (median of 3):      {steady_sec:.3f} s = {steady_sec / zones * 1000:.3f} ms/zone")
+    print(f"  first cycle (with the doses):    {first.duration:.3f} s = {first.duration / zones * 1000:.3f} ms/zone, "
+          f"{first_trips} database round trips ({first_trips / zones:.2f} per zone, "
+          f"{first_trips / max(1, doses):.1f} per dose)")
+    print(f"  steady cycle (median of 3):      {steady_sec:.3f} s = {steady_sec / zones * 1000:.3f} ms/zone, "
+          f"{steady_trips:.0f} database round trips")
     print(f"  baseline: bare database reads:   {baseline:.3f} s (median of {2 * args.repeat})")
     print(f"  ratio first / baseline:          {first.duration / baseline:.1f}x")
     print(f"  ratio steady / baseline:         {steady_sec / baseline:.1f}x", flush=True)
-    return {"zones": zones, "first": first.duration, "steady": steady_sec, "baseline": baseline, "doses": doses,
+    return {"zones": zones, "first": first.duration, "trips": first_trips / zones, "steady": steady_sec, "baseline": baseline, "doses": doses,
             "failed": first.failed, "processed": first.processed}
 
 
@@ -171,7 +179,8 @@ async def main() -> None:
     for r in runs:
         target = TARGET_10K_SEC if r["zones"] >= 10_000 else TARGET_1K_SEC if r["zones"] >= 1000 else None
         met = r["failed"] == 0 and r["processed"] == r["zones"] and (target is None or r["first"] < target)
-        rows.append(result.row(f"automation: {r['zones']}-zone cycle (with {r['doses']} doses)", f"{r['first']:.3f} s",
+        rows.append(result.row(f"automation: {r['zones']}-zone cycle (with {r['doses']} doses)",
+                               f"{r['first']:.3f} s ({r['trips']:.2f} round trips/zone)",
                                f"{r['baseline']:.3f} s bare DB reads", r["first"] / r["baseline"],
                                f"< {target:g} s" if target else "", met))
     if len(runs) > 1:

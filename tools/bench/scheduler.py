@@ -38,7 +38,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "scheduler")]
 
-from tools.bench import result  # noqa: E402
+from tools.bench import result, roundtrips  # noqa: E402
 from common import testing  # noqa: E402
 from common.commands import issue_command  # noqa: E402
 from common.db import Database, _init_connection  # noqa: E402
@@ -57,6 +57,7 @@ STARTUP_RATIO_TARGET = 0.6     # × issue_command alone
 STEADY_TARGET_SEC = 0.5
 # A firing is done once executed (run finished or waiting for its follow-up) or recorded as missed.
 DONE_SQL = "SELECT count(*) FROM scheduler_runs WHERE status <> 'running' OR followup_at IS NOT NULL"
+ROUND_TRIPS = roundtrips.install()
 
 
 def admin_kwargs(database: str = "postgres") -> dict:
@@ -111,6 +112,7 @@ async def issue_alone(db: Database, mqtt: MqttClient, topics: Topics, zones: int
 async def startup_tick(sched: Scheduler, db: Database, limit: float, profile: str | None) -> dict:
     """The first tick of a fresh scheduler, stopped after `limit` seconds if still running."""
     profiler = cProfile.Profile() if profile else None
+    trips = ROUND_TRIPS.count
     task = asyncio.ensure_future(sched.tick(NOW))
     t0 = time.perf_counter()
     if profiler:
@@ -126,12 +128,14 @@ async def startup_tick(sched: Scheduler, db: Database, limit: float, profile: st
         if profiler:
             profiler.disable()
     seconds = time.perf_counter() - t0
+    trips = ROUND_TRIPS.count - trips
     if profiler:
         profiler.dump_stats(profile)
         print(f"profile of the start-up tick written to {profile}; by own time:")
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
     done = await db.fetchval(DONE_SQL)
-    return {"claimed": claimed, "done": done, "seconds": seconds, "finished": finished, "rate": done / seconds}
+    return {"claimed": claimed, "done": done, "seconds": seconds, "finished": finished, "rate": done / seconds,
+            "trips": trips / max(1, done)}
 
 
 async def steady_ticks(sched: Scheduler, db: Database, ticks: int) -> dict:
@@ -169,7 +173,7 @@ async def run_size(zones: int, args: argparse.Namespace, steady: bool) -> tuple[
             await conn.close()
         settings = testing.isolated_settings(PG_DB=name, LOG_LEVEL="error")
         db = Database(settings)
-        await db.connect()
+        await db.connect()  # its connections count their round trips (roundtrips.install)
         mqtt = MqttClient(settings, "-scheduler")
         await mqtt.start(wait=10)
         try:
@@ -177,7 +181,9 @@ async def run_size(zones: int, args: argparse.Namespace, steady: bool) -> tuple[
             sched = Scheduler(settings, SchedulerConfig(), db, CommandSender(db, mqtt, topics))
             for _ in range(3):
                 await db.fetch(LOAD_SQL)  # warm the plan and the caches
+            trips = ROUND_TRIPS.count
             alone = await issue_alone(db, mqtt, topics, zones, args.issue_concurrency)
+            alone_trips = (ROUND_TRIPS.count - trips) / zones
             profile = f"{args.profile}.{zones}" if args.profile else None
             start = await startup_tick(sched, db, args.startup_limit, profile)
             if steady:
@@ -193,14 +199,15 @@ async def run_size(zones: int, args: argparse.Namespace, steady: bool) -> tuple[
     how = "" if start["finished"] else f" -- STOPPED after {args.startup_limit:g} s, {start['done']} done"
     lines.append(f"{zones} zones, {items} schedule items")
     lines.append(f"  baseline: issue_command alone, {zones} commands, {args.issue_concurrency} at a time: "
-                 f"{alone:,.0f} commands/s")
+                 f"{alone:,.0f} commands/s, {alone_trips:.1f} database round trips per command")
     lines.append(f"  start-up tick: {start['claimed']} firings claimed (every zone's light state once, irrigation in "
-                 f"the catch-up window) in {start['seconds']:.2f} s{how}: {start['rate']:,.0f} firings/s; "
-                 f"ratio {ratio:.2f}x (target >= {STARTUP_RATE_TARGET:,.0f}/s and >= {STARTUP_RATIO_TARGET}x)")
+                 f"the catch-up window) in {start['seconds']:.2f} s{how}: {start['rate']:,.0f} firings/s, "
+                 f"{start['trips']:.1f} database round trips per firing; ratio {ratio:.2f}x (target >= {STARTUP_RATE_TARGET:,.0f}/s and >= {STARTUP_RATIO_TARGET}x)")
     met = start["finished"] and start["rate"] >= STARTUP_RATE_TARGET and ratio >= STARTUP_RATIO_TARGET
     rows.append(result.row(
         f"scheduler: start-up tick, {zones} zones ({start['claimed']} firings)",
-        f"{start['rate']:,.0f} firings/s ({start['seconds']:.1f} s{'' if start['finished'] else ', stopped'})",
+        f"{start['rate']:,.0f} firings/s ({start['seconds']:.1f} s{'' if start['finished'] else ', stopped'}; "
+        f"{start['trips']:.1f} round trips/firing)",
         f"{alone:,.0f} commands/s issue_command alone", ratio,
         f">= {STARTUP_RATE_TARGET:,.0f}/s and >= {STARTUP_RATIO_TARGET}x", met))
     if steady:
