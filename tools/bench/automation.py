@@ -34,10 +34,9 @@ import asyncpg
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "automation-engine")]
 
-from tools.bench import result, roundtrips  # noqa: E402
+from tools.bench import result, roundtrips, schema  # noqa: E402
 from common import testing  # noqa: E402
 from common.db import Database  # noqa: E402
-from common.migrate import apply_migrations  # noqa: E402
 from common.mqtt import MqttClient  # noqa: E402
 from common.topics import Topics  # noqa: E402
 from actions import Services  # noqa: E402
@@ -116,8 +115,8 @@ async def run_size(zones: int, args: argparse.Namespace) -> dict:
     settings = testing.isolated_settings(PG_DB=name, LARAVEL_API_URL="", DB_POOL_MAX="10", LOG_LEVEL="warning")
     db, mqtt = Database(settings), MqttClient(settings, "-auto")
     try:
+        await schema.migrate(name, args.schema)
         conn = await asyncpg.connect(**admin_kwargs(name))
-        await apply_migrations(conn)
         out_of_band = await seed(conn, zones, args.out_of_band, args.samples)
         await conn.close()
         await db.connect()
@@ -172,7 +171,9 @@ async def main() -> None:
     parser.add_argument("--samples", type=int, default=12, help="PH and EC samples per zone in the last 2 h")
     parser.add_argument("--repeat", type=int, default=5, help="baseline repetitions (median)")
     parser.add_argument("--profile", help="cProfile the first cycle of each size to FILE.<zones> and print the top")
+    parser.add_argument("--schema", choices=schema.SCHEMAS, default=schema.default(), help="database schema")
     args = parser.parse_args()
+    print(f"schema: {args.schema}")
 
     runs = [await run_size(int(z), args) for z in args.zones.split(",")]
     rows = []

@@ -34,9 +34,8 @@ sys.path.insert(0, str(ROOT))
 import asyncpg  # noqa: E402
 import orjson  # noqa: E402
 
-from tools.bench import result  # noqa: E402
+from tools.bench import result, schema  # noqa: E402
 from common import testing  # noqa: E402
-from common.migrate import apply_migrations  # noqa: E402
 
 TOKEN = "bench-token"
 BODY = {"type": "run_pump", "params": {"duration_ms": 1000}, "greenhouse_uid": "gh-bench",
@@ -216,7 +215,7 @@ class Load:
                 "n": len(lat), "errors": len(self.errors), "statuses": sorted(set(self.errors))}
 
 
-async def prepare_database(name: str) -> None:
+async def prepare_database(name: str, schema_name: str) -> None:
     env = testing.SHARED_ENV
     admin_kwargs = dict(host=env["PG_HOST"], port=int(env["PG_PORT"]), user=env["PG_USER"],
                         password=env["PG_PASS"] or None, database="postgres")
@@ -225,9 +224,9 @@ async def prepare_database(name: str) -> None:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
+    await schema.migrate(name, schema_name)
     conn = await asyncpg.connect(**dict(admin_kwargs, database=name))
     try:
-        await apply_migrations(conn)
         gh = await conn.fetchval("INSERT INTO greenhouses (uid, name) VALUES ('gh-bench', 'bench') RETURNING id")
         zone = await conn.fetchval("INSERT INTO zones (greenhouse_id, name) VALUES ($1, 'bench') RETURNING id", gh)
         node = await conn.fetchval("INSERT INTO nodes (uid, zone_id, type, status) VALUES ('nd-bench-1', $1,"
@@ -307,7 +306,7 @@ def stop_server(server: subprocess.Popen) -> None:
 
 async def main(args: argparse.Namespace) -> int:
     db_name = f"hydro_bench_{os.getpid()}"
-    await prepare_database(db_name)
+    await prepare_database(db_name, args.schema)
     zone = BODY["zone_id"]
     # A private broker configured like deploy/ (TCP_NODELAY: PUBACK bursts are not held by Nagle).
     broker = testing.PrivateMosquitto.like_deploy().start()
@@ -336,6 +335,7 @@ async def main(args: argparse.Namespace) -> int:
         await drop_database(db_name)
         broker.close()
     results = {name: load.summary() for name, load in loads.items()}
+    print(f"schema: {args.schema}")
     print(f"POST, {args.clients} concurrent keep-alive clients, {args.seconds:g} s per route (two halves, "
           f"baseline-bridge-bridge-baseline), one server process each (DB_POOL_MAX={settings.db_pool_max})")
     labels = {"minimal": "minimal route (plain asyncpg + paho: insert, publish QoS1, PUBACK, mark sent)",
@@ -372,4 +372,5 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per route")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--pool", type=int, default=10, help="DB_POOL_MAX of both servers (service default 10)")
+    parser.add_argument("--schema", choices=schema.SCHEMAS, default=schema.default(), help="database schema")
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -35,8 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common import testing  # noqa: E402
-from tools.bench import result  # noqa: E402
-from common.migrate import apply_migrations  # noqa: E402
+from tools.bench import result, schema  # noqa: E402
 from common.redis_client import redis_client  # noqa: E402
 
 NODES = 20
@@ -153,6 +152,7 @@ async def main() -> int:
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                     help="extra environment for the service (repeatable), e.g. MQTT_RECEIVE_MAXIMUM=5000")
     ap.add_argument("--profile", help="write a py-spy profile (collapsed stacks) of the drain to this file")
+    ap.add_argument("--schema", choices=schema.SCHEMAS, default=schema.default(), help="database schema")
     args = ap.parse_args()
 
     broker = testing.PrivateMosquitto()
@@ -162,12 +162,13 @@ async def main() -> int:
     admin = await asyncpg.connect(host=env["PG_HOST"], port=int(env["PG_PORT"]), user=env["PG_USER"],
                                   database="postgres")
     await admin.execute(f'CREATE DATABASE "{dbname}"')
+    await schema.migrate(dbname, args.schema)
+    print(f"schema: {args.schema}")
     proc = None
     settings = testing.isolated_settings(PG_DB=dbname, MQTT_PORT=str(broker.port)).replace(
         history_logger_port=testing.free_port(), history_logger_metrics_port=testing.free_port())
     conn = await asyncpg.connect(host=env["PG_HOST"], port=int(env["PG_PORT"]), user=env["PG_USER"], database=dbname)
     try:
-        await apply_migrations(conn)
         gh = await conn.fetchval("INSERT INTO greenhouses (uid, name) VALUES ('gh-1', 'bench') RETURNING id")
         zone_ids = []
         for i in range(NODES):

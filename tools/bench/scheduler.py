@@ -38,11 +38,10 @@ import asyncpg
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "scheduler")]
 
-from tools.bench import result, roundtrips  # noqa: E402
+from tools.bench import result, roundtrips, schema  # noqa: E402
 from common import testing  # noqa: E402
 from common.commands import issue_command  # noqa: E402
 from common.db import Database, _init_connection  # noqa: E402
-from common.migrate import apply_migrations  # noqa: E402
 from common.mqtt import MqttClient  # noqa: E402
 from common.topics import Topics  # noqa: E402
 from actuators import CommandSender  # noqa: E402
@@ -164,9 +163,9 @@ async def run_size(zones: int, args: argparse.Namespace, steady: bool) -> tuple[
     lines: list[str] = []
     rows: list[dict] = []
     try:
+        await schema.migrate(name, args.schema)
         conn = await asyncpg.connect(**admin_kwargs(name))
         try:
-            await apply_migrations(conn)
             await _init_connection(conn)  # jsonb as Python objects, as the services' pools
             items = await seed(conn, zones)
         finally:
@@ -226,6 +225,7 @@ async def run_size(zones: int, args: argparse.Namespace, steady: bool) -> tuple[
 
 async def main(args: argparse.Namespace) -> None:
     sizes = [int(z) for z in args.zones.split(",")]
+    print(f"schema: {args.schema}")
     rows: list[dict] = []
     for i, zones in enumerate(sizes):
         size_rows, lines = await run_size(zones, args, steady=i == 0)
@@ -243,4 +243,5 @@ if __name__ == "__main__":
     parser.add_argument("--issue-concurrency", type=int, default=32,
                         help="commands in flight at once for the issue_command baseline")
     parser.add_argument("--profile", help="cProfile each start-up tick to FILE.<zones> and print the top")
+    parser.add_argument("--schema", choices=schema.SCHEMAS, default=schema.default(), help="database schema")
     asyncio.run(main(parser.parse_args()))
