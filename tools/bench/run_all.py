@@ -13,6 +13,7 @@ figures mean little, so BENCHMARKS.md is then left as it is.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import os
 import platform
@@ -22,9 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+import asyncpg
 import orjson
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 BENCHES = ["history_logger.py", "bridge.py", "automation.py", "scheduler.py"]
 QUICK_ARGS = {
     "history_logger.py": ["--n", "5000", "--rate", "200", "--seconds", "3"],
@@ -33,6 +36,19 @@ QUICK_ARGS = {
     "scheduler.py": ["--zones", "300,1000", "--ticks", "3", "--startup-limit", "30"],
 }
 PREFIX = "RESULT "
+GRACE_SEC = 60.0
+
+
+async def drop_databases(pid: int) -> None:
+    """The throwaway databases of a benchmark process killed before it could drop them."""
+    from tools.bench.schema import admin_kwargs
+    admin = await asyncpg.connect(**admin_kwargs())
+    try:
+        for row in await admin.fetch("SELECT datname FROM pg_database WHERE datname ~ $1",
+                                     rf"^hydro_bench_([a-z]+_)?{pid}(_[0-9]+)?$"):
+            await admin.execute(f'DROP DATABASE IF EXISTS "{row["datname"]}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 def run(script: str, extra: list[str], timeout: float) -> tuple[list[dict], str, float]:
@@ -43,8 +59,15 @@ def run(script: str, extra: list[str], timeout: float) -> tuple[list[dict], str,
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the benchmark's own group: it and the servers it started
-        stdout, stderr = proc.communicate()
+        # The benchmark's own group (it and the servers it started): Ctrl-C first, so that it drops
+        # its databases and stops its brokers; then SIGKILL whatever is left, and its databases.
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            stdout, stderr = proc.communicate(timeout=GRACE_SEC)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            asyncio.run(drop_databases(proc.pid))
         stderr += f"\nstopped after {timeout:g} s"
     elapsed = time.monotonic() - started
     rows = [r for line in stdout.splitlines() if line.startswith(PREFIX) for r in orjson.loads(line[len(PREFIX):])]
