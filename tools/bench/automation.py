@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "automation-engine")]
 
 from tools.bench import result, roundtrips, schema  # noqa: E402
+from tools.bench.gctime import GcTime  # noqa: E402
 from common import testing  # noqa: E402
 from common.db import Database  # noqa: E402
 from common.mqtt import MqttClient  # noqa: E402
@@ -129,7 +130,8 @@ async def run_size(zones: int, args: argparse.Namespace) -> dict:
         if profiler:
             profiler.enable()
         trips = ROUND_TRIPS.count
-        first = await engine.run_cycle()
+        with GcTime() as first_gc:
+            first = await engine.run_cycle()
         first_trips = ROUND_TRIPS.count - trips
         if profiler:
             profiler.disable()
@@ -139,7 +141,8 @@ async def run_size(zones: int, args: argparse.Namespace) -> dict:
             pstats.Stats(path).sort_stats("tottime").print_stats(25)
         doses = await db.fetchval("SELECT count(*) FROM commands WHERE source = 'automation'")
         trips = ROUND_TRIPS.count
-        steady = [await engine.run_cycle(utcnow() + dt.timedelta(seconds=15 * (i + 1))) for i in range(3)]
+        with GcTime() as steady_gc:
+            steady = [await engine.run_cycle(utcnow() + dt.timedelta(seconds=15 * (i + 1))) for i in range(3)]
         steady_trips = (ROUND_TRIPS.count - trips) / 3
         baseline_after = statistics.median([await bare_reads(db, auto) for _ in range(args.repeat)])
     finally:
@@ -154,9 +157,9 @@ async def run_size(zones: int, args: argparse.Namespace) -> dict:
           f"concurrency {first.concurrency}, commands published {doses}")
     print(f"  first cycle (with the doses):    {first.duration:.3f} s = {first.duration / zones * 1000:.3f} ms/zone, "
           f"{first_trips} database round trips ({first_trips / zones:.2f} per zone, "
-          f"{first_trips / max(1, doses):.1f} per dose)")
+          f"{first_trips / max(1, doses):.1f} per dose); {first_gc}")
     print(f"  steady cycle (median of 3):      {steady_sec:.3f} s = {steady_sec / zones * 1000:.3f} ms/zone, "
-          f"{steady_trips:.0f} database round trips")
+          f"{steady_trips:.0f} database round trips; the 3 cycles: {steady_gc}")
     print(f"  baseline: bare database reads:   {baseline:.3f} s (median of {2 * args.repeat})")
     print(f"  ratio first / baseline:          {first.duration / baseline:.1f}x")
     print(f"  ratio steady / baseline:         {steady_sec / baseline:.1f}x", flush=True)

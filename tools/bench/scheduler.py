@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "scheduler")]
 
 from tools.bench import result, roundtrips, schema  # noqa: E402
+from tools.bench.gctime import GcTime  # noqa: E402
 from common import testing  # noqa: E402
 from common.commands import issue_command  # noqa: E402
 from common.db import Database, _init_connection  # noqa: E402
@@ -116,6 +117,7 @@ async def startup_tick(sched: Scheduler, db: Database, limit: float, profile: st
     t0 = time.perf_counter()
     if profiler:
         profiler.enable()
+    gc_time = GcTime().__enter__()
     try:
         claimed = len(await asyncio.wait_for(task, limit))
         finished = True
@@ -124,6 +126,7 @@ async def startup_tick(sched: Scheduler, db: Database, limit: float, profile: st
         finished = False
         sched.last_tick = NOW  # as if it had completed: the steady ticks go on from here
     finally:
+        gc_time.__exit__()
         if profiler:
             profiler.disable()
     seconds = time.perf_counter() - t0
@@ -134,7 +137,7 @@ async def startup_tick(sched: Scheduler, db: Database, limit: float, profile: st
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
     done = await db.fetchval(DONE_SQL)
     return {"claimed": claimed, "done": done, "seconds": seconds, "finished": finished, "rate": done / seconds,
-            "trips": trips / max(1, done)}
+            "trips": trips / max(1, done), "gc": gc_time}
 
 
 async def steady_ticks(sched: Scheduler, db: Database, ticks: int) -> dict:
@@ -201,7 +204,7 @@ async def run_size(zones: int, args: argparse.Namespace, steady: bool) -> tuple[
                  f"{alone:,.0f} commands/s, {alone_trips:.1f} database round trips per command")
     lines.append(f"  start-up tick: {start['claimed']} firings claimed (every zone's light state once, irrigation in "
                  f"the catch-up window) in {start['seconds']:.2f} s{how}: {start['rate']:,.0f} firings/s, "
-                 f"{start['trips']:.1f} database round trips per firing; ratio {ratio:.2f}x (target >= {STARTUP_RATE_TARGET:,.0f}/s and >= {STARTUP_RATIO_TARGET}x)")
+                 f"{start['trips']:.1f} database round trips per firing, {start['gc']}; ratio {ratio:.2f}x (target >= {STARTUP_RATE_TARGET:,.0f}/s and >= {STARTUP_RATIO_TARGET}x)")
     met = start["finished"] and start["rate"] >= STARTUP_RATE_TARGET and ratio >= STARTUP_RATIO_TARGET
     rows.append(result.row(
         f"scheduler: start-up tick, {zones} zones ({start['claimed']} firings)",
