@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import asyncpg  # noqa: E402
 import orjson  # noqa: E402
 
-from tools.bench import result, schema  # noqa: E402
+from tools.bench import result, roundtrips, schema  # noqa: E402
 from common import testing  # noqa: E402
 
 TOKEN = "bench-token"
@@ -58,7 +58,13 @@ def serve_bridge() -> None:
 
     settings = settings_or_exit()
     setup_logging("mqtt-bridge-bench", "warning")
-    asyncio.run(serve_until_signalled(build(settings)))
+    counter = roundtrips.install()
+    service = build(settings)
+
+    @service.app.get("/bench/round-trips")
+    async def round_trips() -> dict:
+        return {"count": counter.count}
+    asyncio.run(serve_until_signalled(service))
 
 
 MINIMAL_INSERT = """
@@ -87,6 +93,7 @@ def serve_minimal() -> None:
 
     settings = settings_or_exit()
     app = FastAPI()
+    counter = roundtrips.RoundTrips()
     state: dict = {}
     waiters: dict[int, asyncio.Future] = {}
     acked_early: set[int] = set()
@@ -134,8 +141,15 @@ def serve_minimal() -> None:
         return Response(orjson.dumps({"status": "ok", "data": {"command_id": cmd_id}}),
                         media_type="application/json")
 
+    @app.get("/bench/round-trips")
+    async def round_trips() -> dict:
+        return {"count": counter.count}
+
+    async def count_round_trips(conn) -> None:
+        conn.add_query_logger(counter)
+
     async def run() -> None:
-        state["pool"] = await asyncpg.create_pool(
+        state["pool"] = await asyncpg.create_pool(init=count_round_trips,
             host=settings.pg_host, port=settings.pg_port, user=settings.pg_user, password=settings.pg_pass or None,
             database=settings.pg_db, min_size=settings.db_pool_max, max_size=settings.db_pool_max,
             server_settings={"timezone": "UTC"})
@@ -194,10 +208,22 @@ class Load:
         self.latencies: list[float] = []
         self.errors: list[int] = []
         self.elapsed = 0.0
+        self.trips = 0
+
+    async def round_trips(self) -> int:
+        """Database round trips the server has made so far (its /bench/round-trips)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(b"GET /bench/round-trips HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            response = await asyncio.wait_for(reader.read(), REQUEST_TIMEOUT)
+        finally:
+            writer.close()
+        return orjson.loads(response.split(b"\r\n\r\n", 1)[1])["count"]
 
     async def drive(self, seconds: float, clients: int, record: bool = True) -> None:
         latencies: list[float] = []
         errors: list[int] = []
+        trips = await self.round_trips()
         started = time.perf_counter()
         await asyncio.gather(*[client(self.port, self.request, started + seconds, latencies, errors)
                                for _ in range(clients)])
@@ -205,6 +231,7 @@ class Load:
             self.elapsed += time.perf_counter() - started
             self.latencies += latencies
             self.errors += errors
+            self.trips += await self.round_trips() - trips
 
     def summary(self) -> dict:
         lat = sorted(self.latencies)
@@ -212,6 +239,7 @@ class Load:
         def pct(p: float) -> float:
             return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")
         return {"rps": len(lat) / self.elapsed if self.elapsed else 0.0, "p50": pct(0.50), "p99": pct(0.99),
+                "trips": self.trips / max(1, len(lat)),
                 "n": len(lat), "errors": len(self.errors), "statuses": sorted(set(self.errors))}
 
 
@@ -261,14 +289,15 @@ async def drop_database(name: str) -> None:
         await admin.close()
 
 
-async def issue_command_alone(settings, seconds: float, clients: int) -> float:
-    """Commands/s of common.commands.issue_command with no HTTP in front (where the bridge's time goes)."""
+async def issue_command_alone(settings, seconds: float, clients: int) -> tuple[float, float]:
+    """Commands/s of common.commands.issue_command with no HTTP in front, and its round trips per command."""
     from common.commands import issue_command
     from common.db import Database
     from common.mqtt import MqttClient
     from common.topics import Topics
 
     db, mqtt = Database(settings), MqttClient(settings, "-bench")
+    counter = roundtrips.install()
     await db.connect()
     await mqtt.start(wait=10)
     topics, done = Topics(settings.mqtt_topic_root), 0
@@ -281,13 +310,14 @@ async def issue_command_alone(settings, seconds: float, clients: int) -> float:
                                 node_uid=BODY["node_uid"], channel=BODY["channel"], cmd=BODY["type"],
                                 params=BODY["params"])
             done += 1
-    started = time.perf_counter()
+    started, trips = time.perf_counter(), counter.count
     try:
         await asyncio.gather(*[worker() for _ in range(clients)])
+        elapsed, trips = time.perf_counter() - started, counter.count - trips
     finally:
         await mqtt.stop()
         await db.close()
-    return done / (time.perf_counter() - started)
+    return done / elapsed, trips / max(1, done)
 
 
 def start_server(mode: str, env: dict) -> subprocess.Popen:
@@ -327,7 +357,7 @@ async def main(args: argparse.Namespace) -> int:
             await load.drive(1.0, args.clients, record=False)
         for name in ("minimal", "bridge", "bridge", "minimal"):
             await loads[name].drive(args.seconds / 2, args.clients)
-        alone = await issue_command_alone(settings, args.seconds / 2, args.clients)
+        alone, alone_trips = await issue_command_alone(settings, args.seconds / 2, args.clients)
         rows, still_open = await database_counts(db_name)
     finally:
         for server in servers:
@@ -342,14 +372,15 @@ async def main(args: argparse.Namespace) -> int:
               "bridge": "bridge POST /bridge/zones/{id}/commands"}
     for name, r in results.items():
         print(f"  {name:8s} {r['rps']:8.0f} req/s   p50 {r['p50']:6.1f} ms   p99 {r['p99']:6.1f} ms   "
-              f"({r['n']} requests, {r['errors']} non-200 {r['statuses']})  {labels[name]}")
+              f"{r['trips']:4.1f} round trips/request ({r['n']} requests, {r['errors']} non-200 {r['statuses']})  "
+              f"{labels[name]}")
     bridge, baseline = results["bridge"], results["minimal"]
     ratio = bridge["rps"] / baseline["rps"] if baseline["rps"] else 0.0
     print(f"  ratio bridge / minimal route = {ratio:.2f}  (target >= {RATIO_TARGET}; bridge p99 target "
           f"<= {P99_TARGET_MS:g} ms)")
     print(f"  commands rows written: {rows}, not 'sent': {still_open}")
     print(f"  for reference: common.commands.issue_command alone, no HTTP, {args.clients} concurrent in one "
-          f"process: {alone:.0f} commands/s")
+          f"process: {alone:.0f} commands/s, {alone_trips:.1f} round trips/command")
     ok = not bridge["errors"] and not baseline["errors"]
     result.emit(
         result.row(f"bridge: POST commands, {args.clients} clients", f"{bridge['rps']:.0f} req/s",
