@@ -1,6 +1,6 @@
 """Benchmark of the bridge's command route against a minimal route doing the same work, same run.
 
-    .venv/bin/python tools/bench/bridge.py [--seconds 10] [--clients 32] [--pool 10]
+    .venv/bin/python tools/bench/bridge.py [--seconds 10] [--clients 32] [--pool 10] [--profile FILE]
 
 Two server processes on a scratch database of the local PostgreSQL and a private Mosquitto set up
 like deploy/:
@@ -64,7 +64,18 @@ def serve_bridge() -> None:
     @service.app.get("/bench/round-trips")
     async def round_trips() -> dict:
         return {"count": counter.count}
-    asyncio.run(serve_until_signalled(service))
+    profile = os.environ.get("BENCH_PROFILE")
+    if not profile:
+        asyncio.run(serve_until_signalled(service))
+        return
+    import cProfile
+    profiler = cProfile.Profile()  # the event loop's thread, from start-up to SIGTERM
+    profiler.enable()
+    try:
+        asyncio.run(serve_until_signalled(service))
+    finally:
+        profiler.disable()
+        profiler.dump_stats(profile)
 
 
 MINIMAL_INSERT = """
@@ -348,6 +359,8 @@ async def main(args: argparse.Namespace) -> int:
             env = dict(os.environ, **testing.settings_env(settings.replace(bridge_port=ports[name],
                                                                            py_api_token=TOKEN)))
             env.update(PYTHONPATH=str(ROOT), LOG_LEVEL="warning", DB_POOL_MAX=str(args.pool))
+            if name == "bridge" and args.profile:
+                env["BENCH_PROFILE"] = args.profile
             servers.append(start_server(mode, env))
         for port in ports.values():
             testing.wait_port(port, 30)
@@ -404,4 +417,5 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--pool", type=int, default=10, help="DB_POOL_MAX of both servers (service default 10)")
     parser.add_argument("--schema", choices=schema.SCHEMAS, default=schema.default(), help="database schema")
+    parser.add_argument("--profile", help="cProfile the bridge server process to this file")
     sys.exit(asyncio.run(main(parser.parse_args())))
