@@ -9,6 +9,9 @@ as a real process, `python main.py`) and, in the same run, until a bare paho sub
 persistent session has drained the same N (the baseline). Then a steady publisher at --rate
 msg/s: publish→commit latency per reading (commit seen by polling every 10 ms). Peak RSS is the
 service process's VmHWM. Uses the local PostgreSQL (a throwaway database) and Redis (own prefix).
+
+Target (issue 17): drain ≥ 0.75 × the bare drain with every row stored once (the drain waits for
+all N rows; duplicates are counted by `seq`).
 """
 from __future__ import annotations
 
@@ -32,11 +35,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common import testing  # noqa: E402
-from tools.bench import result  # noqa: E402
-from common.migrate import apply_migrations  # noqa: E402
+from tools.bench import result, schema  # noqa: E402
 from common.redis_client import redis_client  # noqa: E402
 
 NODES = 20
+DRAIN_TARGET = 0.75  # × the bare paho drain (issue 17; was 0.5 with 0.75 as a stretch)
 CHANNELS = ("ph_sensor", "ec_sensor", "temp_sensor")
 METRICS = ("PH", "EC", "TEMP_WATER")
 
@@ -118,10 +121,18 @@ class BareSubscriber:
 
 
 def peak_rss_mb(pid: int) -> float:
+    """VmHWM of the service, plus that of its child processes (a writer of its own, if any)."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            total += int(line.split()[1]) / 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                total += peak_rss_mb(int(child))
+            except FileNotFoundError:  # exited meanwhile
+                pass
+    return total
 
 
 async def wait_count(conn: asyncpg.Connection, n: int, timeout: float) -> None:
@@ -141,6 +152,7 @@ async def main() -> int:
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                     help="extra environment for the service (repeatable), e.g. MQTT_RECEIVE_MAXIMUM=5000")
     ap.add_argument("--profile", help="write a py-spy profile (collapsed stacks) of the drain to this file")
+    ap.add_argument("--schema", choices=schema.SCHEMAS, default=schema.default(), help="database schema")
     args = ap.parse_args()
 
     broker = testing.PrivateMosquitto()
@@ -150,12 +162,13 @@ async def main() -> int:
     admin = await asyncpg.connect(host=env["PG_HOST"], port=int(env["PG_PORT"]), user=env["PG_USER"],
                                   database="postgres")
     await admin.execute(f'CREATE DATABASE "{dbname}"')
+    await schema.migrate(dbname, args.schema)
+    print(f"schema: {args.schema}")
     proc = None
     settings = testing.isolated_settings(PG_DB=dbname, MQTT_PORT=str(broker.port)).replace(
         history_logger_port=testing.free_port(), history_logger_metrics_port=testing.free_port())
     conn = await asyncpg.connect(host=env["PG_HOST"], port=int(env["PG_PORT"]), user=env["PG_USER"], database=dbname)
     try:
-        await apply_migrations(conn)
         gh = await conn.fetchval("INSERT INTO greenhouses (uid, name) VALUES ('gh-1', 'bench') RETURNING id")
         zone_ids = []
         for i in range(NODES):
@@ -271,15 +284,15 @@ async def main() -> int:
               f"  (duplicates: {dup}, TELEMETRY_BATCH_SIZE={args.batch})")
         print(f"  (all {args.n} in Redis after {received_all_at or logger_sec:.2f}s; largest stream backlog"
               f" {max_backlog} samples)")
-        print(f"ratio logger/bare:      {logger_rate / bare_rate:.2f}  (target >= 0.5, stretch 0.75)")
+        print(f"ratio logger/bare:      {logger_rate / bare_rate:.2f}  (target >= {DRAIN_TARGET}, with 0 lost and 0 duplicates)")
         print(f"steady {args.rate} msg/s for {args.seconds:g}s: {len(latencies)}/{total} committed,"
               f" publish->commit p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (target p99 <= 1000 ms)")
-        print(f"peak RSS of the service: {rss:.0f} MB (target <= 150 MB)")
+        print(f"peak RSS of the service (with its child processes): {rss:.0f} MB (target <= 150 MB)")
         ratio = logger_rate / bare_rate
         result.emit(
             result.row(f"history-logger: drain {args.n} preloaded QoS1 messages to PostgreSQL",
-                       f"{logger_rate:,.0f} msg/s", f"{bare_rate:,.0f} msg/s bare paho drain", ratio,
-                       ">= 0.5x (stretch 0.75x)", ratio >= 0.5),
+                       f"{logger_rate:,.0f} msg/s ({dup} duplicates)", f"{bare_rate:,.0f} msg/s bare paho drain",
+                       ratio, f">= {DRAIN_TARGET}x, 0 lost, 0 duplicates", ratio >= DRAIN_TARGET and dup == 0),
             result.row(f"history-logger: publish->commit p99 at {args.rate} msg/s", f"{p99 * 1000:.0f} ms",
                        f"p50 {p50 * 1000:.0f} ms", None, "<= 1000 ms", p99 <= 1.0),
             result.row("history-logger: peak RSS", f"{rss:.0f} MB", "", None, "<= 150 MB", rss <= 150))
