@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 
 import asyncpg
 import httpx
@@ -163,6 +164,9 @@ class ServiceStack:
         """Stop the simulator and SIGTERM every process; returns each process's exit code."""
         if self.sim is not None:
             self.sim.stop()
+        for process in self.processes.values():  # all drain at once, then each is waited for
+            if process.proc is not None and process.proc.poll() is None:
+                process.proc.send_signal(signal.SIGTERM)
         return {n: p.terminate() for n, p in self.processes.items()}
 
     def logs(self, tail: int = 3000) -> str:
