@@ -39,6 +39,7 @@ SERVICE_ENV = {
     "PH_COOLDOWN_MIN": str(PH_COOLDOWN_MIN),
     "MQTT_SHARED_GROUP": "history-logger",
     "TELEMETRY_CLAIM_IDLE_MS": "3000",  # a dead writer's pending stream entries are taken over soon
+    "HISTORY_LOGGER_LEASE_SEC": "3",    # (where the logger rescues a dead replica's session) ... soon too
     "ZONE_LEASE_SEC": "6",              # a zone claimed by an engine killed mid-cycle is free again soon
 }
 
@@ -150,6 +151,12 @@ async def test_automation_replica_death_doses_each_correction_once(stack, db):
     prefix = stack.settings.mqtt_client_id
     victim = next(n for i, n in enumerate(replicas("automation-engine"), 1) if owner.startswith(f"{prefix}-{i}-"))
     stack.kill(victim)
+    survivor = next(f"{prefix}-{i}-" for i, n in enumerate(replicas("automation-engine"), 1) if n != victim)
+
+    async def taken_over():
+        owner = await db.fetchval("SELECT owner FROM automation_zone_runs WHERE zone_id = $1", zone)
+        return owner.startswith(survivor)
+    await testing.eventually(taken_over, 30, 0.3, "the other engine claims the zone")
 
     async def in_band():
         ph = reservoir.snapshot()["ph"]
