@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 
 import asyncpg
 import httpx
@@ -164,10 +165,22 @@ class ServiceStack:
         """Stop the simulator and SIGTERM every process; returns each process's exit code."""
         if self.sim is not None:
             self.sim.stop()
-        for process in self.processes.values():  # all drain at once, then each is waited for
-            if process.proc is not None and process.proc.poll() is None:
-                process.proc.send_signal(signal.SIGTERM)
-        return {n: p.terminate() for n, p in self.processes.items()}
+        running = [p for p in self.processes.values() if p.proc is not None and p.proc.poll() is None]
+        for process in running:  # all drain at once; one SIGTERM each (a second could land after the handler)
+            process.proc.send_signal(signal.SIGTERM)
+        codes = {}
+        for name, process in self.processes.items():
+            proc, process.proc = process.proc, None
+            if proc is None:
+                codes[name] = 0
+                continue
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            codes[name] = proc.returncode
+        return codes
 
     def logs(self, tail: int = 3000) -> str:
         return "\n".join(f"--- {n}\n{p.log()[-tail:]}" for n, p in self.processes.items())
