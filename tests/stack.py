@@ -17,6 +17,7 @@ import httpx
 
 from common import testing
 from common.db import Database
+from common.redis_client import redis_client
 from common.topics import Topics
 from tools.node_sim import NodeSpec, SimOptions, Simulator, default_channels
 from tools.node_sim.layout import hardware_id_for
@@ -65,6 +66,21 @@ def create_database(template: str) -> str:
 
 def drop_database(name: str) -> None:
     asyncio.run(_drop_database(name))
+
+
+async def _drop_redis_keys(settings) -> None:
+    client = redis_client(settings)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{settings.redis_key_prefix}*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+def drop_redis_keys(settings) -> None:
+    """The streams and keys the services left under the test's own prefix on the shared Redis."""
+    asyncio.run(_drop_redis_keys(settings))
 
 
 def free_ports() -> dict[str, str]:

@@ -19,8 +19,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from common import testing
 from common.db import Database
-from tests.stack import (SERVICES, ServiceStack, create_database, drop_database, free_ports, node_spec,
-                         run_with_db, seed_nodes)
+from tests.stack import (SERVICES, ServiceStack, create_database, drop_database, drop_redis_keys, free_ports,
+                         node_spec, run_with_db, seed_nodes)
 from tools.node_sim import NodeSpec
 from tools.node_sim.layout import hardware_id_for
 
@@ -97,6 +97,7 @@ def stack(pg_template):
     finally:
         codes = s.stop()
         drop_database(name)
+        drop_redis_keys(settings)
         broker.close()
     assert codes == {n: 0 for n in codes}, f"services did not stop cleanly: {codes}\n{s.logs()}"
 
