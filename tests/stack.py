@@ -140,7 +140,8 @@ class ServiceStack:
 
     def url_of(self, name: str, path: str) -> str:
         """URL on the main HTTP port of the process `name`."""
-        return f"http://127.0.0.1:{self.port(name, PORT_FIELDS[self._folders[name]][0])}{path}"
+        folder = self._folders.get(name, name)  # a process started under its folder's name
+        return f"http://127.0.0.1:{self.port(name, PORT_FIELDS[folder][0])}{path}"
 
     def start(self, name: str, service: str | None = None, **env: str) -> None:
         """Start process `name` (a service folder, or a replica name with `service` given)."""
