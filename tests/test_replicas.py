@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from common import testing
 from common.db import Database
 from tests.stack import (PORT_FIELDS, SERVICES, ServiceStack, create_database, drop_database, drop_redis_keys,
-                         node_spec, run_with_db, seed_nodes)
+                         free_ports, node_spec, run_with_db, seed_nodes)
 
 TOKEN = "replicas-token"
 PH_TARGET = {"min": 5.6, "max": 6.0}
@@ -87,7 +87,7 @@ class Stack(ServiceStack):
     def start_replicas(self, service: str) -> None:
         for i, name in enumerate(replicas(service), 1):
             self.start(name, service, MQTT_CLIENT_ID=f"{self.settings.mqtt_client_id}-{i}",
-                       **{field: str(testing.free_port()) for field in PORT_FIELDS[service]})
+                       **free_ports(PORT_FIELDS[service]))
 
     async def restart(self, name: str) -> None:
         self.start(name)
