@@ -39,7 +39,7 @@ SERVICE_ENV = {
     "PH_COOLDOWN_MIN": str(PH_COOLDOWN_MIN),
     "MQTT_SHARED_GROUP": "history-logger",
     "TELEMETRY_CLAIM_IDLE_MS": "3000",  # a dead writer's pending stream entries are taken over soon
-    "HISTORY_LOGGER_LEASE_SEC": "3",    # (where the logger rescues a dead replica's session) ... soon too
+    "HISTORY_LOGGER_LEASE_SEC": "3",    # where a logger rescues a dead replica's MQTT session: soon
     "ZONE_LEASE_SEC": "6",              # a zone claimed by an engine killed mid-cycle is free again soon
 }
 
