@@ -308,7 +308,13 @@ async def test_device_registry_replica_death_registers_each_node_once(stack, db)
                 node = stack.sim.node(spec.hardware_id)
                 return (state["up_to_date"] and node.applied_config is not None
                         and node.applied_config["version"] == state["version"])
-            await testing.eventually(applied, 30, 0.3, f"config of {uid} applied")
+            try:
+                await testing.eventually(applied, 30, 0.3, f"config of {uid} applied")
+            except AssertionError:
+                state = (await client.get(stack.url_of(name, f"/nodes/{uid}/config"))).json()["data"]
+                node = stack.sim.node(spec.hardware_id)
+                raise AssertionError(f"config of {uid} not applied: {state}\nnode: {node.applied_config}"
+                                     f" {node.segments}\n{stack.logs()}") from None
 
         stack.sim.add(new[0])
         stack.kill(first)
