@@ -124,6 +124,10 @@ class ConfigDelivery:
 
     async def _applied(self, conn: asyncpg.Connection, node: asyncpg.Record, version: int | None,
                        zone_id: int | None, parsed: ParsedTopic) -> None:
+        # The row lock orders two registries handling the same response (both replicas receive it):
+        # only the first sees a new version and writes the zone event; a repeated response adds none.
+        previous = await conn.fetchval(
+            "SELECT applied_version FROM node_config_delivery WHERE node_id = $1 FOR UPDATE", node["id"])
         await conn.execute(
             "INSERT INTO node_config_delivery (node_id, applied_version, applied_at, updated_at)"
             " VALUES ($1, $2, now(), now()) ON CONFLICT (node_id) DO UPDATE SET applied_version = $2,"
@@ -133,7 +137,7 @@ class ConfigDelivery:
         if parsed.gh != TEMP_GH and node["temp_pending"]:
             await self._clear_temp_topics(conn, node)
         if zone_id is not None:
-            if self.applied_events:
+            if self.applied_events and previous != version:
                 await add_zone_event(conn, zone_id, "NODE_CONFIG_APPLIED", {"node_uid": node["uid"],
                                                                              "version": version})
             await resolve_alerts(conn, zone_id=zone_id, alert_type="CONFIG_ERROR", match={"node_uid": node["uid"]})

@@ -106,6 +106,17 @@ async def test_assign_ok_applied_and_temp_topics_cleared(settings, db, registry,
     assert await db.fetchval("SELECT count(*) FROM zone_events WHERE zone_id = $1 AND type = 'NODE_CONFIG_APPLIED'",
                              zone_id) == 1
 
+    # The same answer again (a re-delivered config, or a second registry replica handling the same
+    # message) is recorded, but the version's zone event stays one.
+    handled = metric("registry_configs_applied_total")
+    node.config_response("gh-1", zone_id, uid, "ACK", applied_at=13.0)
+
+    async def recorded_again():
+        return metric("registry_configs_applied_total") > handled
+    await testing.eventually(recorded_again, 15, message="second config_response handled")
+    assert await db.fetchval("SELECT count(*) FROM zone_events WHERE zone_id = $1 AND type = 'NODE_CONFIG_APPLIED'",
+                             zone_id) == 1
+
 
 async def _has_empty(probe, topic):
     return any(m.payload == b"" for m in probe.received(topic))

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 import time
 
-import asyncpg
 import httpx
 import orjson
 import paho.mqtt.client as paho
@@ -21,11 +19,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from common import testing
 from common.db import Database
-from common.topics import Topics
-from tools.node_sim import NodeSpec, SimOptions, Simulator, default_channels
+from tests import stack as stack_module
+from tests.stack import (SERVICES, ServiceStack, create_database, drop_database, drop_redis_keys, free_ports,
+                         node_spec, run_with_db, seed_nodes)
+from tools.node_sim import NodeSpec
 from tools.node_sim.layout import hardware_id_for
 
-SERVICES = ("history-logger", "device-registry", "mqtt-bridge", "automation-engine", "scheduler")
 TOKEN = "e2e-token"
 PH_TARGET = {"min": 5.6, "max": 6.0}  # target 5.8, band 0.2
 SERVICE_ENV = {
@@ -39,53 +38,25 @@ SERVICE_ENV = {
 }
 
 
-def _admin():
-    env = testing.SHARED_ENV
-    return asyncpg.connect(host=env["PG_HOST"], port=int(env["PG_PORT"]), user=env["PG_USER"],
-                           password=env["PG_PASS"] or None, database="postgres")
-
-
-async def _create_database(name: str, template: str) -> None:
-    admin = await _admin()
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    finally:
-        await admin.close()
-
-
-async def _drop_database(name: str) -> None:
-    admin = await _admin()
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
-class Stack:
+class Stack(ServiceStack):
     """Facts the scenarios share: settings, seeded ids, the simulator, the service processes."""
 
     def __init__(self, settings, zones: dict[str, int], irrigation_time: str):
-        self.settings = settings
+        super().__init__(settings, SERVICE_ENV)
         self.zones = zones
         self.irrigation_time = irrigation_time
-        self.topics = Topics(settings.mqtt_topic_root)
-        self.processes: dict[str, testing.ServiceProcess] = {}
-        self.sim: Simulator | None = None
-
-    def url(self, port_field: str, path: str) -> str:
-        return f"http://127.0.0.1:{getattr(self.settings, port_field)}{path}"
-
-    def start(self, name: str) -> None:
-        env = dict(testing.settings_env(self.settings), **SERVICE_ENV)
-        self.processes[name] = testing.ServiceProcess(name, env).start()
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {n}\n{p.log()[-3000:]}" for n, p in self.processes.items())
 
 
-def _spec(uid: str, node_type: str, gh: str | None, zone_id: int | None) -> NodeSpec:
-    return NodeSpec(uid=uid, type=node_type, hardware_id=hardware_id_for(uid), gh=gh, zone_id=zone_id,
-                    channels=default_channels(node_type))
+_spec = node_spec
+
+
+# Names other cross-service test modules import from here (kept until they use tests/stack.py).
+_create_database = stack_module._create_database
+_drop_database = stack_module._drop_database
+
+
+async def _wait_ready(s: ServiceStack) -> None:
+    await s.wait_ready()
 
 
 async def _seed(db: Database, irrigation_time: str) -> dict[str, int]:
@@ -105,18 +76,8 @@ async def _seed(db: Database, irrigation_time: str) -> dict[str, int]:
     for name, phase in (("A", 0), ("B", 1)):
         await db.execute("INSERT INTO zone_recipe_instances (zone_id, recipe_id, current_phase_index, started_at)"
                          " VALUES ($1, $2, $3, now())", zones[name], recipe, phase)
-    for spec in _registered_specs(zones) + [_spec("nd-e2e-silent", "irrig", "gh-e2e", zones["B"]),
-                                            _spec("nd-e2e-burst", "climate", "gh-e2e", zones["B"])]:
-        node_id = await db.fetchval(
-            "INSERT INTO nodes (uid, hardware_id, zone_id, type, status, lifecycle_state, validated)"
-            " VALUES ($1, $2, $3, $4, 'offline', 'ACTIVE', true) RETURNING id",
-            spec.uid, spec.hardware_id, spec.zone_id, spec.type)
-        for ch in spec.channels:
-            config = None if ch.type == "SENSOR" else {"safe_limits": ch.safe_limits,
-                                                         **({"ml_per_second": ch.ml_per_second}
-                                                            if ch.ml_per_second else {})}
-            await db.execute("INSERT INTO node_channels (node_id, channel, type, metric, config)"
-                             " VALUES ($1, $2, $3, $4, $5)", node_id, ch.name, ch.type.lower(), ch.metric, config)
+    await seed_nodes(db, _registered_specs(zones) + [_spec("nd-e2e-silent", "irrig", "gh-e2e", zones["B"]),
+                                                     _spec("nd-e2e-burst", "climate", "gh-e2e", zones["B"])])
     return zones
 
 
@@ -127,62 +88,28 @@ def _registered_specs(zones: dict[str, int]) -> list[NodeSpec]:
 
 @pytest.fixture(scope="module")
 def stack(pg_template):
-    name = f"hydro_t_{os.getpid()}_{testing.unique_id('')}"
-    asyncio.run(_create_database(name, pg_template))
+    name = create_database(pg_template)
     broker = testing.PrivateMosquitto.like_deploy().start()
-    ports = {f: str(testing.free_port()) for f in ("BRIDGE_PORT", "HISTORY_LOGGER_PORT", "HISTORY_LOGGER_METRICS_PORT",
-                                                   "AUTOMATION_PORT", "SCHEDULER_PORT", "REGISTRY_PORT")}
     settings = testing.isolated_settings(PG_DB=name, PY_API_TOKEN=TOKEN, COMMAND_TIMEOUT_SEC="4",
                                          MQTT_PORT=str(broker.port),
-                                         LARAVEL_API_URL=f"http://127.0.0.1:{testing.free_port()}", **ports)
+                                         LARAVEL_API_URL=f"http://127.0.0.1:{testing.free_port()}", **free_ports())
     # An irrigation time just ahead, at least 20 s away so the scheduler sees it coming.
     irrigation_at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=80)
     irrigation_time = irrigation_at.strftime("%H:%M")
-
-    async def seed():
-        db = Database(settings)
-        await db.connect()
-        try:
-            return await _seed(db, irrigation_time)
-        finally:
-            await db.close()
-
-    s = Stack(settings, asyncio.run(seed()), irrigation_time)
+    s = Stack(settings, asyncio.run(run_with_db(settings, lambda db: _seed(db, irrigation_time))), irrigation_time)
     try:
         for service in SERVICES:
             s.start(service)
-        asyncio.run(_wait_ready(s))
-        s.sim = Simulator(SimOptions(port=settings.mqtt_port, topic_root=settings.mqtt_topic_root,
-                                     client_prefix=f"{settings.mqtt_client_id}-sim-", poll_ms=500, heartbeat_sec=5,
-                                     hello_interval_sec=2, initial_ph=6.3, initial_ec=1.1, seed=7),
-                          _registered_specs(s.zones) + [_spec("nd-e2e-new", "ph", None, None)])
-        s.sim.start(wait=20)
+        asyncio.run(s.wait_ready())
+        s.start_simulator(_registered_specs(s.zones) + [_spec("nd-e2e-new", "ph", None, None)],
+                          poll_ms=500, heartbeat_sec=5, hello_interval_sec=2, initial_ph=6.3, initial_ec=1.1, seed=7)
         yield s
     finally:
-        if s.sim is not None:
-            s.sim.stop()
-        codes = {n: p.terminate() for n, p in s.processes.items()}
-        asyncio.run(_drop_database(name))
+        codes = s.stop()
+        drop_database(name)
+        drop_redis_keys(settings)
         broker.close()
     assert codes == {n: 0 for n in codes}, f"services did not stop cleanly: {codes}\n{s.logs()}"
-
-
-async def _wait_ready(s: Stack) -> None:
-    paths = [("BRIDGE_PORT", "/ready"), ("HISTORY_LOGGER_PORT", "/ready"), ("AUTOMATION_PORT", "/ready"),
-             ("SCHEDULER_PORT", "/ready"), ("REGISTRY_PORT", "/ready")]
-    async with httpx.AsyncClient(timeout=2) as client:
-        async def all_ready():
-            for field, path in paths:
-                try:
-                    if (await client.get(s.url(field.lower(), path))).status_code != 200:
-                        return False
-                except httpx.HTTPError:
-                    return False
-            return True
-        try:
-            await testing.eventually(all_ready, 60, 0.25, "every service /ready")
-        except AssertionError:
-            raise AssertionError(s.logs()) from None
 
 
 @pytest.fixture

@@ -86,6 +86,15 @@ class Simulator:
             self.wait_connected(wait)
         return self
 
+    def add(self, spec: NodeSpec) -> SimNode:
+        """A node that joins the running fleet (e.g. a new node powered up later)."""
+        node = SimNode(clone(spec), self)
+        self.reservoir_for(node)
+        self.nodes[spec.uid] = node
+        self._by_hardware[spec.hardware_id] = node
+        node.start()
+        return node
+
     def wait_connected(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for node in self.nodes.values():
