@@ -141,3 +141,14 @@ async def test_laravel_filled_database_is_completed_keeping_its_rows():
             await conn.close()
     finally:
         await _drop(settings, name)
+
+
+async def test_a_connection_released_inside_a_transaction_comes_back_clean(db):
+    """The pool skips asyncpg's reset query; an open transaction is still rolled back on release."""
+    async with db.pool.acquire() as conn:
+        await conn.execute("BEGIN")
+        await conn.execute("INSERT INTO greenhouses (uid, name) VALUES ('gh-open', 'left open')")
+    for _ in range(db.settings.db_pool_max + 1):  # whichever pooled connection comes next
+        async with db.pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT count(*) FROM greenhouses WHERE uid = 'gh-open'") == 0
