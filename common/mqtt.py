@@ -10,9 +10,16 @@ Subscribe before `start()`: a persistent session may deliver queued messages rig
 CONNACK, and they are routed by subscription identifier (assigned in subscription order).
 
 Manual acknowledgement (`manual_ack=True`): a message is PUBACKed only after its handler has
-returned; a handler that raises leaves it unacknowledged, so the broker delivers it again
-after the next reconnect. Messages from an earlier connection are never acknowledged on a
-newer one (their packet ids are no longer valid).
+returned. A handler that raises `LeaveUnacknowledged` leaves its messages unacknowledged on
+purpose (the broker delivers them again after the next reconnect). Any other exception is a
+poison message or a bug: the batch is retried message by message, and a message whose handler
+still raises is acknowledged and counted (`mqtt_messages_dropped_total{reason="handler_error"}`),
+so one message can never hold a Receive Maximum slot for ever nor stop dispatch. Messages that
+match no subscription are acknowledged and counted too. Messages from an earlier connection are
+never acknowledged on a newer one (their packet ids are no longer valid).
+
+The dispatcher survives any exception (counted in `mqtt_dispatch_errors_total{stage}`);
+`dispatching` says whether it still runs, for readiness checks.
 """
 from __future__ import annotations
 
@@ -46,6 +53,10 @@ SESSION_EXPIRY_SEC = 7 * 24 * 3600  # a persistent session outlives a week of do
 
 class MqttError(RuntimeError):
     """Publishing failed: not connected, refused, or not acknowledged in time."""
+
+
+class LeaveUnacknowledged(Exception):
+    """Raised by a manual-ack handler: do not acknowledge these messages (the broker keeps them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +123,7 @@ class MqttClient:
         self._wake_pending = False
         self._generation = 0
         self._connected = False
+        self.connected_since: float | None = None  # epoch seconds of the current connection's CONNACK
         self._connected_event: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -180,6 +192,11 @@ class MqttClient:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def dispatching(self) -> bool:
+        """The dispatcher task runs (False before start() and after stop())."""
+        return self._dispatcher is not None and not self._dispatcher.done()
 
     async def wait_connected(self, timeout: float) -> None:
         assert self._connected_event is not None, "start() first"
@@ -272,6 +289,7 @@ class MqttClient:
         for sub in self._subs:  # one SUBSCRIBE each: a packet carries one subscription identifier
             self._send_subscribe(client, sub)
         self._connected = True
+        self.connected_since = time.time()
         metrics.MQTT_CONNECTED.labels(self.client_id).set(1)
         log.info("mqtt_connected", extra={"client_id": self.client_id, "session_present": flags.session_present,
                                           "subscriptions": len(self._subs)})
@@ -279,6 +297,7 @@ class MqttClient:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected = False
+        self.connected_since = None
         metrics.MQTT_CONNECTED.labels(self.client_id).set(0)
         if not self._stopping:
             log.warning("mqtt_disconnected", extra={"client_id": self.client_id, "reason": str(reason_code)})
@@ -317,7 +336,14 @@ class MqttClient:
             batch = []
             while self._inbox and len(batch) < self.max_batch:
                 batch.append(self._inbox.popleft())
-            await self._dispatch(batch)
+            try:
+                await self._dispatch(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a bug in routing must not end dispatch
+                metrics.MQTT_DISPATCH_ERRORS.labels("dispatch").inc()
+                log.exception("mqtt_dispatch_failed", extra={"messages": len(batch)})
+                self._ack_safely(batch)
 
     def _matching(self, message: Message) -> tuple[_Subscription, ...]:
         if message.sub_ids:
@@ -335,8 +361,11 @@ class MqttClient:
         grouped: dict[int, tuple[_Subscription, list[Message]]] = {}
         for message in batch:
             subs = self._matching(message)
-            if not subs:  # left unacknowledged in manual-ack mode: the broker delivers it again
+            if not subs:  # nobody will ever handle it: acknowledged, so it holds no Receive Maximum slot
                 metrics.MQTT_UNROUTED.inc()
+                if self.manual_ack:
+                    metrics.MQTT_DROPPED.labels("unrouted").inc()
+                    self._ack_safely([message])
                 continue
             for sub in subs:
                 if sub.batch:
@@ -347,19 +376,44 @@ class MqttClient:
             await self._call(sub, messages)
 
     async def _call(self, sub: _Subscription, messages: list[Message]) -> None:
+        outcome = await self._handled(sub, messages)
+        if outcome is None or not self.manual_ack:
+            return
+        if outcome:
+            self._ack_safely(messages)
+            return
+        if len(messages) > 1:  # find the poison: the others of the batch are handled and acknowledged
+            for message in messages:
+                await self._call(sub, [message])
+            return
+        metrics.MQTT_DROPPED.labels("handler_error").inc()
+        self._ack_safely(messages)
+
+    async def _handled(self, sub: _Subscription, messages: list[Message]) -> bool | None:
+        """True: handled; False: the handler raised; None: it asked to leave them unacknowledged."""
         try:
             if sub.batch:
                 await sub.handler(messages)
             else:
                 await sub.handler(messages[0])
+            return True
         except asyncio.CancelledError:
             raise
+        except LeaveUnacknowledged:
+            return None
         except Exception:  # noqa: BLE001 - one bad handler call must not stop the dispatcher
             metrics.MQTT_HANDLER_ERRORS.labels(sub.filter).inc()
             log.exception("mqtt_handler_failed", extra={"filter": sub.filter, "messages": len(messages)})
+            return False
+
+    def _ack_safely(self, messages: list[Message]) -> None:
+        if not self.manual_ack:
             return
-        if self.manual_ack:
+        try:
             self.ack(messages)
+        except Exception:  # noqa: BLE001 - an acknowledgement that failed is resent by the broker
+            metrics.MQTT_DISPATCH_ERRORS.labels("ack").inc()
+            log.exception("mqtt_ack_failed", extra={"messages": len(messages)})
 
 
 def _no_delay(client, userdata, sock) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 
 from common.db import Database
 from common.env import Settings, settings_or_exit
@@ -28,7 +29,7 @@ from telemetry_writer import TelemetryWriter
 
 log = logging.getLogger("history_logger")
 
-EVENT_KINDS = ("heartbeat", "status", "lwt", "command_response")
+EVENT_KINDS = ("heartbeat", "status", "lwt", "command_response", "config_response")
 EVENTS_BATCH = 500
 
 
@@ -45,7 +46,8 @@ class HistoryLogger:
         self.cache = NodeCache(self.db)
         self.writer = TelemetryWriter(self.db, self.redis, self.keys, self.cache, self.cfg.dead_letter_max,
                                       settings.telemetry_batch_size)
-        self.events = NodeEvents(settings, self.db, self.keys.events)
+        self.events = NodeEvents(settings, self.db, self.keys.events, self.redis, self.keys.dead,
+                                 self.cfg.dead_letter_max)
         self.telemetry_consumer = StreamConsumer(
             self.redis, self.keys.telemetry, self.keys.group, self.cfg.consumer, self.writer.handle,
             count=settings.telemetry_batch_size, block_ms=settings.telemetry_flush_ms,
@@ -58,7 +60,7 @@ class HistoryLogger:
         self.housekeeping = Housekeeping(
             self.db, self.cfg, settings.command_timeout_sec, settings.node_offline_timeout_sec,
             lambda: prune_streams(self.db, self.redis, [self.keys.telemetry, self.keys.events], self.keys.group),
-            self.writer.flush_sampled)
+            self.writer.flush_sampled, self.listening)
         self.api = HttpServer(http_api.build_app(self.receiver, self.ready), settings.http_host,
                               settings.history_logger_port)
         self.metrics_http = HttpServer(ops_app(self.ready, "history-logger metrics"), settings.http_host,
@@ -69,7 +71,20 @@ class HistoryLogger:
             redis_ok = bool(await asyncio.wait_for(self.redis.ping(), 2))
         except (asyncio.TimeoutError, *REDIS_TRANSIENT):
             redis_ok = False
-        return {"db": await self.db.ping(), "redis": redis_ok, "mqtt": self.mqtt.connected}
+        return {"db": await self.db.ping(), "redis": redis_ok, "mqtt": self.mqtt.connected and self.mqtt.dispatching}
+
+    async def listening(self) -> tuple[float, float] | None:
+        """(since, until): every message received from `since` (this MQTT connection) up to `until`
+        is in PostgreSQL; None while not connected or while input is held (see housekeeping.py)."""
+        since = self.mqtt.connected_since
+        if since is None or not self.mqtt.dispatching or self.receiver.stalled_since is not None:
+            return None
+        until = time.time()
+        for stream in (self.keys.events, self.keys.telemetry):  # acknowledged entries are deleted:
+            first = await self.redis.xrange(stream, count=1)    # what is left is not written yet
+            if first:
+                until = min(until, int(first[0][0].split(b"-")[0]) / 1000)
+        return since, until
 
     async def start(self) -> None:
         self.settings.require_secrets()
