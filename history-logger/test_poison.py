@@ -1,8 +1,7 @@
 """One poison message never stops the logger: every per-message failure is a dead letter with its
 reason, valid messages beside it land, and dispatch goes on (issue: a ts before year 1 stopped it)."""
 from common import testing
-from common.redis_client import redis_client
-from logger_fixtures import apublish, logger, seed, wait_rows  # noqa: F401 - fixture
+from logger_fixtures import apublish, dead_letters, logger, seed, wait_rows  # noqa: F401 - fixture
 
 import logger_metrics as m
 
@@ -11,15 +10,6 @@ YEAR_ONE = "0001-01-01T00:00:00+14:00"  # before year 1 in UTC: datetime cannot 
 
 def topic(settings, ids, *rest):
     return "/".join((settings.mqtt_topic_root, "gh-1", f"zn-{ids['zone_id']}", ids["node_uid"], *rest))
-
-
-async def dead_letters(settings) -> list[dict]:
-    client = redis_client(settings)
-    try:
-        entries = await client.xrange(f"{settings.redis_key_prefix}telemetry:dead")
-    finally:
-        await client.aclose()
-    return [{k.decode(): v for k, v in fields.items()} for _, fields in entries]
 
 
 async def test_timestamps_before_year_one_never_stop_dispatch(logger, db):
