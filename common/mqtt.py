@@ -109,6 +109,7 @@ class MqttClient:
         clean_session: bool | None = None,
         max_batch: int = 1000,
         publish_timeout: float = 5.0,
+        reconnect: bool = True,
     ):
         self.settings = settings
         self.client_id = f"{settings.mqtt_client_id}{suffix}"
@@ -133,6 +134,11 @@ class MqttClient:
         self._pub_early: set[int] = set()
         self._client: paho.Client | None = None
         self._stopping = False
+        self.reconnect = reconnect          # False: a lost connection stays lost (a session taken over once)
+        self.lost = False                   # the connection dropped (with reconnect=False: for good)
+        self._last_received = 0.0           # monotonic time of the last message received
+        self._busy = False                  # the dispatcher is handling a batch
+        self._unsubscribed: asyncio.Future | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self, wait: float | None = None) -> None:
@@ -145,6 +151,7 @@ class MqttClient:
             client_id=self.client_id,
             protocol=paho.MQTTv5,
             manual_ack=self.manual_ack,
+            reconnect_on_failure=self.reconnect,
         )
         s = self.settings
         if s.mqtt_user:
@@ -160,6 +167,7 @@ class MqttClient:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_unsubscribe = self._on_unsubscribe
         client.on_socket_open = _no_delay
         self._client = client
         props = Properties(PacketTypes.CONNECT)
@@ -172,8 +180,10 @@ class MqttClient:
         if wait:
             await self.wait_connected(wait)
 
-    async def stop(self, drain: bool = True) -> None:
-        """Disconnect cleanly (no LWT); with drain, handle what was already received first."""
+    async def stop(self, drain: bool = True, end_session: bool = False) -> None:
+        """Disconnect cleanly (no LWT); with drain, handle what was already received first.
+        With end_session the broker drops the session (session expiry 0 on DISCONNECT): it keeps
+        nothing for this client id, and a shared subscription no longer counts it as a member."""
         self._stopping = True
         if drain and self._inbox:
             await self._drain_once()
@@ -185,9 +195,34 @@ class MqttClient:
                 pass
         if self._client is not None:
             client, self._client = self._client, None
-            client.disconnect()
+            props = None
+            if end_session:
+                props = Properties(PacketTypes.DISCONNECT)
+                props.SessionExpiryInterval = 0
+            client.disconnect(properties=props)
             await asyncio.to_thread(client.loop_stop)
         self._connected = False
+
+    async def quiet(self, for_sec: float, timeout: float = 60.0) -> bool:
+        """Wait until nothing was received for `for_sec` and everything received is handled;
+        False when `timeout` passed first (or the connection was lost)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.lost:
+            if (not self._inbox and not self._busy and not self._wake_pending
+                    and time.monotonic() - self._last_received >= for_sec):
+                return True
+            await asyncio.sleep(min(0.1, for_sec))
+        return False
+
+    async def unsubscribe_all(self, timeout: float = 10.0) -> None:
+        """UNSUBSCRIBE every filter and wait for the broker's UNSUBACK: no new message is routed
+        to this client afterwards (those already on their way still arrive)."""
+        client = self._client
+        if client is None or not self._subs:
+            return
+        self._unsubscribed = self._loop.create_future()
+        client.unsubscribe([sub.wire_filter for sub in self._subs])
+        await asyncio.wait_for(self._unsubscribed, timeout)
 
     @property
     def connected(self) -> bool:
@@ -289,6 +324,7 @@ class MqttClient:
         for sub in self._subs:  # one SUBSCRIBE each: a packet carries one subscription identifier
             self._send_subscribe(client, sub)
         self._connected = True
+        self.lost = False
         self.connected_since = time.time()
         metrics.MQTT_CONNECTED.labels(self.client_id).set(1)
         log.info("mqtt_connected", extra={"client_id": self.client_id, "session_present": flags.session_present,
@@ -298,6 +334,7 @@ class MqttClient:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected = False
         self.connected_since = None
+        self.lost = True
         metrics.MQTT_CONNECTED.labels(self.client_id).set(0)
         if not self._stopping:
             log.warning("mqtt_disconnected", extra={"client_id": self.client_id, "reason": str(reason_code)})
@@ -307,11 +344,17 @@ class MqttClient:
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties else None
+        self._last_received = time.monotonic()
         self._inbox.append(Message(msg.topic, msg.payload, msg.qos, bool(msg.retain), msg.mid,
                                    time.time(), self._generation, tuple(ids) if ids else (), bool(msg.dup)))
         if not self._wake_pending:
             self._wake_pending = True
             self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        future = self._unsubscribed
+        if future is not None:
+            self._loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._pub_lock:
@@ -332,18 +375,22 @@ class MqttClient:
     async def _drain_once(self) -> None:
         self._wake.clear()
         self._wake_pending = False
-        while self._inbox:
-            batch = []
-            while self._inbox and len(batch) < self.max_batch:
-                batch.append(self._inbox.popleft())
-            try:
-                await self._dispatch(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - a bug in routing must not end dispatch
-                metrics.MQTT_DISPATCH_ERRORS.labels("dispatch").inc()
-                log.exception("mqtt_dispatch_failed", extra={"messages": len(batch)})
-                self._ack_safely(batch)
+        self._busy = True
+        try:
+            while self._inbox:
+                batch = []
+                while self._inbox and len(batch) < self.max_batch:
+                    batch.append(self._inbox.popleft())
+                try:
+                    await self._dispatch(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - a bug in routing must not end dispatch
+                    metrics.MQTT_DISPATCH_ERRORS.labels("dispatch").inc()
+                    log.exception("mqtt_dispatch_failed", extra={"messages": len(batch)})
+                    self._ack_safely(batch)
+        finally:
+            self._busy = False
 
     def _matching(self, message: Message) -> tuple[_Subscription, ...]:
         if message.sub_ids:

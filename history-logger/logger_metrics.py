@@ -37,3 +37,5 @@ HEARTBEAT_FIELDS_REJECTED = Counter("history_logger_heartbeat_fields_rejected_to
                                     "Heartbeat fields refused (not an integer, or outside their bounds), by field",
                                     ["field"])
 NODES_OFFLINE = Counter("history_logger_nodes_offline_total", "Nodes marked offline, by reason", ["reason"])
+REPLICA_RESCUES = Counter("history_logger_replica_rescues_total",
+                          "Sessions of dead replicas taken over, drained and ended (MQTT_SHARED_GROUP)")

@@ -23,13 +23,13 @@ from housekeeping import Housekeeping, prune_streams
 from logger_settings import LoggerSettings
 from node_cache import NodeCache
 from node_events import NodeEvents
-from receiver import REDIS_TRANSIENT, Receiver, StreamKeys
+from receiver import REDIS_TRANSIENT, Receiver, StreamKeys, subscribe
+from replicas import Replicas
 from stream_consumer import StreamConsumer
 from telemetry_writer import TelemetryWriter
 
 log = logging.getLogger("history_logger")
 
-EVENT_KINDS = ("heartbeat", "status", "lwt", "command_response", "config_response")
 EVENTS_BATCH = 500
 
 
@@ -63,6 +63,7 @@ class HistoryLogger:
             self.writer.flush_sampled, self.listening)
         self.api = HttpServer(http_api.build_app(self.receiver, self.ready), settings.http_host,
                               settings.history_logger_port)
+        self.replicas = Replicas(self) if settings.mqtt_shared_group else None
         self.metrics_http = HttpServer(ops_app(self.ready, "history-logger metrics"), settings.http_host,
                                        settings.history_logger_metrics_port)
 
@@ -72,6 +73,12 @@ class HistoryLogger:
         except (asyncio.TimeoutError, *REDIS_TRANSIENT):
             redis_ok = False
         return {"db": await self.db.ping(), "redis": redis_ok, "mqtt": self.mqtt.connected and self.mqtt.dispatching}
+
+    async def _others_alive(self) -> bool:
+        try:
+            return await self.replicas.others_alive()
+        except REDIS_TRANSIENT:
+            return False  # cannot tell: keep the session (a live replica rescues it if needed)
 
     async def listening(self) -> tuple[float, float] | None:
         """(since, until): every message received from `since` (this MQTT connection) up to `until`
@@ -99,17 +106,22 @@ class HistoryLogger:
         await self.api.start()
         await self.metrics_http.start()
         group = self.settings.mqtt_shared_group
-        for filter_ in self.topics.filters("telemetry"):
-            await self.mqtt.subscribe_batch(filter_, self.receiver.on_telemetry, qos=1, share_group=group)
-        for kind in EVENT_KINDS:
-            for filter_ in self.topics.filters(kind):
-                await self.mqtt.subscribe_batch(filter_, self.receiver.on_events, qos=1, share_group=group)
+        if self.replicas is not None:
+            await self.replicas.start()
+        await subscribe(self.mqtt, self.receiver)
         await self.mqtt.start()
         log.info("history_logger_started", extra={"consumer": self.cfg.consumer, "shared_group": group or None})
 
     async def stop(self) -> None:
+        end_session = False
+        if self.replicas is not None and self.mqtt.connected and await self._others_alive():
+            # the others take our share from now on: no new message for us, handle what came, end the session
+            await self.mqtt.unsubscribe_all()
+            end_session = await self.mqtt.quiet(0.5, timeout=15)
         self.receiver.stopping = True
-        await self.mqtt.stop(drain=True)          # what was received is appended and acknowledged
+        await self.mqtt.stop(drain=True, end_session=end_session)  # what was received is appended and acknowledged
+        if self.replicas is not None:
+            await self.replicas.stop(session_ended=end_session)
         await self.api.stop()
         await self.telemetry_consumer.stop()      # the batch in hand is written and acknowledged
         await self.events_consumer.stop()

@@ -26,7 +26,7 @@ import redis.asyncio as redis
 import redis.exceptions as rex
 
 from common.env import Settings
-from common.mqtt import LeaveUnacknowledged, Message
+from common.mqtt import LeaveUnacknowledged, Message, MqttClient
 from common.redis_client import key
 from common.topics import Topics
 
@@ -44,6 +44,20 @@ REDIS_TRANSIENT = (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, 
 DEAD_PAYLOAD_MAX = 4096  # bytes of a rejected payload kept for inspection
 ENTRY_SAMPLES = 100      # samples per stream entry at most (one XADD per entry, not per sample)
 SEEN_EVERY_SEC = 5.0     # a node's telemetry is announced as a life sign at most this often
+
+
+EVENT_KINDS = ("heartbeat", "status", "lwt", "command_response", "config_response")
+
+
+async def subscribe(mqtt: MqttClient, receiver: "Receiver") -> None:
+    """Every subscription of the service, always in this order (subscription identifiers follow
+    it, and a session taken over by another replica must route the same way, see replicas.py)."""
+    group = receiver.settings.mqtt_shared_group
+    for filter_ in receiver.topics.filters("telemetry"):
+        await mqtt.subscribe_batch(filter_, receiver.on_telemetry, qos=1, share_group=group)
+    for kind in EVENT_KINDS:
+        for filter_ in receiver.topics.filters(kind):
+            await mqtt.subscribe_batch(filter_, receiver.on_events, qos=1, share_group=group)
 
 
 class StreamKeys:
