@@ -163,3 +163,34 @@ async def test_a_database_outage_longer_than_the_timeout_leaves_a_live_fleet_onl
             await drop_redis_keys(s)
     finally:
         pg.close()
+
+
+async def test_life_signs_not_yet_written_hold_the_offline_sweep(settings, db):
+    """The events writer is held (as during a database outage): a heartbeat waits in the events
+    stream. However long it waits, the sweep counts silence only up to that unwritten entry."""
+    s = fast_settings(settings, node_offline_timeout_sec=1)
+    ids = await seed(db, status="online", last_seen_sql="now() - interval '1 hour'")
+    service = await start_logger(s, NODE_OFFLINE_SWEEP_SEC="3600")  # sweeps run by hand below
+    try:
+        await asyncio.sleep(1.5)  # listened longer than the timeout
+        await apublish(s, [(topic(s, ids, "heartbeat"), {"uptime": 1000})])
+        await testing.eventually(lambda: db.fetchval(
+            "SELECT uptime_seconds = 1 FROM nodes WHERE id = $1", ids["node_id"]), 10)
+        await service.events_consumer.stop()
+        await apublish(s, [(topic(s, ids, "heartbeat"), {"uptime": 2000})])
+        await testing.eventually(lambda: service.redis.xlen(service.keys.events), 10)
+        await asyncio.sleep(2.5)  # the node's last word is older than the timeout, but not written yet
+        assert await service.housekeeping.offline_sweep() == 0
+        assert await status_of(db, ids) == "online"
+        service.events_consumer.stopping = False
+        service.events_consumer.start()
+        await testing.eventually(lambda: db.fetchval(
+            "SELECT uptime_seconds = 2 FROM nodes WHERE id = $1", ids["node_id"]), 10)
+        assert await status_of(db, ids) == "online"
+        # written and silent since: now the silence counts
+        await asyncio.sleep(1.5)
+        assert await service.housekeeping.offline_sweep() == 1
+        assert await status_of(db, ids) == "offline"
+    finally:
+        await service.stop()
+        await drop_redis_keys(s)
