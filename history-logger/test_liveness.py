@@ -194,3 +194,22 @@ async def test_life_signs_not_yet_written_hold_the_offline_sweep(settings, db):
     finally:
         await service.stop()
         await drop_redis_keys(s)
+
+
+async def test_silence_counts_only_once_the_logger_listened_for_the_timeout(settings, db):
+    """Right after a start (or a reconnect) a node's old last_seen_at says nothing: the logger was not
+    listening. As Laravel creates it ('online' set in the form, last_seen_at NULL) or silent for an
+    hour, it becomes offline only after NODE_OFFLINE_TIMEOUT_SEC of listening without a word."""
+    s = fast_settings(settings, node_offline_timeout_sec=2)
+    old = await seed(db, node_uid="nd-old", status="online", last_seen_sql="now() - interval '1 hour'")
+    new = await seed(db, node_uid="nd-new", status="online", last_seen_sql="NULL")
+    service = await start_logger(s, NODE_OFFLINE_SWEEP_SEC="3600")  # sweeps run by hand below
+    try:
+        assert await service.housekeeping.offline_sweep() == 0
+        assert (await status_of(db, old), await status_of(db, new)) == ("online", "online")
+        await asyncio.sleep(2.5)
+        assert await service.housekeeping.offline_sweep() == 2
+        assert (await status_of(db, old), await status_of(db, new)) == ("offline", "offline")
+    finally:
+        await service.stop()
+        await drop_redis_keys(s)
