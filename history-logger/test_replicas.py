@@ -2,6 +2,8 @@
 killed with -9 while readings keep coming; every reading lands exactly once (replicas.py)."""
 import asyncio
 
+import pytest
+
 from common import testing
 from common.redis_client import key, redis_client
 from logger_fixtures import drop_redis_keys, fast_settings, seed, wait_rows
@@ -27,7 +29,9 @@ async def only_b(settings, client, b) -> bool:
     return await members(settings, client) == {b}
 
 
-async def test_a_replica_killed_mid_stream_strands_and_loses_nothing(settings, db):
+@pytest.mark.parametrize("death", ["kill", "terminate"])
+async def test_a_replica_gone_mid_stream_strands_and_loses_nothing(settings, db, death):
+    """kill: SIGKILL, its session is rescued by the other; terminate: SIGTERM, it hands over itself."""
     with testing.PrivateMosquitto() as broker:
         s = fast_settings(settings, mqtt_port=broker.port)
         ids = await seed(db)
@@ -43,7 +47,10 @@ async def test_a_replica_killed_mid_stream_strands_and_loses_nothing(settings, d
             pub = Publisher(s, ids, 3000, chunk=50, pause=0.03)
             pub.start()
             await wait_rows(db, 500, 60)
-            procs["a"].kill()  # SIGKILL: its in-flight and queued share must reach PostgreSQL through b
+            if death == "kill":
+                procs["a"].kill()  # its in-flight and queued share must reach PostgreSQL through b
+            else:
+                assert await asyncio.to_thread(procs["a"].terminate) == 0, procs["a"].log()[-2000:]
             await wait_published(pub, 120)
             try:
                 await wait_rows(db, 3000, 90)
@@ -54,7 +61,7 @@ async def test_a_replica_killed_mid_stream_strands_and_loses_nothing(settings, d
             await assert_exactly(db, 3000)
             # a's session was taken over, drained and ended: b is the group's only member now
             await testing.eventually(lambda: only_b(s, client, ids_of["b"]), 30, message="a's session ended")
-            assert "replica_rescued" in procs["b"].log()
+            assert ("replica_rescued" in procs["b"].log()) == (death == "kill")
             assert procs["b"].terminate() == 0, procs["b"].log()[-2000:]
         finally:
             for proc in procs.values():
