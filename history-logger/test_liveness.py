@@ -125,13 +125,23 @@ async def test_a_logger_outage_longer_than_the_timeout_leaves_a_live_fleet_onlin
             await drop_redis_keys(s)
 
 
+async def connect_when_up(port: int) -> asyncpg.Connection:
+    """The port opens before PostgreSQL accepts connections ("the database system is starting up")."""
+    async def attempt():
+        try:
+            return await asyncpg.connect(host="127.0.0.1", port=port, user="postgres", database="postgres")
+        except (OSError, asyncpg.exceptions.CannotConnectNowError):
+            return None
+    return await testing.eventually(attempt, 30, 0.2, message="PostgreSQL accepting connections")
+
+
 async def test_a_database_outage_longer_than_the_timeout_leaves_a_live_fleet_online():
     """PostgreSQL down 6 s (timeout 2 s) while the node keeps beating: life signs wait in Redis and
     the sweep, back with the database, counts only what was written — the node stays online."""
     pg = testing.PrivatePostgres()
     pg.start()
     try:
-        conn = await asyncpg.connect(host="127.0.0.1", port=pg.port, user="postgres", database="postgres")
+        conn = await connect_when_up(pg.port)
         await apply_migrations(conn)
         await conn.close()
         s = fast_settings(testing.isolated_settings(**pg.settings_env()), db_command_timeout_sec=5.0,
