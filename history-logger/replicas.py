@@ -47,7 +47,7 @@ class Replicas:
         self.lease_sec = service.cfg.lease_sec
         self.redis = service.redis
         self.members_key = key(s, f"logger:members:{s.mqtt_shared_group}")
-        self.task: asyncio.Task | None = None
+        self.tasks: list[asyncio.Task] = []
         self.stopping = False
 
     def _lease(self, member: str) -> str:
@@ -61,16 +61,20 @@ class Replicas:
         while await self.redis.exists(self._rescue_lock(self.me)) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)  # another replica is draining our old session: do not take it back
         await self._renew()
-        self.task = asyncio.create_task(self._run(), name="replicas")
+        # renewing never waits for a rescue in progress: a slow rescue must not make us look dead
+        self.tasks = [asyncio.create_task(self._every(self._renew), name="replica-lease"),
+                      asyncio.create_task(self._every(self._rescue_dead), name="replica-rescue")]
 
     async def stop(self, session_ended: bool) -> None:
         self.stopping = True
-        if self.task is not None:
-            self.task.cancel()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
             try:
-                await self.task
+                await task
             except asyncio.CancelledError:
                 pass
+        self.tasks = []
         try:
             pipe = self.redis.pipeline(transaction=True)
             pipe.delete(self._lease(self.me))
@@ -93,17 +97,19 @@ class Replicas:
         pipe.sadd(self.members_key, self.me)
         await pipe.execute()
 
-    async def _run(self) -> None:
+    async def _every(self, job) -> None:
         while not self.stopping:
             try:
-                await self._renew()
-                for member in await self._dead_members():
-                    await self.rescue(member)
+                await job()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - retried next round
-                log.warning("replica_round_failed", extra={"error": str(exc)[:300]})
+                log.warning("replica_round_failed", extra={"job": job.__name__, "error": str(exc)[:300]})
             await asyncio.sleep(self.lease_sec / 3)
+
+    async def _rescue_dead(self) -> None:
+        for member in await self._dead_members():
+            await self.rescue(member)
 
     async def _dead_members(self) -> list[str]:
         dead = []
@@ -139,15 +145,15 @@ async def take_over(service: "HistoryLogger", member: str) -> bool:
     receiver.queue_len = service.receiver.queue_len
     mqtt = MqttClient(s, "-logger", manual_ack=True, reconnect=False)
     await subscribe(mqtt, receiver)
+    drained = False
     await mqtt.start()
     try:
         await mqtt.wait_connected(10)
-        drained = await mqtt.quiet(QUIET_SEC) and not mqtt.lost
-        if drained:
+        if await mqtt.quiet(QUIET_SEC) and not mqtt.lost:
             await mqtt.unsubscribe_all()
             drained = await mqtt.quiet(QUIET_SEC) and not mqtt.lost
     except (asyncio.TimeoutError, OSError) as exc:
         log.warning("replica_rescue_failed", extra={"member": member, "error": str(exc)[:200]})
-        drained = False
-    await mqtt.stop(drain=True, end_session=drained)
+    finally:  # (also when cancelled: the session is then left for the next rescue)
+        await mqtt.stop(drain=True, end_session=drained)
     return drained
