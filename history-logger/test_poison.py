@@ -1,5 +1,7 @@
 """One poison message never stops the logger: every per-message failure is a dead letter with its
 reason, valid messages beside it land, and dispatch goes on (issue: a ts before year 1 stopped it)."""
+import asyncio
+
 from common import testing
 from logger_fixtures import apublish, dead_letters, logger, seed, wait_rows  # noqa: F401 - fixture
 
@@ -78,3 +80,10 @@ async def test_a_failing_event_is_set_aside_and_the_stream_goes_on(logger, db):
     [entry] = await testing.eventually(refused, 20)
     assert entry["reason"] == b"db_rejected"
     assert await db.fetchval("SELECT status FROM commands WHERE cmd_id = 'c-nul'") == "sent"
+
+
+async def test_ready_reports_a_dispatcher_that_no_longer_runs(logger):
+    assert (await logger.ready())["mqtt"] is True
+    logger.mqtt._dispatcher.cancel()  # however it ended: connected, but nothing is dispatched any more
+    await testing.eventually(lambda: asyncio.sleep(0, logger.mqtt._dispatcher.done()), 5)
+    assert logger.mqtt.connected and (await logger.ready())["mqtt"] is False
