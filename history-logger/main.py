@@ -116,8 +116,11 @@ class HistoryLogger:
         end_session = False
         if self.replicas is not None and self.mqtt.connected and await self._others_alive():
             # the others take our share from now on: no new message for us, handle what came, end the session
-            await self.mqtt.unsubscribe_all()
-            end_session = await self.mqtt.quiet(0.5, timeout=15)
+            try:
+                await self.mqtt.unsubscribe_all()
+                end_session = await self.mqtt.quiet(0.5, timeout=15)
+            except asyncio.TimeoutError:  # keep the session: a live replica rescues it
+                log.warning("replica_handover_failed")
         self.receiver.stopping = True
         await self.mqtt.stop(drain=True, end_session=end_session)  # what was received is appended and acknowledged
         if self.replicas is not None:
