@@ -9,6 +9,10 @@ MQTT_CONNECTED = Gauge("mqtt_connected", "1 while the MQTT client is connected",
 MQTT_PUBLISH_ERRORS = Counter("mqtt_publish_errors_total", "MQTT publishes that failed", ["reason"])
 MQTT_HANDLER_ERRORS = Counter("mqtt_handler_errors_total", "MQTT message handlers that raised", ["filter"])
 MQTT_UNROUTED = Counter("mqtt_unrouted_messages_total", "Messages that matched no subscription")
+MQTT_DROPPED = Counter("mqtt_messages_dropped_total",
+                       "Messages acknowledged without being handled (manual-ack clients), by reason", ["reason"])
+MQTT_DISPATCH_ERRORS = Counter("mqtt_dispatch_errors_total", "Failures inside the MQTT dispatcher itself, by stage",
+                               ["stage"])
 
 COMMANDS_TOTAL = Counter("commands_total", "Commands issued (one per new cmd_id)", ["cmd", "source"])
 COMMANDS_PUBLISHED = Counter("commands_published_total", "Commands published to MQTT", ["cmd", "source"])

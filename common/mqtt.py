@@ -10,9 +10,16 @@ Subscribe before `start()`: a persistent session may deliver queued messages rig
 CONNACK, and they are routed by subscription identifier (assigned in subscription order).
 
 Manual acknowledgement (`manual_ack=True`): a message is PUBACKed only after its handler has
-returned; a handler that raises leaves it unacknowledged, so the broker delivers it again
-after the next reconnect. Messages from an earlier connection are never acknowledged on a
-newer one (their packet ids are no longer valid).
+returned. A handler that raises `LeaveUnacknowledged` leaves its messages unacknowledged on
+purpose (the broker delivers them again after the next reconnect). Any other exception is a
+poison message or a bug: the batch is retried message by message, and a message whose handler
+still raises is acknowledged and counted (`mqtt_messages_dropped_total{reason="handler_error"}`),
+so one message can never hold a Receive Maximum slot for ever nor stop dispatch. Messages that
+match no subscription are acknowledged and counted too. Messages from an earlier connection are
+never acknowledged on a newer one (their packet ids are no longer valid).
+
+The dispatcher survives any exception (counted in `mqtt_dispatch_errors_total{stage}`);
+`dispatching` says whether it still runs, for readiness checks.
 """
 from __future__ import annotations
 
@@ -46,6 +53,10 @@ SESSION_EXPIRY_SEC = 7 * 24 * 3600  # a persistent session outlives a week of do
 
 class MqttError(RuntimeError):
     """Publishing failed: not connected, refused, or not acknowledged in time."""
+
+
+class LeaveUnacknowledged(Exception):
+    """Raised by a manual-ack handler: do not acknowledge these messages (the broker keeps them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +109,7 @@ class MqttClient:
         clean_session: bool | None = None,
         max_batch: int = 1000,
         publish_timeout: float = 5.0,
+        reconnect: bool = True,
     ):
         self.settings = settings
         self.client_id = f"{settings.mqtt_client_id}{suffix}"
@@ -112,6 +124,7 @@ class MqttClient:
         self._wake_pending = False
         self._generation = 0
         self._connected = False
+        self.connected_since: float | None = None  # epoch seconds of the current connection's CONNACK
         self._connected_event: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,6 +134,11 @@ class MqttClient:
         self._pub_early: set[int] = set()
         self._client: paho.Client | None = None
         self._stopping = False
+        self.reconnect = reconnect          # False: a lost connection stays lost (a session taken over once)
+        self.lost = False                   # the connection dropped (with reconnect=False: for good)
+        self._last_received = 0.0           # monotonic time of the last message received
+        self._busy = False                  # the dispatcher is handling a batch
+        self._unsubscribed: asyncio.Future | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self, wait: float | None = None) -> None:
@@ -133,6 +151,7 @@ class MqttClient:
             client_id=self.client_id,
             protocol=paho.MQTTv5,
             manual_ack=self.manual_ack,
+            reconnect_on_failure=self.reconnect,
         )
         s = self.settings
         if s.mqtt_user:
@@ -148,6 +167,7 @@ class MqttClient:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_unsubscribe = self._on_unsubscribe
         client.on_socket_open = _no_delay
         self._client = client
         props = Properties(PacketTypes.CONNECT)
@@ -160,8 +180,10 @@ class MqttClient:
         if wait:
             await self.wait_connected(wait)
 
-    async def stop(self, drain: bool = True) -> None:
-        """Disconnect cleanly (no LWT); with drain, handle what was already received first."""
+    async def stop(self, drain: bool = True, end_session: bool = False) -> None:
+        """Disconnect cleanly (no LWT); with drain, handle what was already received first.
+        With end_session the broker drops the session (session expiry 0 on DISCONNECT): it keeps
+        nothing for this client id, and a shared subscription no longer counts it as a member."""
         self._stopping = True
         if drain and self._inbox:
             await self._drain_once()
@@ -173,13 +195,43 @@ class MqttClient:
                 pass
         if self._client is not None:
             client, self._client = self._client, None
-            client.disconnect()
+            props = None
+            if end_session:
+                props = Properties(PacketTypes.DISCONNECT)
+                props.SessionExpiryInterval = 0
+            client.disconnect(properties=props)
             await asyncio.to_thread(client.loop_stop)
         self._connected = False
+
+    async def quiet(self, for_sec: float, timeout: float = 60.0) -> bool:
+        """Wait until nothing was received for `for_sec` and everything received is handled;
+        False when `timeout` passed first (or the connection was lost)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.lost:
+            if (not self._inbox and not self._busy and not self._wake_pending
+                    and time.monotonic() - self._last_received >= for_sec):
+                return True
+            await asyncio.sleep(min(0.1, for_sec))
+        return False
+
+    async def unsubscribe_all(self, timeout: float = 10.0) -> None:
+        """UNSUBSCRIBE every filter and wait for the broker's UNSUBACK: no new message is routed
+        to this client afterwards (those already on their way still arrive)."""
+        client = self._client
+        if client is None or not self._subs:
+            return
+        self._unsubscribed = self._loop.create_future()
+        client.unsubscribe([sub.wire_filter for sub in self._subs])
+        await asyncio.wait_for(self._unsubscribed, timeout)
 
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def dispatching(self) -> bool:
+        """The dispatcher task runs (False before start() and after stop())."""
+        return self._dispatcher is not None and not self._dispatcher.done()
 
     async def wait_connected(self, timeout: float) -> None:
         assert self._connected_event is not None, "start() first"
@@ -272,6 +324,8 @@ class MqttClient:
         for sub in self._subs:  # one SUBSCRIBE each: a packet carries one subscription identifier
             self._send_subscribe(client, sub)
         self._connected = True
+        self.lost = False
+        self.connected_since = time.time()
         metrics.MQTT_CONNECTED.labels(self.client_id).set(1)
         log.info("mqtt_connected", extra={"client_id": self.client_id, "session_present": flags.session_present,
                                           "subscriptions": len(self._subs)})
@@ -279,6 +333,8 @@ class MqttClient:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected = False
+        self.connected_since = None
+        self.lost = True
         metrics.MQTT_CONNECTED.labels(self.client_id).set(0)
         if not self._stopping:
             log.warning("mqtt_disconnected", extra={"client_id": self.client_id, "reason": str(reason_code)})
@@ -288,11 +344,17 @@ class MqttClient:
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties else None
+        self._last_received = time.monotonic()
         self._inbox.append(Message(msg.topic, msg.payload, msg.qos, bool(msg.retain), msg.mid,
                                    time.time(), self._generation, tuple(ids) if ids else (), bool(msg.dup)))
         if not self._wake_pending:
             self._wake_pending = True
             self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        future = self._unsubscribed
+        if future is not None:
+            self._loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._pub_lock:
@@ -313,11 +375,22 @@ class MqttClient:
     async def _drain_once(self) -> None:
         self._wake.clear()
         self._wake_pending = False
-        while self._inbox:
-            batch = []
-            while self._inbox and len(batch) < self.max_batch:
-                batch.append(self._inbox.popleft())
-            await self._dispatch(batch)
+        self._busy = True
+        try:
+            while self._inbox:
+                batch = []
+                while self._inbox and len(batch) < self.max_batch:
+                    batch.append(self._inbox.popleft())
+                try:
+                    await self._dispatch(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - a bug in routing must not end dispatch
+                    metrics.MQTT_DISPATCH_ERRORS.labels("dispatch").inc()
+                    log.exception("mqtt_dispatch_failed", extra={"messages": len(batch)})
+                    self._ack_safely(batch)
+        finally:
+            self._busy = False
 
     def _matching(self, message: Message) -> tuple[_Subscription, ...]:
         if message.sub_ids:
@@ -335,8 +408,11 @@ class MqttClient:
         grouped: dict[int, tuple[_Subscription, list[Message]]] = {}
         for message in batch:
             subs = self._matching(message)
-            if not subs:  # left unacknowledged in manual-ack mode: the broker delivers it again
+            if not subs:  # nobody will ever handle it: acknowledged, so it holds no Receive Maximum slot
                 metrics.MQTT_UNROUTED.inc()
+                if self.manual_ack:
+                    metrics.MQTT_DROPPED.labels("unrouted").inc()
+                    self._ack_safely([message])
                 continue
             for sub in subs:
                 if sub.batch:
@@ -347,19 +423,44 @@ class MqttClient:
             await self._call(sub, messages)
 
     async def _call(self, sub: _Subscription, messages: list[Message]) -> None:
+        outcome = await self._handled(sub, messages)
+        if outcome is None or not self.manual_ack:
+            return
+        if outcome:
+            self._ack_safely(messages)
+            return
+        if len(messages) > 1:  # find the poison: the others of the batch are handled and acknowledged
+            for message in messages:
+                await self._call(sub, [message])
+            return
+        metrics.MQTT_DROPPED.labels("handler_error").inc()
+        self._ack_safely(messages)
+
+    async def _handled(self, sub: _Subscription, messages: list[Message]) -> bool | None:
+        """True: handled; False: the handler raised; None: it asked to leave them unacknowledged."""
         try:
             if sub.batch:
                 await sub.handler(messages)
             else:
                 await sub.handler(messages[0])
+            return True
         except asyncio.CancelledError:
             raise
+        except LeaveUnacknowledged:
+            return None
         except Exception:  # noqa: BLE001 - one bad handler call must not stop the dispatcher
             metrics.MQTT_HANDLER_ERRORS.labels(sub.filter).inc()
             log.exception("mqtt_handler_failed", extra={"filter": sub.filter, "messages": len(messages)})
+            return False
+
+    def _ack_safely(self, messages: list[Message]) -> None:
+        if not self.manual_ack:
             return
-        if self.manual_ack:
+        try:
             self.ack(messages)
+        except Exception:  # noqa: BLE001 - an acknowledgement that failed is resent by the broker
+            metrics.MQTT_DISPATCH_ERRORS.labels("ack").inc()
+            log.exception("mqtt_ack_failed", extra={"messages": len(messages)})
 
 
 def _no_delay(client, userdata, sock) -> None:

@@ -106,7 +106,8 @@ def normalise_timestamp(value: Any, received_at: float) -> dt.datetime:
 
     Numbers ≥ 1e12 are milliseconds; 1.5e9..now+1 day are seconds; anything else (uptime since
     boot, garbage, missing) is replaced by the receive time. ISO-8601 strings are parsed.
-    A result more than a day in the future is clamped to the receive time."""
+    A result more than a day in the future, or before 1.5e9 (2017), is replaced by the receive
+    time. Total: no input raises (a node's timestamp must never stop a batch)."""
     seconds: float | None = None
     if isinstance(value, bool) or value is None:
         seconds = None
@@ -118,13 +119,12 @@ def normalise_timestamp(value: Any, received_at: float) -> dt.datetime:
     elif isinstance(value, str):
         try:
             parsed = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        except ValueError:
-            parsed = None
-        if parsed is not None:
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=dt.timezone.utc)
             seconds = parsed.timestamp()
-    if seconds is None or seconds > received_at + MAX_FUTURE_SEC:
+        except (ValueError, OverflowError):  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
+            seconds = None
+    if seconds is None or not MIN_EPOCH_SEC <= seconds <= received_at + MAX_FUTURE_SEC:
         seconds = received_at
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).replace(tzinfo=None)
 

@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from common import testing
-from common.mqtt import MqttClient, MqttError, Will
+from common.mqtt import LeaveUnacknowledged, MqttClient, MqttError, Will
 
 
 async def started(settings, suffix, **kw) -> MqttClient:
@@ -82,7 +82,8 @@ async def test_reconnects_and_resubscribes_after_broker_restart():
 
 
 async def test_manual_ack_redelivers_what_the_handler_did_not_finish():
-    """A message whose handler raised is not PUBACKed: the persistent session hands it over again."""
+    """A message whose handler asked to leave it (LeaveUnacknowledged) is not PUBACKed: the
+    persistent session hands it over again."""
     with testing.PrivateMosquitto() as broker:
         settings = testing.isolated_settings(MQTT_PORT=str(broker.port))
         seen, fail = [], {"on": True}
@@ -90,7 +91,7 @@ async def test_manual_ack_redelivers_what_the_handler_did_not_finish():
         async def handler(msgs):
             seen.extend(m.payload for m in msgs)
             if fail["on"]:
-                raise RuntimeError("store unavailable")
+                raise LeaveUnacknowledged("store unavailable")
 
         client = MqttClient(settings, "-ack", manual_ack=True)
         await client.subscribe_batch("hydro/t/#", handler)
@@ -122,3 +123,85 @@ async def test_will_is_published_when_the_client_dies(settings, mqtt_probe):
     assert msg.payload == b"offline"
     await client.stop()
     testing.publish_sync(settings.mqtt_host, settings.mqtt_port, [(topic, b"", 1, True)])
+
+
+def _dropped(reason: str) -> float:
+    from common import metrics
+    return metrics.MQTT_DROPPED.labels(reason)._value.get()
+
+
+async def test_poison_messages_never_hold_the_receive_maximum(settings):
+    """A manual-ack handler that raises on some messages: the rest of each batch is handled and
+    acknowledged, the poison is acknowledged and counted, and dispatch goes on. With a receive
+    maximum of 5, five poison messages left unacknowledged would stop all delivery."""
+    s = settings.replace(mqtt_receive_maximum=5)
+    handled: list[bytes] = []
+
+    async def on_batch(msgs):
+        if any(m.payload.startswith(b"poison") for m in msgs):
+            raise ValueError("cannot handle this one")
+        handled.extend(m.payload for m in msgs)
+
+    client = MqttClient(s, "-poison", manual_ack=True)
+    await client.subscribe_batch(f"{s.mqtt_topic_root}/p/#", on_batch)
+    await client.start(wait=10)
+    before = _dropped("handler_error")
+    topic = f"{s.mqtt_topic_root}/p/x"
+    messages = [(topic, f"poison-{i}" if i % 3 == 0 else f"ok-{i}", 1, False) for i in range(60)]
+    await asyncio.to_thread(testing.publish_sync, s.mqtt_host, s.mqtt_port, messages)
+    expected = sorted(f"ok-{i}".encode() for i in range(60) if i % 3)
+    await testing.eventually(lambda: asyncio.sleep(0, len(handled) >= len(expected)), 20)
+    assert sorted(handled) == expected
+    assert _dropped("handler_error") - before == 20
+    assert client.dispatching
+    await client.stop()
+
+
+async def test_a_failing_acknowledgement_does_not_stop_dispatch(settings):
+    class AckFailsOnce(MqttClient):
+        failures = 0
+
+        def ack(self, messages):
+            if not self.failures:
+                self.failures += 1
+                raise RuntimeError("socket gone")
+            super().ack(messages)
+
+    handled: list[bytes] = []
+
+    async def on_message(msg):
+        handled.append(msg.payload)
+
+    client = AckFailsOnce(settings, "-ackfail", manual_ack=True)
+    await client.subscribe(f"{settings.mqtt_topic_root}/a/#", on_message)
+    await client.start(wait=10)
+    topic = f"{settings.mqtt_topic_root}/a/x"
+    for i in range(3):  # one at a time: each is its own dispatch
+        await asyncio.to_thread(testing.publish_sync, settings.mqtt_host, settings.mqtt_port,
+                                [(topic, f"m{i}", 1, False)])
+        await testing.eventually(lambda: asyncio.sleep(0, len(handled) > i), 10)
+    assert handled == [b"m0", b"m1", b"m2"] and client.failures == 1 and client.dispatching
+    await client.stop()
+    assert not client.dispatching
+
+
+async def test_unrouted_messages_are_acknowledged(settings):
+    """A message the broker routes to us that no handler matches (here: a subscription identifier we
+    no longer know) must not keep a receive-maximum slot."""
+    s = settings.replace(mqtt_receive_maximum=2)
+    got: list[bytes] = []
+
+    async def on_message(msg):
+        got.append(msg.payload)
+
+    client = MqttClient(s, "-unrouted", manual_ack=True)
+    await client.subscribe(f"{s.mqtt_topic_root}/u/#", on_message)
+    await client.start(wait=10)
+    await asyncio.sleep(0.3)
+    client._subs.clear()  # the broker keeps the subscription (as a persistent session would): now unknown to us
+    before = _dropped("unrouted")
+    topic = f"{s.mqtt_topic_root}/u/x"
+    await asyncio.to_thread(testing.publish_sync, s.mqtt_host, s.mqtt_port, [(topic, f"m{i}", 1, False) for i in range(5)])
+    await testing.eventually(lambda: asyncio.sleep(0, _dropped("unrouted") - before >= 5), 10)
+    assert got == [] and client.dispatching
+    await client.stop()

@@ -110,6 +110,10 @@ def utc(seconds):
     ("garbage", utc(NOW)),
     (True, utc(NOW)),
     (NOW + 2 * 86400, utc(NOW)),                   # far future -> clamped
+    ("0001-01-01T00:00:00+14:00", utc(NOW)),       # before year 1 in UTC -> receive time, no error
+    ("0001-01-01T00:00:00", utc(NOW)),             # before 2017 (like a number) -> receive time
+    ("9999-12-31T23:59:59-14:00", utc(NOW)),       # beyond year 9999 in UTC -> clamped
+    ("2025-13-45T99:00:00", utc(NOW)),
     ("2025-11-20T08:00:00Z", dt.datetime(2025, 11, 20, 8, 0, 0)),
     ("2025-11-20T10:00:00+02:00", dt.datetime(2025, 11, 20, 8, 0, 0)),
 ])

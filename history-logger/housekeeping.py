@@ -5,6 +5,12 @@ Every NODE_OFFLINE_SWEEP_SEC (60 s): online nodes silent for NODE_OFFLINE_TIMEOU
 (alert + events like an LWT); a zone whose newest telemetry is older than ZONE_NO_TELEMETRY_MIN
 gets one NO_TELEMETRY zone event (zones.status is Laravel's and is not touched); committed-entry
 records no pending entry can need are pruned.
+
+Silence counts only while we were listening: `listening()` gives (since, until) — since this
+service's current MQTT connection, up to the moment before which every received message is in
+PostgreSQL (the oldest entry still in the streams, or when input started to be held). A logger,
+broker, Redis or database outage therefore never makes a healthy fleet look silent: a node is
+offline only if it was not heard from in NODE_OFFLINE_TIMEOUT_SEC of that window.
 Every second: samples kept out of the stream by queue sampling refresh telemetry_last.
 """
 from __future__ import annotations
@@ -20,13 +26,13 @@ from common.db import Database
 import ingest_log
 import logger_metrics as m
 from logger_settings import LoggerSettings
-from node_events import mark_offline
+from node_events import mark_offline, utc
 
 log = logging.getLogger("history_logger.housekeeping")
 
 _SILENT_NODES = """
 SELECT id, uid, zone_id, status, last_seen_at FROM nodes
- WHERE status = 'online' AND (last_seen_at IS NULL OR last_seen_at < now() - make_interval(secs => $1))
+ WHERE status = 'online' AND (last_seen_at IS NULL OR last_seen_at < $1::timestamp)
  ORDER BY id FOR UPDATE SKIP LOCKED
 """
 
@@ -36,16 +42,21 @@ WITH latest AS (
 INSERT INTO zone_events (zone_id, type, details, created_at)
 SELECT l.zone_id, 'NO_TELEMETRY', jsonb_build_object('last_telemetry_at', l.last_at, 'silent_min', $1::int), now()
   FROM latest l JOIN zones z ON z.id = l.zone_id
- WHERE l.last_at < now() - make_interval(mins => $1::int)
+ WHERE l.last_at < $2::timestamp
    AND NOT EXISTS (SELECT 1 FROM zone_events e
                     WHERE e.zone_id = l.zone_id AND e.type = 'NO_TELEMETRY' AND e.created_at >= l.last_at)
 """
 
 
+Window = tuple[float, float]  # (since, until) in epoch seconds
+
+
 class Housekeeping:
     def __init__(self, db: Database, cfg: LoggerSettings, timeout_sec: int, offline_sec: int,
-                 prune: Callable[[], Awaitable[None]], flush_sampled: Callable[[], Awaitable[int]]):
+                 prune: Callable[[], Awaitable[None]], flush_sampled: Callable[[], Awaitable[int]],
+                 listening: Callable[[], Awaitable[Window | None]]):
         self.db = db
+        self.listening = listening
         self.cfg = cfg
         self.timeout_sec = timeout_sec
         self.offline_sec = offline_sec
@@ -89,11 +100,22 @@ class Housekeeping:
         return count
 
     async def offline_sweep(self) -> int:
-        async with self.db.transaction() as conn:
-            nodes = await conn.fetch(_SILENT_NODES, float(self.offline_sec))
-            for node in nodes:
-                await mark_offline(conn, node, node["zone_id"], "timeout")
-            await conn.execute(_NO_TELEMETRY, self.cfg.no_telemetry_min)
+        window = await self.listening()
+        nodes = []
+        if window is None:
+            log.info("offline_sweep_skipped", extra={"why": "not listening (MQTT down or input held)"})
+        else:
+            since, until = window
+            offline_cutoff = until - self.offline_sec
+            quiet_cutoff = until - 60 * self.cfg.no_telemetry_min
+            async with self.db.transaction() as conn:
+                if since <= offline_cutoff:  # else the silence overlaps our own outage: it says nothing
+                    nodes = await conn.fetch(_SILENT_NODES, utc(offline_cutoff))
+                    for node in nodes:
+                        await mark_offline(conn, node, node["zone_id"], "timeout")
+                # (a zone event only, so not held back by `since`: after our own outage it may say
+                # what we could not see; never while a backlog is still being written)
+                await conn.execute(_NO_TELEMETRY, self.cfg.no_telemetry_min, utc(quiet_cutoff))
         await self.prune()
         return len(nodes)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -20,6 +21,7 @@ import telemetry_parse as tp
 from receiver import Receiver, Stopping
 
 APPEND_TIMEOUT_SEC = 10.0
+DEAD_LETTERED = {"out_of_range"}  # refused readings of a well-formed request: dead-lettered, not a 400
 
 
 def build_app(receiver: Receiver, ready: ReadyCheck) -> FastAPI:
@@ -35,17 +37,25 @@ def build_app(receiver: Receiver, ready: ReadyCheck) -> FastAPI:
             return JSONResponse({"detail": describe_error(exc)}, status_code=400)
         received_at = time.time()
         m.RECEIVED.inc(len(parsed.samples))
-        samples = []
+        samples, dead, rejected = [], [], []
         for index, sample in enumerate(parsed.samples):
             try:
                 samples.append(tp.from_ingest(sample, received_at))
             except tp.Rejected as exc:
+                if exc.reason in DEAD_LETTERED:  # a reading that cannot be true: set aside, the others land
+                    dead.append(receiver.dead_entry(exc, "http:/ingest/telemetry",
+                                                    orjson.dumps(sample.model_dump(mode="json"))))
+                    rejected.append({"index": index, "reason": exc.reason, "detail": exc.detail})
+                    continue
                 m.INVALID.labels(exc.reason).inc()
                 return JSONResponse({"detail": f"samples.{index}: {exc.detail}"}, status_code=400)
         try:
-            count = await asyncio.wait_for(asyncio.shield(receiver.append(samples, [], [], [])), APPEND_TIMEOUT_SEC)
+            count = await asyncio.wait_for(asyncio.shield(receiver.append(samples, dead, [], [])), APPEND_TIMEOUT_SEC)
         except (asyncio.TimeoutError, Stopping):
             return JSONResponse({"detail": "telemetry queue unavailable, retry later"}, status_code=503)
-        return JSONResponse({"status": "ok", "count": count})
+        body = {"status": "ok", "count": count}
+        if rejected:
+            body["rejected"] = rejected
+        return JSONResponse(body)
 
     return add_ops_routes(app, ready)

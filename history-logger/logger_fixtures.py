@@ -78,6 +78,16 @@ async def seed(db: Database, *, node_uid: str = "nd-ph-1", zone: bool = True, va
     return {"gh_id": gh, "zone_id": zone_id, "node_id": node_id, "node_uid": node_uid}
 
 
+async def dead_letters(settings: Settings) -> list[dict]:
+    """The dead-letter stream's entries, field names decoded."""
+    client = redis_client(settings)
+    try:
+        entries = await client.xrange(f"{settings.redis_key_prefix}telemetry:dead")
+    finally:
+        await client.aclose()
+    return [{k.decode(): v for k, v in fields.items()} for _, fields in entries]
+
+
 def publish(settings: Settings, items: list[tuple[str, object]], retain: bool = False) -> None:
     msgs = [(t, p if isinstance(p, (bytes, str)) else orjson.dumps(p), 1, retain) for t, p in items]
     testing.publish_sync(settings.mqtt_host, settings.mqtt_port, msgs)

@@ -30,4 +30,12 @@ COMMAND_RESPONSE_UNKNOWN = Counter("history_logger_command_response_unknown_tota
 COMMAND_TIMEOUTS = Counter("history_logger_command_timeouts_total", "Commands marked timeout by the sweeper")
 EVENTS_INVALID = Counter("history_logger_events_invalid_total", "Life-sign messages rejected, by kind and reason",
                          ["kind", "reason"])
+NODES_ONLINE = Counter("history_logger_nodes_online_total", "Nodes that came back online (heard from after offline)")
+CONFIG_RESPONSES = Counter("history_logger_config_response_received_total",
+                           "config_response messages received (a life sign here; device-registry applies them)")
+HEARTBEAT_FIELDS_REJECTED = Counter("history_logger_heartbeat_fields_rejected_total",
+                                    "Heartbeat fields refused (not an integer, or outside their bounds), by field",
+                                    ["field"])
 NODES_OFFLINE = Counter("history_logger_nodes_offline_total", "Nodes marked offline, by reason", ["reason"])
+REPLICA_RESCUES = Counter("history_logger_replica_rescues_total",
+                          "Sessions of dead replicas taken over, drained and ended (MQTT_SHARED_GROUP)")

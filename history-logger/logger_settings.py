@@ -17,6 +17,7 @@ class LoggerSettings:
     offline_sweep_sec: int   # offline housekeeping period (contract §5.3)
     timeout_sweep_sec: float  # command timeout sweep period (contract §4.5)
     no_telemetry_min: int    # a zone silent this long gets a NO_TELEMETRY zone event
+    lease_sec: float         # MQTT_SHARED_GROUP: a replica silent this long is dead, its session rescued
 
     @classmethod
     def from_env(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> "LoggerSettings":
@@ -30,4 +31,5 @@ class LoggerSettings:
             offline_sweep_sec=env.int("NODE_OFFLINE_SWEEP_SEC", 60, 1, 3600),
             timeout_sweep_sec=env.float("COMMAND_TIMEOUT_SWEEP_SEC", 5.0, 0.1, 3600),
             no_telemetry_min=env.int("ZONE_NO_TELEMETRY_MIN", 3, 1, 10_080),
+            lease_sec=env.float("HISTORY_LOGGER_LEASE_SEC", 10.0, 1.0, 300.0),
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 
 from common.db import Database
 from common.env import Settings, settings_or_exit
@@ -22,13 +23,13 @@ from housekeeping import Housekeeping, prune_streams
 from logger_settings import LoggerSettings
 from node_cache import NodeCache
 from node_events import NodeEvents
-from receiver import REDIS_TRANSIENT, Receiver, StreamKeys
+from receiver import REDIS_TRANSIENT, Receiver, StreamKeys, subscribe
+from replicas import Replicas
 from stream_consumer import StreamConsumer
 from telemetry_writer import TelemetryWriter
 
 log = logging.getLogger("history_logger")
 
-EVENT_KINDS = ("heartbeat", "status", "lwt", "command_response")
 EVENTS_BATCH = 500
 
 
@@ -45,7 +46,8 @@ class HistoryLogger:
         self.cache = NodeCache(self.db)
         self.writer = TelemetryWriter(self.db, self.redis, self.keys, self.cache, self.cfg.dead_letter_max,
                                       settings.telemetry_batch_size)
-        self.events = NodeEvents(settings, self.db, self.keys.events)
+        self.events = NodeEvents(settings, self.db, self.keys.events, self.redis, self.keys.dead,
+                                 self.cfg.dead_letter_max)
         self.telemetry_consumer = StreamConsumer(
             self.redis, self.keys.telemetry, self.keys.group, self.cfg.consumer, self.writer.handle,
             count=settings.telemetry_batch_size, block_ms=settings.telemetry_flush_ms,
@@ -58,9 +60,10 @@ class HistoryLogger:
         self.housekeeping = Housekeeping(
             self.db, self.cfg, settings.command_timeout_sec, settings.node_offline_timeout_sec,
             lambda: prune_streams(self.db, self.redis, [self.keys.telemetry, self.keys.events], self.keys.group),
-            self.writer.flush_sampled)
+            self.writer.flush_sampled, self.listening)
         self.api = HttpServer(http_api.build_app(self.receiver, self.ready), settings.http_host,
                               settings.history_logger_port)
+        self.replicas = Replicas(self) if settings.mqtt_shared_group else None
         self.metrics_http = HttpServer(ops_app(self.ready, "history-logger metrics"), settings.http_host,
                                        settings.history_logger_metrics_port)
 
@@ -69,7 +72,26 @@ class HistoryLogger:
             redis_ok = bool(await asyncio.wait_for(self.redis.ping(), 2))
         except (asyncio.TimeoutError, *REDIS_TRANSIENT):
             redis_ok = False
-        return {"db": await self.db.ping(), "redis": redis_ok, "mqtt": self.mqtt.connected}
+        return {"db": await self.db.ping(), "redis": redis_ok, "mqtt": self.mqtt.connected and self.mqtt.dispatching}
+
+    async def _others_alive(self) -> bool:
+        try:
+            return await self.replicas.others_alive()
+        except REDIS_TRANSIENT:
+            return False  # cannot tell: keep the session (a live replica rescues it if needed)
+
+    async def listening(self) -> tuple[float, float] | None:
+        """(since, until): every message received from `since` (this MQTT connection) up to `until`
+        is in PostgreSQL; None while not connected or while input is held (see housekeeping.py)."""
+        since = self.mqtt.connected_since
+        if since is None or not self.mqtt.dispatching or self.receiver.stalled_since is not None:
+            return None
+        until = time.time()
+        for stream in (self.keys.events, self.keys.telemetry):  # acknowledged entries are deleted:
+            first = await self.redis.xrange(stream, count=1)    # what is left is not written yet
+            if first:
+                until = min(until, int(first[0][0].split(b"-")[0]) / 1000)
+        return since, until
 
     async def start(self) -> None:
         self.settings.require_secrets()
@@ -84,17 +106,25 @@ class HistoryLogger:
         await self.api.start()
         await self.metrics_http.start()
         group = self.settings.mqtt_shared_group
-        for filter_ in self.topics.filters("telemetry"):
-            await self.mqtt.subscribe_batch(filter_, self.receiver.on_telemetry, qos=1, share_group=group)
-        for kind in EVENT_KINDS:
-            for filter_ in self.topics.filters(kind):
-                await self.mqtt.subscribe_batch(filter_, self.receiver.on_events, qos=1, share_group=group)
+        if self.replicas is not None:
+            await self.replicas.start()
+        await subscribe(self.mqtt, self.receiver)
         await self.mqtt.start()
         log.info("history_logger_started", extra={"consumer": self.cfg.consumer, "shared_group": group or None})
 
     async def stop(self) -> None:
+        end_session = False
+        if self.replicas is not None and self.mqtt.connected and await self._others_alive():
+            # the others take our share from now on: no new message for us, handle what came, end the session
+            try:
+                await self.mqtt.unsubscribe_all()
+                end_session = await self.mqtt.quiet(0.5, timeout=15)
+            except asyncio.TimeoutError:  # keep the session: a live replica rescues it
+                log.warning("replica_handover_failed")
         self.receiver.stopping = True
-        await self.mqtt.stop(drain=True)          # what was received is appended and acknowledged
+        await self.mqtt.stop(drain=True, end_session=end_session)  # what was received is appended and acknowledged
+        if self.replicas is not None:
+            await self.replicas.stop(session_ended=end_session)
         await self.api.stop()
         await self.telemetry_consumer.stop()      # the batch in hand is written and acknowledged
         await self.events_consumer.stop()

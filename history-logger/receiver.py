@@ -26,7 +26,7 @@ import redis.asyncio as redis
 import redis.exceptions as rex
 
 from common.env import Settings
-from common.mqtt import Message
+from common.mqtt import LeaveUnacknowledged, Message, MqttClient
 from common.redis_client import key
 from common.topics import Topics
 
@@ -37,9 +37,27 @@ from telemetry_parse import Rejected, Sample
 
 log = logging.getLogger("history_logger.receiver")
 
-REDIS_TRANSIENT = (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, ConnectionError, OSError)
+# Worth retrying (the write is held, the broker keeps the messages), never a reason to drop input:
+# Redis unreachable, loading, out of memory (maxmemory) or a read-only replica.
+REDIS_TRANSIENT = (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, rex.OutOfMemoryError,
+                   rex.ReadOnlyError, ConnectionError, OSError)
 DEAD_PAYLOAD_MAX = 4096  # bytes of a rejected payload kept for inspection
 ENTRY_SAMPLES = 100      # samples per stream entry at most (one XADD per entry, not per sample)
+SEEN_EVERY_SEC = 5.0     # a node's telemetry is announced as a life sign at most this often
+
+
+EVENT_KINDS = ("heartbeat", "status", "lwt", "command_response", "config_response")
+
+
+async def subscribe(mqtt: MqttClient, receiver: "Receiver") -> None:
+    """Every subscription of the service, always in this order (subscription identifiers follow
+    it, and a session taken over by another replica must route the same way, see replicas.py)."""
+    group = receiver.settings.mqtt_shared_group
+    for filter_ in receiver.topics.filters("telemetry"):
+        await mqtt.subscribe_batch(filter_, receiver.on_telemetry, qos=1, share_group=group)
+    for kind in EVENT_KINDS:
+        for filter_ in receiver.topics.filters(kind):
+            await mqtt.subscribe_batch(filter_, receiver.on_events, qos=1, share_group=group)
 
 
 class StreamKeys:
@@ -53,7 +71,7 @@ class StreamKeys:
         self.group = "history-logger"
 
 
-class Stopping(Exception):
+class Stopping(LeaveUnacknowledged):
     """The service is stopping while Redis is unreachable: leave the input unacknowledged."""
 
 
@@ -71,6 +89,8 @@ class Receiver:
         self.stopping = False
         self._sample_counts: dict[tuple, int] = {}
         self._reported: set[str] = set()
+        self._announced: dict[str, float] = {}  # node uid → when its telemetry was last announced
+        self.stalled_since: float | None = None  # input waits (queue full, Redis down) since then
 
     # -- MQTT handlers ------------------------------------------------------------------
     # The Redis work runs shielded: redis-py (8.1) can swallow a cancellation that lands inside a
@@ -94,7 +114,32 @@ class Receiver:
                                             self.cfg.max_payload_bytes))
             except Rejected as exc:
                 dead.append(self.dead_entry(exc, msg.topic, msg.payload))
-        await self.append(samples, dead, [], [fingerprint(msg) for msg in messages])
+            except Exception as exc:  # noqa: BLE001 - a message the parser did not foresee is dead-lettered, alone
+                log.exception("telemetry_parse_failed", extra={"topic": msg.topic[:200]})
+                dead.append(self.dead_entry(Rejected("parse_error", f"{type(exc).__name__}: {exc}"[:300]),
+                                            msg.topic, msg.payload))
+        await self.append(samples, dead, self._life_signs(messages), [fingerprint(msg) for msg in messages])
+
+    def _life_signs(self, messages: list[Message]) -> list[dict]:
+        """Telemetry says its node is alive: one events-stream entry per node at most every
+        SEEN_EVERY_SEC (the events writer marks it online), not one per reading."""
+        now = time.monotonic()
+        announced = self._announced
+        if len(announced) > 100_000:
+            announced.clear()
+        events = []
+        for msg in messages:
+            if msg.retain:
+                continue  # a retained reading is old news
+            try:
+                node, _ = tp.telemetry_topic(self.topics, msg.topic)
+            except Rejected:
+                continue
+            if now - announced.get(node, -SEEN_EVERY_SEC) >= SEEN_EVERY_SEC:
+                announced[node] = now
+                events.append({b"t": msg.topic.encode(), b"p": b"", b"ret": b"0",
+                               b"at": repr(msg.received_at).encode()})
+        return events
 
     async def _events(self, messages: list[Message]) -> None:
         messages = await self._without_redeliveries(messages)
@@ -138,14 +183,22 @@ class Receiver:
         while True:
             try:
                 if attempt and await self._already_written(token):
-                    return len(samples)
+                    break
                 await self._write(samples, last_only, dead, events, marks)
                 if samples:
                     m.QUEUED.inc(len(samples))
-                return len(samples)
+                break
             except REDIS_TRANSIENT as exc:
                 attempt += 1
+                self._stalled()
                 await self._backoff(attempt, exc)
+        self.stalled_since = None
+        return len(samples)
+
+    def _stalled(self) -> None:
+        """Input is held (no PUBACK): life signs wait in the broker, so silence is not news (housekeeping)."""
+        if self.stalled_since is None:
+            self.stalled_since = time.time()
 
     async def _write(self, samples, last_only, dead, events, marks) -> None:
         k = self.keys
@@ -176,6 +229,7 @@ class Receiver:
         while self.queue_len + count > self.capacity and self.queue_len > 0:
             if not held:
                 held = True
+                self._stalled()
                 m.OVERFLOW.inc(count)
                 log.warning("telemetry_queue_full", extra={"queue": self.queue_len, "capacity": self.capacity})
             if self.stopping:
@@ -213,6 +267,7 @@ class Receiver:
                 return await call()
             except REDIS_TRANSIENT as exc:
                 attempt += 1
+                self._stalled()
                 await self._backoff(attempt, exc)
 
     async def _backoff(self, attempt: int, exc: Exception) -> None:

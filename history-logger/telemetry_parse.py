@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import orjson
 from pydantic import ValidationError
 
+from common.metric_ranges import out_of_range
 from common.schemas import (MAX_FUTURE_SEC, MIN_EPOCH_SEC, MS_THRESHOLD, IngestSample, Telemetry, describe_error,
                             normalise_metric, normalise_timestamp)
 from common.topics import Topics, TopicError, check_segment, zone_id_from_segment
@@ -167,10 +168,20 @@ def from_mqtt(topics: Topics, topic: str, payload: bytes, received_at: float, ma
                 raise Rejected("nan", describe_error(exc)) from None
             raise Rejected("invalid_payload", describe_error(exc)) from None
         metric_type, value, ts, stub, channel = t.metric_type, t.value, t.ts, t.stub, t.channel
+    metric = _metric(metric_type, value)
+    return Sample(node, None, topic_channel or channel, metric, value, timestamp_ms(ts, received_at), stub, payload)
+
+
+def _metric(metric_type: str, value: float | None) -> str:
+    """The canonical metric name; Rejected out_of_range for a value it cannot have (common.metric_ranges)."""
     metric, known = normalise_metric(metric_type)
+    if value is not None:
+        problem = out_of_range(metric, value)
+        if problem is not None:
+            raise Rejected("out_of_range", problem)
     if not known:
         m.UNKNOWN_METRIC.inc()
-    return Sample(node, None, topic_channel or channel, metric, value, timestamp_ms(ts, received_at), stub, payload)
+    return metric
 
 
 def from_ingest(sample: IngestSample, received_at: float) -> Sample:
@@ -180,9 +191,7 @@ def from_ingest(sample: IngestSample, received_at: float) -> Sample:
         zone = zone_id_from_segment(sample.zone_uid)
     if not sample.node_uid and zone is None:
         raise Rejected("invalid_payload", "a sample needs node_uid, zone_id or zone_uid")
-    metric, known = normalise_metric(sample.metric_type)
-    if not known:
-        m.UNKNOWN_METRIC.inc()
+    metric = _metric(sample.metric_type, sample.value)
     when = normalise_timestamp(sample.ts, received_at)
     raw = orjson.dumps(sample.model_dump(mode="json"))
     if b"\\u0000" in raw:

@@ -8,7 +8,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from common import alerts, testing
 from common.topics import Topics
-from node_events import NodeEvents
+from node_events import Event, NodeEvents, utc
 from logger_fixtures import (apublish, drop_redis_keys, fast_settings, logger, seed,  # noqa: F401 - fixture
                              start_logger)
 
@@ -38,10 +38,12 @@ async def test_heartbeats_of_one_batch_keep_each_valid_field(settings, db):
     ids = await seed(db, last_seen_sql="NULL")
     topic = Topics(settings.mqtt_topic_root).parse(node_topic(settings, ids, "heartbeat"))
     now = time.time()
-    batch = [(topic, b'{"uptime": 35555, "free_heap": 102000, "rssi": -62}', False, now),
-             (topic, b'{"uptime": 36555, "heap": "bad", "rssi": -60}', False, now + 1)]
+    batch = [Event(b"1-0", topic, b'{"uptime": 35555, "free_heap": 102000, "rssi": -62}', False, utc(now), 0),
+             Event(b"1-1", topic, b'{"uptime": 36555, "heap": "bad", "rssi": -60}', False, utc(now + 1), 1)]
+    dead = []
     async with db.transaction() as conn:
-        await NodeEvents(settings, db, "unused")._heartbeats(conn, batch)
+        await NodeEvents(settings, db, "unused")._apply(conn, batch, dead)
+    assert dead == []
     row = await db.fetchrow("SELECT * FROM nodes WHERE id = $1", ids["node_id"])
     assert (row["uptime_seconds"], row["free_heap_bytes"], row["rssi"]) == (36, 102000, -60)
 
@@ -165,13 +167,21 @@ async def test_timeout_sweep_marks_old_sent_commands(settings, db):
         await drop_redis_keys(s)
 
 
+async def heartbeats(settings, ids, every: float = 0.3) -> None:
+    """A live node: a heartbeat every `every` seconds until cancelled."""
+    while True:
+        await apublish(settings, [(node_topic(settings, ids, "heartbeat"), {"uptime": 1000, "rssi": -50})])
+        await asyncio.sleep(every)
+
+
 async def test_offline_housekeeping_marks_silent_nodes(settings, db):
-    s = fast_settings(settings, node_offline_timeout_sec=90)
+    s = fast_settings(settings, node_offline_timeout_sec=2)  # silence counts once we listened this long
     silent = await seed(db, node_uid="nd-silent", status="online", last_seen_sql="now() - interval '5 minutes'")
-    await seed(db, node_uid="nd-alive", status="online", last_seen_sql="now()")
+    alive = await seed(db, node_uid="nd-alive", status="online", last_seen_sql="now()")
     await db.execute("INSERT INTO telemetry_last (zone_id, node_id, metric_type, value, updated_at)"
                      " VALUES ($1, $2, 'PH', 6.0, now() - interval '10 minutes')", silent["zone_id"], silent["node_id"])
     service = await start_logger(s, NODE_OFFLINE_SWEEP_SEC="1")
+    beating = asyncio.create_task(heartbeats(s, alive))
     try:
         async def offline():
             return await db.fetchval("SELECT status FROM nodes WHERE uid = 'nd-silent'") == "offline"
@@ -184,6 +194,8 @@ async def test_offline_housekeeping_marks_silent_nodes(settings, db):
         await asyncio.sleep(2.5)  # further sweeps add nothing
         assert await db.fetchval("SELECT count(*) FROM zone_events WHERE type = 'NO_TELEMETRY'") == 1
         assert await db.fetchval("SELECT count(*) FROM zone_events WHERE type = 'DEVICE_OFFLINE'") == 1
+        assert await db.fetchval("SELECT status FROM nodes WHERE uid = 'nd-alive'") == "online"
     finally:
+        beating.cancel()
         await service.stop()
         await drop_redis_keys(s)
