@@ -13,7 +13,6 @@ import asyncio
 import collections
 import datetime as dt
 import time
-from pathlib import Path
 
 import httpx
 import orjson
@@ -186,13 +185,7 @@ async def test_automation_replica_death_doses_each_correction_once(stack, db):
 
 # ---------------------------------------------------------------------------------------------
 # Mosquitto keeps routing a dead shared-subscription member's share to its persistent session; the
-# history-logger's rescue of a dead replica's session (history-logger/replicas.py) is what makes this
-# pass. Without it the test is expected to fail; once it is in, this mark is to be removed.
-LOGGER_RESCUES_SESSIONS = (Path(__file__).resolve().parents[1] / "history-logger" / "replicas.py").exists()
-
-
-@pytest.mark.xfail(not LOGGER_RESCUES_SESSIONS, strict=True,
-                   reason="a dead logger replica's share is stranded in its Mosquitto session")
+# history-logger's rescue of a dead replica's session (history-logger/replicas.py) is what makes this pass.
 async def test_history_logger_replica_death_loses_and_duplicates_no_reading(stack, db):
     """A burst of readings split between the two loggers (shared subscription); one logger is
     SIGKILLed in the middle and stays dead until every reading is stored by the other."""
