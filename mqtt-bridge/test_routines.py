@@ -31,7 +31,23 @@ async def finished_task(bridge, task_id: str, timeout: float = 20) -> dict:
     return await testing.eventually(done, timeout, interval=0.1, message=f"task {task_id} finished")
 
 
-async def test_fill_runs_until_the_level_reaches_the_target_then_stops(bridge, world, mqtt_probe, db):
+@pytest.fixture
+async def valves(world, db):
+    """world's irrigation node also drives a fill and a drain valve."""
+    for channel in ("valve_fill", "valve_drain"):
+        await db.execute("INSERT INTO node_channels (node_id, channel, type) VALUES ($1, $2, 'actuator')",
+                         world.irr, channel)
+    return world
+
+
+def relay_commands(probe, root: str) -> list[tuple[str, str, bool]]:
+    return [(m.topic.split("/")[-2], p["cmd"], p.get("state")) for m in probe.received(f"{root}/#")
+            for p in [orjson.loads(m.payload)]]
+
+
+async def test_fill_opens_the_fill_valve_until_the_level_reaches_the_target_then_closes_it(bridge, valves,
+                                                                                          mqtt_probe, db):
+    world = valves
     await set_level(db, world.zone, world.irr, 0.2)
 
     async def rising():
@@ -47,17 +63,19 @@ async def test_fill_runs_until_the_level_reaches_the_target_then_stops(bridge, w
     assert body["status"] == "ok" and set(body["data"]) == {"success", "target_level", "final_level", "elapsed_sec"}
     assert body["data"]["success"] is True and body["data"]["target_level"] == 0.6
     assert body["data"]["final_level"] >= 0.6
-    topic = f"{bridge.root}/gh-1/zn-{world.zone}/nd-irr-1/water_control/command"
+    topic = f"{bridge.root}/gh-1/zn-{world.zone}/nd-irr-1/valve_fill/command"
     start, stop = [orjson.loads(m.payload) for m in await mqtt_probe.wait_for(2, topic)]
-    assert (start["cmd"], start["target_level"], start["params"]) == ("fill", 0.6, {"target_level": 0.6})
-    assert stop["cmd"] == "stop_pump"
+    assert (start["cmd"], start["state"], stop["cmd"], stop["state"]) == ("set_relay", True, "set_relay", False)
     kinds = await events(db, world.zone)
     assert [k for k, _ in kinds] == ["FILL_STARTED", "FILL_FINISHED"]
     assert kinds[1][1]["status"] == "completed" and kinds[1][1]["stop_cmd_id"] == stop["cmd_id"]
     assert await db.fetchval("SELECT count(*) FROM commands WHERE status = 'sent'") == 2
+    routine = await db.fetchrow("SELECT * FROM bridge_routines WHERE zone_id = $1", world.zone)
+    assert (routine["kind"], routine["state"], routine["channel"]) == ("fill", "succeeded", "valve_fill")
 
 
-async def test_drain_in_the_background_times_out_and_still_stops(bridge, world, mqtt_probe, db):
+async def test_drain_in_the_background_times_out_and_still_closes(bridge, valves, mqtt_probe, db):
+    world = valves
     await set_level(db, world.zone, world.irr, 0.5)
     response = await bridge.http.post(f"/bridge/zones/{world.zone}/drain?async=1",
                                       json={"target_level": 0.2, "max_duration_sec": 1})
@@ -66,17 +84,38 @@ async def test_drain_in_the_background_times_out_and_still_stops(bridge, world, 
     assert (task["kind"], task["zone_id"], task["state"]) == ("drain", world.zone, "failed")
     assert task["result"]["success"] is False and task["result"]["error"] == "timeout"
     assert task["result"]["final_level"] == 0.5 and task["result"]["elapsed_sec"] >= 1
-    payloads = [orjson.loads(m.payload) for m in await mqtt_probe.wait_for(2, f"{bridge.root}/#")]
-    assert [p["cmd"] for p in payloads] == ["drain", "stop_pump"]
+    await mqtt_probe.wait_for(2, f"{bridge.root}/#")
+    assert relay_commands(mqtt_probe, bridge.root) == [("valve_drain", "set_relay", True),
+                                                       ("valve_drain", "set_relay", False)]
     kinds = await events(db, world.zone)
     assert [k for k, _ in kinds] == ["DRAIN_STARTED", "DRAIN_FINISHED"] and kinds[1][1]["status"] == "timeout"
+    assert await db.fetchval("SELECT state FROM bridge_routines WHERE id = $1", task["task_id"]) == "failed"
 
 
-async def test_fill_without_an_online_water_node_reports_no_nodes(bridge, world, mqtt_probe, db):
-    await db.execute("UPDATE nodes SET status = 'offline'")
+@pytest.mark.parametrize("route, missing", [("fill", "fill valve"), ("drain", "drain valve")])
+async def test_without_a_valve_the_routine_is_refused_up_front(bridge, world, mqtt_probe, db, route, missing):
+    # The demo irrigation node: pump_in, flow_sensor and water_level, no valve (nor an offline one).
+    await db.execute("INSERT INTO node_channels (node_id, channel, type) VALUES ($1, 'flow_sensor', 'sensor'),"
+                     " ($1, 'water_level', 'sensor')", world.irr)
+    off = await db.fetchval("INSERT INTO nodes (uid, zone_id, type, status) VALUES ('nd-off', $1, 'irrig', 'offline')"
+                            " RETURNING id", world.zone)
+    await db.execute("INSERT INTO node_channels (node_id, channel, type) VALUES ($1, 'valve_fill', 'actuator'),"
+                     " ($1, 'valve_drain', 'actuator')", off)
+    for suffix in ("", "?async=1"):
+        response = await bridge.http.post(f"/bridge/zones/{world.zone}/{route}{suffix}", json={"target_level": 0.5})
+        assert response.status_code == 409, response.text
+        detail = response.json()["detail"]
+        assert f"no online {missing}" in detail and ("valve_fill" in detail or "valve_drain" in detail)
+    await asyncio.sleep(0.2)
+    assert await events(db, world.zone) == [] and mqtt_probe.received() == []
+
+
+async def test_a_routine_running_on_another_bridge_is_409(bridge, valves, mqtt_probe, db):
+    world = valves
+    await db.execute("INSERT INTO bridge_routines (id, kind, zone_id, gh_uid, instance, started_at, alive_at)"
+                     " VALUES ('elsewhere', 'drain', $1, 'gh-1', 'other-bridge', now(), now())", world.zone)
     response = await bridge.http.post(f"/bridge/zones/{world.zone}/fill", json={"target_level": 0.5})
-    assert response.json() == {"status": "ok", "data": {"success": False, "error": "no_nodes"}}
-    assert [k for k, _ in await events(db, world.zone)] == ["FILL_STARTED", "FILL_FINISHED"]
+    assert response.status_code == 409 and "already running a drain routine" in response.json()["detail"]
     assert mqtt_probe.received() == []
 
 
@@ -101,7 +140,8 @@ async def test_routine_requests_are_refused_before_anything_runs(bridge, world, 
     assert await events(db, world.zone) == [] and mqtt_probe.received() == []
 
 
-async def test_one_routine_per_zone_and_stopping_the_bridge_stops_the_pump(settings, world, mqtt_probe, db):
+async def test_one_routine_per_zone_and_stopping_the_bridge_closes_the_valve(settings, valves, mqtt_probe, db):
+    world = valves
     await set_level(db, world.zone, world.irr, 0.1)
     async with running_bridge(settings) as b:
         started = await b.http.post(f"/bridge/zones/{world.zone}/fill?async=1",
@@ -110,10 +150,12 @@ async def test_one_routine_per_zone_and_stopping_the_bridge_stops_the_pump(setti
         busy = await b.http.post(f"/bridge/zones/{world.zone}/drain", json={"target_level": 0.2})
         assert busy.status_code == 409 and "already running a fill routine" in busy.json()["detail"]
         await mqtt_probe.wait_for(1, f"{b.root}/#")
-    payloads = [orjson.loads(m.payload) for m in await mqtt_probe.wait_for(2, f"{settings.mqtt_topic_root}/#")]
-    assert [p["cmd"] for p in payloads] == ["fill", "stop_pump"]
+    await mqtt_probe.wait_for(2, f"{settings.mqtt_topic_root}/#")
+    assert relay_commands(mqtt_probe, settings.mqtt_topic_root) == [("valve_fill", "set_relay", True),
+                                                                    ("valve_fill", "set_relay", False)]
     kinds = await events(db, world.zone)
     assert kinds[-1][0] == "FILL_FINISHED" and kinds[-1][1]["status"] == "cancelled"
+    assert await db.fetchval("SELECT state FROM bridge_routines WHERE zone_id = $1", world.zone) == "cancelled"
 
 
 async def test_flow_calibration_in_the_background_stores_k_in_the_channel_config(bridge, world, mqtt_probe, db):
