@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import orjson
 import pytest
 
 from common import testing
+from tools.node_sim import SimOptions, Simulator
+from tools.node_sim.layout import NodeSpec, actuator, hardware_id_for
 
-from bridge_fixtures import bridge, running_bridge, world  # noqa: F401 - fixtures
+from bridge_fixtures import TOKEN, bridge, running_bridge, world  # noqa: F401 - fixtures
 
 
 async def set_level(db, zone: int, node: int, value: float) -> None:
@@ -208,3 +211,96 @@ async def test_calibration_beyond_the_channel_limit_is_422(bridge, world, db):
     assert response.status_code == 422 and "max_duration_ms=5000" in response.json()["detail"]
     kinds = await events(db, world.zone)
     assert kinds[-1][0] == "FLOW_CALIBRATION_FINISHED" and kinds[-1][1]["status"] == "failed"
+
+
+# -- against the simulated firmware, with real service processes ------------------------------
+def simulate(settings, zone: int, uid: str, node_type: str, channels) -> Simulator:
+    spec = NodeSpec(uid, node_type, hardware_id_for(uid), "gh-1", zone, channels)
+    return Simulator(SimOptions(host=settings.mqtt_host, port=settings.mqtt_port, topic_root=settings.mqtt_topic_root,
+                                client_prefix=f"{settings.mqtt_client_id}-sim-", poll_ms=500, heartbeat_sec=2),
+                     [spec]).start(wait=15)
+
+
+async def until(check, timeout: float = 30, message: str = "condition"):
+    async def probe():
+        return check()
+    return await testing.eventually(probe, timeout, 0.1, message)
+
+
+async def service_ready(base: str) -> None:
+    async with httpx.AsyncClient(timeout=2) as client:
+        async def ready():
+            try:
+                return (await client.get(f"{base}/ready")).status_code == 200
+            except httpx.HTTPError:
+                return False
+        await testing.eventually(ready, 30, 0.2, f"{base}/ready")
+
+
+async def test_a_bridge_killed_during_a_fill_closes_the_valve_after_its_restart(settings, valves, db):
+    world = valves
+    settings = settings.replace(bridge_port=testing.free_port(), py_api_token=TOKEN)
+    sim = simulate(settings, world.zone, "nd-irr-1", "irrig", [actuator("valve_fill"), actuator("valve_drain")])
+    node = sim.node("nd-irr-1")
+    env = dict(testing.settings_env(settings), BRIDGE_ROUTINE_POLL_SEC="0.2")
+    base = f"http://127.0.0.1:{settings.bridge_port}"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    bridge = testing.ServiceProcess("mqtt-bridge", env).start()
+    try:
+        await service_ready(base)
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=10) as client:
+            started = await client.post(f"/bridge/zones/{world.zone}/fill?async=1",
+                                        json={"target_level": 0.95, "max_duration_sec": 600})
+            assert started.status_code == 202, started.text
+            task_id = started.json()["data"]["task_id"]
+        await until(lambda: node.open_relays() == ["valve_fill"], message="fill valve opened")
+        bridge.kill()  # SIGKILL: no finally block runs, nothing is closed
+        await asyncio.sleep(1)
+        assert node.open_relays() == ["valve_fill"]
+        assert await db.fetchval("SELECT state FROM bridge_routines WHERE id = $1", task_id) == "running"
+
+        bridge = testing.ServiceProcess("mqtt-bridge", env).start()  # the same bridge (client id) again
+        await until(lambda: node.open_relays() == [], message="fill valve closed by the restarted bridge")
+        await service_ready(base)
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=10) as client:
+            task = (await client.get(f"/bridge/tasks/{task_id}")).json()["data"]
+    finally:
+        code = bridge.terminate()
+        sim.stop()
+        sim.clear_retained()
+    assert code == 0, bridge.log()[-3000:]
+    assert (task["state"], task["result"]["error"]) == ("interrupted", "interrupted")
+    kinds = await events(db, world.zone)
+    assert [k for k, _ in kinds] == ["FILL_STARTED", "FILL_FINISHED"]
+    finished = kinds[1][1]
+    assert (finished["status"], finished["task_id"], finished["channel"]) == ("interrupted", task_id, "valve_fill")
+    assert await db.fetchval("SELECT status FROM commands WHERE cmd_id = $1", finished["stop_cmd_id"]) == "sent"
+    routine = await db.fetchrow("SELECT * FROM bridge_routines WHERE id = $1", task_id)
+    assert routine["state"] == "interrupted" and routine["finished_at"] is not None
+
+
+async def test_a_refused_open_ends_the_routine_failed_at_once(settings, world, db):
+    # The water valve sits on a node whose firmware has no set_relay handler: it answers unknown_command.
+    await db.execute("INSERT INTO node_channels (node_id, channel, type) VALUES ($1, 'valve_drain', 'actuator')",
+                     world.ph)
+    await db.execute("UPDATE nodes SET validated = true, last_seen_at = now()")
+    settings = settings.replace(bridge_port=testing.free_port(), history_logger_port=testing.free_port(),
+                                history_logger_metrics_port=testing.free_port(), py_api_token=TOKEN)
+    sim = simulate(settings, world.zone, "nd-ph-1", "ph", [actuator("valve_drain"), actuator("pump_acid", 0.5)])
+    env = dict(testing.settings_env(settings), BRIDGE_ROUTINE_POLL_SEC="0.2")
+    logger = testing.ServiceProcess("history-logger", env).start()
+    await service_ready(f"http://127.0.0.1:{settings.history_logger_port}")  # subscribed: it hears the answer
+    async with running_bridge(settings) as b:
+        response = await b.http.post(f"/bridge/zones/{world.zone}/drain",
+                                     json={"target_level": 0.2, "max_duration_sec": 300})
+    logger.terminate()
+    sim.stop()
+    sim.clear_retained()
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert data["success"] is False and data["error"] == "refused" and data["error_code"] == "unknown_command"
+    assert data["elapsed_sec"] < 60  # it did not wait out max_duration_sec (300)
+    kinds = await events(db, world.zone)
+    assert [k for k, _ in kinds] == ["DRAIN_STARTED", "DRAIN_FINISHED"]
+    assert (kinds[1][1]["status"], kinds[1][1]["error_code"]) == ("failed", "unknown_command")
+    assert kinds[1][1]["stop_cmd_id"]  # the close is still sent (the open may have half-worked)

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from common.actuator_closes import schedule_close
 from common.alerts import add_zone_event, ensure_alert
 from actuators import Target, freshest_metric, irrigation_targets, zone_channels
-from runs import Firing, finish, iso, naive_utc, scheduler_log, set_followup, statuses_of, update_details
+from runs import (Firing, command_statuses, finish, iso, naive_utc, scheduler_log, set_followup, statuses_of,
+                  update_details)
 
 if TYPE_CHECKING:
     from engine import Scheduler
@@ -77,6 +78,8 @@ async def fire(sched: "Scheduler", firing: Firing, now: dt.datetime) -> str:
             await schedule_close(sched.db, owner="scheduler", zone_id=zone.zone_id, node_uid=target.node_uid,
                                  channel=target.channel, reason=TASK,
                                  close_at=now + dt.timedelta(milliseconds=params["duration_ms"]))
+    # Should this scheduler die while sending, the run is still judged (from its linked commands).
+    await set_followup(sched.db, firing.run_id, "finish", now + dt.timedelta(seconds=duration_sec + 60))
     sent = await sched.sender.send_all(firing.run_id, zone.gh_uid, zone.zone_id, orders)
     ok = [s for s in sent if s.ok]
     if not ok:
@@ -150,7 +153,9 @@ async def finish_run(sched: "Scheduler", run, now: dt.datetime) -> str:
     when no node acknowledged its start command, run and log failed."""
     details = run["details"] or {}
     duration = details.get("duration_sec")
-    targets = details.get("targets", [])
+    # The start commands as linked to the run before they were sent (also when details were never written).
+    targets = [{"node_uid": r["node_uid"], "channel": r["channel"], "cmd": r["cmd"], "cmd_id": r["cmd_id"]}
+               for r in await command_statuses(sched.db, run["id"])]
     statuses = await statuses_of(sched.db, [t["cmd_id"] for t in targets])
     answers = [statuses.get(t["cmd_id"], "unsent") for t in targets]
     started = _started(run).replace(tzinfo=dt.timezone.utc)
@@ -160,11 +165,11 @@ async def finish_run(sched: "Scheduler", run, now: dt.datetime) -> str:
         await set_followup(sched.db, run["id"], "finish", now + ANSWER_POLL)
         return "waiting_for_answers"
     commands = [dict(t, status=a) for t, a in zip(targets, answers)]
-    if targets and not any(a in ACKED for a in answers):
-        failed = {"zone_id": run["zone_id"], "run_id": run["id"], "error": "commands_failed",
-                  "commands": commands}
+    if not any(a in ACKED for a in answers):
+        error = "commands_failed" if targets else "not_started"  # none: the scheduler died before sending
+        failed = {"zone_id": run["zone_id"], "run_id": run["id"], "error": error, "commands": commands}
         async with sched.db.transaction() as conn:
-            await finish(conn, run["id"], "failed", {"error": "commands_failed", "commands": commands}, now)
+            await finish(conn, run["id"], "failed", {"error": error, "commands": commands}, now)
             await scheduler_log(conn, TASK, "failed", failed)
         log.warning("irrigation_commands_failed", extra={"zone_id": run["zone_id"], "run_id": run["id"],
                                                          "answers": answers})

@@ -1,0 +1,141 @@
+"""No valve left open: the firmware ignores set_relay's duration_ms, so the scheduler closes what it opened —
+also when it is killed in between. Real scheduler and history-logger processes, the node simulator
+behaving as the firmware does; and the catch-up burst of issue 15."""
+import asyncio
+import datetime as dt
+
+import pytest
+
+from common import testing
+from runs import command_statuses
+from scheduler_testkit import Clock, add_node, events, local, make_scheduler, make_zone, node_answers
+from tools.node_sim import SimOptions, Simulator
+from tools.node_sim.layout import NodeSpec, actuator, hardware_id_for, sensor
+
+TZ = "Europe/Berlin"
+
+
+def simulate(settings, uid: str, gh_uid: str, zone: int, channels) -> Simulator:
+    spec = NodeSpec(uid, "irrig", hardware_id_for(uid), gh_uid, zone, channels)
+    return Simulator(SimOptions(host=settings.mqtt_host, port=settings.mqtt_port, topic_root=settings.mqtt_topic_root,
+                                client_prefix=f"{settings.mqtt_client_id}-sim-", poll_ms=500, heartbeat_sec=2),
+                     [spec]).start(wait=15)
+
+
+async def until(check, timeout: float = 60, message: str = "condition"):
+    async def probe():
+        return check()
+    return await testing.eventually(probe, timeout, 0.1, message)
+
+
+async def test_scheduled_valve_is_closed_after_its_duration_across_a_killed_scheduler(settings, db):
+    settings = settings.replace(scheduler_port=testing.free_port(), history_logger_port=testing.free_port(),
+                                history_logger_metrics_port=testing.free_port())
+    now = dt.datetime.now(dt.timezone.utc)
+    zone = await make_zone(db, tz="UTC", targets={
+        "irrigation_schedule": now.strftime("%H:%M"), "irrigation_duration_sec": 12})
+    gh_uid = await db.fetchval("SELECT g.uid FROM zones z JOIN greenhouses g ON g.id = z.greenhouse_id"
+                               " WHERE z.id = $1", zone)
+    await add_node(db, zone, "nd-valve", "irrig", [("valve_irrigation", "actuator", None),
+                                                   ("water_level", "sensor", None)])
+    sim = simulate(settings, "nd-valve", gh_uid, zone, [actuator("valve_irrigation"),
+                                                         sensor("water_level", "WATER_LEVEL", 500)])
+    node = sim.node("nd-valve")
+    env = dict(testing.settings_env(settings), SCHEDULER_INTERVAL_SEC="1", SCHEDULER_FOLLOWUP_POLL_SEC="0.2",
+               COMMAND_TIMEOUT_SEC="5", COMMAND_TIMEOUT_SWEEP_SEC="1", TELEMETRY_FLUSH_MS="100")
+    await db.execute("UPDATE nodes SET validated = true, last_seen_at = now() WHERE uid = 'nd-valve'")
+    logger = testing.ServiceProcess("history-logger", env).start()
+    scheduler = None
+    try:
+        await testing.eventually(lambda: db.fetchval(
+            "SELECT 1 FROM telemetry_last WHERE zone_id = $1 AND metric_type = 'WATER_LEVEL'", zone), 30, 0.2,
+            "the logger stores the node telemetry")
+        assert await db.fetchval("SELECT status FROM nodes WHERE uid = 'nd-valve'") == "online"
+        scheduler = testing.ServiceProcess("scheduler", env).start()
+        # The start-up tick fires the current minute (catch-up window): the valve opens.
+        await until(lambda: node.open_relays() == ["valve_irrigation"], message="valve opened")
+        opened_at = asyncio.get_running_loop().time()
+        scheduler.kill()  # SIGKILL while the valve is open: nothing in memory survives
+        await asyncio.sleep(1)
+        assert node.open_relays() == ["valve_irrigation"]  # the node does not close it by itself
+        scheduler = testing.ServiceProcess("scheduler", env).start()
+        await until(lambda: node.open_relays() == [], message="valve closed after the restart")
+        assert asyncio.get_running_loop().time() - opened_at >= 10  # not before the duration was over
+        try:
+            run = await testing.eventually(lambda: db.fetchrow(
+                "SELECT * FROM scheduler_runs WHERE zone_id = $1 AND status <> 'running'", zone), 30, 0.2,
+                "run finished")
+        except AssertionError:
+            print("RUN", await db.fetch("SELECT * FROM scheduler_runs"), await db.fetch("SELECT cmd_id, cmd, status, sent_at, ack_at FROM commands"))
+            print(scheduler.log()[-6000:])
+            raise
+    finally:
+        if scheduler is not None:
+            scheduler.terminate()
+        logger.terminate()
+        sim.stop()
+        sim.clear_retained()
+    assert run["status"] == "completed", dict(run)
+    assert [e["type"] for e in await events(db, zone, "IRRIGATION_STARTED", "IRRIGATION_FINISHED")] == [
+        "IRRIGATION_STARTED", "IRRIGATION_FINISHED"]
+    assert await db.fetchval("SELECT count(*) FROM scheduler_runs WHERE zone_id = $1", zone) == 1  # never refired
+    close = await db.fetchrow("SELECT * FROM actuator_closes WHERE zone_id = $1", zone)
+    assert close["done_at"] is not None and close["error"] is None
+    assert await db.fetchval("SELECT status FROM commands WHERE cmd_id = $1", close["cmd_id"]) == "ack"
+
+
+async def test_catch_up_fires_only_the_latest_time_and_records_the_rest_missed(settings, db, mqtt, mqtt_probe):
+    times = "07:57,07:58,07:59,08:00,08:01"
+    zone = await make_zone(db, targets={"irrigation_schedule": times, "irrigation_duration_sec": 20})
+    await add_node(db, zone, f"nd-irr-{zone}", "irrig", [("pump_in", "actuator", None)])
+    sched = make_scheduler(settings, db, mqtt)  # a fresh database: no previous tick
+    claimed = await sched.tick(local(TZ, 2026, 6, 1, 8, 1, 30))
+    runs = {r["item"]: r for r in await db.fetch("SELECT * FROM scheduler_runs WHERE zone_id = $1", zone)}
+    assert [f.item for f in claimed if f.status == "running"] == ["irrigation@08:01"]
+    assert {item: r["status"] for item, r in runs.items()} == {
+        "irrigation@07:57": "missed", "irrigation@07:58": "missed", "irrigation@07:59": "missed",
+        "irrigation@08:00": "missed", "irrigation@08:01": "running"}
+    assert runs["irrigation@08:00"]["details"]["reason"] == "superseded"
+    await mqtt_probe.wait_for(1, f"{settings.mqtt_topic_root}/+/+/+/pump_in/command")
+    await asyncio.sleep(0.3)
+    assert len(mqtt_probe.received(f"{settings.mqtt_topic_root}/+/+/+/pump_in/command")) == 1  # no burst
+    assert len(await events(db, zone, "IRRIGATION_STARTED")) == 1
+
+
+@pytest.mark.parametrize("answer", ["refused", "timeout"])
+async def test_a_run_whose_command_failed_is_failed_not_completed(settings, db, mqtt, answer):
+    zone = await make_zone(db, targets={"irrigation_schedule": "08:00", "irrigation_duration_sec": 20})
+    await add_node(db, zone, f"nd-irr-{zone}", "irrig", [("pump_in", "actuator", None)])
+    clock = Clock(local(TZ, 2026, 6, 1, 8, 0, 30))
+    sched = make_scheduler(settings, db, mqtt, clock)
+    [firing] = await sched.tick()
+    # Not answered yet when the duration is over: the finish waits for the answer (or the timeout sweep).
+    assert await sched.run_followups(clock.now + dt.timedelta(seconds=21)) == 1
+    assert await db.fetchval("SELECT status FROM scheduler_runs WHERE id = $1", firing.run_id) == "running"
+    if answer == "refused":
+        await node_answers(db, firing.run_id, "ERROR", "pump_busy")
+    else:
+        from common.commands import sweep_timeouts
+        await db.execute("UPDATE commands SET sent_at = now() - interval '1 hour'")
+        await sweep_timeouts(db, 30)
+    assert await sched.run_followups(clock.now + dt.timedelta(seconds=27)) == 1
+    run = await db.fetchrow("SELECT status, details FROM scheduler_runs WHERE id = $1", firing.run_id)
+    assert run["status"] == "failed" and run["details"]["error"] == "commands_failed"
+    assert [c["status"] for c in run["details"]["commands"]] == ["failed" if answer == "refused" else "timeout"]
+    assert await events(db, zone, "IRRIGATION_FINISHED") == []
+    logs = await db.fetch("SELECT status FROM scheduler_logs WHERE task_name = 'irrigation' ORDER BY id")
+    assert [r["status"] for r in logs] == ["running", "failed"]
+    [row] = await command_statuses(db, firing.run_id)
+    assert row["status"] == ("failed" if answer == "refused" else "timeout")
+
+
+async def test_a_run_never_answered_is_judged_after_the_command_timeout(settings, db, mqtt):
+    zone = await make_zone(db, targets={"irrigation_schedule": "08:00", "irrigation_duration_sec": 20})
+    await add_node(db, zone, f"nd-irr-{zone}", "irrig", [("pump_in", "actuator", None)])
+    clock = Clock(local(TZ, 2026, 6, 1, 8, 0, 30))
+    sched = make_scheduler(settings, db, mqtt, clock)
+    [firing] = await sched.tick()
+    late = clock.now + dt.timedelta(seconds=20 + settings.command_timeout_sec + 11)
+    assert await sched.run_followups(late) == 1
+    run = await db.fetchrow("SELECT status, details FROM scheduler_runs WHERE id = $1", firing.run_id)
+    assert run["status"] == "failed" and run["details"]["commands"][0]["status"] == "sent"
