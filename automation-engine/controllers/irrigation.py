@@ -41,14 +41,15 @@ def _duration_ms(node: Node, channel: str, seconds: float) -> int:
 
 
 async def close_due_valves(ctx: ZoneContext) -> None:
-    """Send the zone's due valve closes (whatever its capabilities say now)."""
+    """Send every due valve close of the engine, once per cycle (the first zone to get here does it:
+    one query per cycle whatever the number of zones; a close is taken by exactly one engine)."""
     services = ctx.services
-    if not services.mqtt.connected:
-        return  # still due on the next cycle
-    for closed in await run_due(ctx.db, services.mqtt, services.topics, owner=OWNER, now=ctx.now,
-                                zone_id=ctx.zone.id):
+    if getattr(services, "valve_closes_at", None) == ctx.now or not services.mqtt.connected:
+        return  # done this cycle, or no broker: still due on the next cycle
+    services.valve_closes_at = ctx.now
+    for closed in await run_due(ctx.db, services.mqtt, services.topics, owner=OWNER, now=ctx.now):
         m.ACTUATIONS.labels("valve_close", "refused" if closed["error"] else "set_relay").inc()
-        ctx.log.append(f"close:{closed['channel']}")
+        ctx.log.append(f"close:{closed['zone_id']}:{closed['channel']}")
 
 
 async def _pump_cycle(ctx: ZoneContext, controller: str, actuator: tuple[Node, str], seconds: float,
