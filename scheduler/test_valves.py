@@ -8,7 +8,7 @@ import pytest
 
 from common import testing
 from runs import command_statuses
-from scheduler_testkit import Clock, add_node, events, local, make_scheduler, make_zone, node_answers
+from scheduler_testkit import Clock, add_node, events, local, make_scheduler, make_zone, node_answers, set_metric
 from tools.node_sim import SimOptions, Simulator
 from tools.node_sim.layout import NodeSpec, actuator, hardware_id_for, sensor
 
@@ -139,3 +139,48 @@ async def test_a_run_never_answered_is_judged_after_the_command_timeout(settings
     assert await sched.run_followups(late) == 1
     run = await db.fetchrow("SELECT status, details FROM scheduler_runs WHERE id = $1", firing.run_id)
     assert run["status"] == "failed" and run["details"]["commands"][0]["status"] == "sent"
+
+
+async def test_no_valve_is_left_open_by_a_water_change_even_when_the_scheduler_dies_at_a_step(
+        settings, db, mqtt, monkeypatch):
+    import water_cycle
+    from test_water_cycle import state, water_zone
+    zone = await water_zone(db)
+    gh_uid = await db.fetchval("SELECT g.uid FROM zones z JOIN greenhouses g ON g.id = z.greenhouse_id"
+                               " WHERE z.id = $1", zone)
+    sim = simulate(settings, f"nd-water-{zone}", gh_uid, zone, [actuator("valve_drain"), actuator("valve_fill")])
+    node = sim.node(f"nd-water-{zone}")
+    try:
+        await make_scheduler(settings, db, mqtt).tick(local(TZ, 2026, 6, 1, 9, 0, 30))
+        await until(lambda: node.open_relays() == ["valve_drain"], message="drain opened")
+
+        # Drained: the step to FILL commits, then this scheduler dies before it sends the drain's close.
+        async def dies(*args, **kwargs):
+            raise RuntimeError("killed after the step committed")
+        monkeypatch.setattr(water_cycle, "run_due", dies)
+        await set_metric(db, zone, "WATER_LEVEL", 0.05, local(TZ, 2026, 6, 1, 9, 10))
+        await make_scheduler(settings, db, mqtt).tick(local(TZ, 2026, 6, 1, 9, 10, 30))
+        assert (await state(db, zone))["water_state"] == "WATER_CHANGE_FILL"
+        await asyncio.sleep(0.3)
+        assert node.open_relays() == ["valve_drain"]  # the close is only on record
+        monkeypatch.undo()
+
+        # The restarted scheduler's follow-up loop sends it; the next step's closes go out at once.
+        await make_scheduler(settings, db, mqtt).run_followups(local(TZ, 2026, 6, 1, 9, 10, 31))
+        await until(lambda: node.open_relays() == [], message="drain closed")
+        restarted = make_scheduler(settings, db, mqtt)
+        await restarted.tick(local(TZ, 2026, 6, 1, 9, 11))  # (the fill valve stays shut: it was never opened)
+        await set_metric(db, zone, "WATER_LEVEL", 0.95, local(TZ, 2026, 6, 1, 9, 20))
+        await restarted.tick(local(TZ, 2026, 6, 1, 9, 20, 30))
+        assert (await state(db, zone))["water_state"] == "WATER_CHANGE_STABILIZE"
+        await until(lambda: node.open_relays() == [], message="fill closed")
+        await restarted.tick(local(TZ, 2026, 6, 1, 9, 31))
+        assert (await state(db, zone))["water_state"] == "NORMAL_RECIRC"
+        # the safety closes fall due later: harmless, and nothing is open
+        await restarted.run_followups(local(TZ, 2026, 6, 1, 10, 30))
+        await asyncio.sleep(0.3)
+        assert node.open_relays() == []
+    finally:
+        sim.stop()
+        sim.clear_retained()
+    assert await db.fetchval("SELECT count(*) FROM actuator_closes WHERE zone_id = $1 AND done_at IS NULL", zone) == 0
