@@ -78,8 +78,10 @@ async def fire(sched: "Scheduler", firing: Firing, now: dt.datetime) -> str:
             await schedule_close(sched.db, owner="scheduler", zone_id=zone.zone_id, node_uid=target.node_uid,
                                  channel=target.channel, reason=TASK,
                                  close_at=now + dt.timedelta(milliseconds=params["duration_ms"]))
-    # Should this scheduler die while sending, the run is still judged (from its linked commands).
-    await set_followup(sched.db, firing.run_id, "finish", now + dt.timedelta(seconds=duration_sec + 60))
+    # Should this scheduler die while sending, the run is still judged (from its linked commands)
+    # when the duration is over; the normal path below replaces this follow-up.
+    await update_details(sched.db, firing.run_id, {"duration_sec": duration_sec})
+    await set_followup(sched.db, firing.run_id, "finish", now + dt.timedelta(seconds=duration_sec))
     sent = await sched.sender.send_all(firing.run_id, zone.gh_uid, zone.zone_id, orders)
     ok = [s for s in sent if s.ok]
     if not ok:
@@ -179,6 +181,10 @@ async def finish_run(sched: "Scheduler", run, now: dt.datetime) -> str:
     finished = {"actual_duration_sec": duration, "volume_l": volume, "flow_value": flow, "run_id": run["id"],
                 "nodes_count": sum(a in ACKED for a in answers)}
     async with sched.db.transaction() as conn:
+        if "started_at" not in details:  # its scheduler died before it recorded the start
+            await add_zone_event(conn, run["zone_id"], "IRRIGATION_STARTED", {
+                "nodes_count": finished["nodes_count"], "duration_sec": duration, "run_id": run["id"],
+                "start_time": iso(run["started_at"]), "cmd_ids": [t["cmd_id"] for t in targets], "recovered": True})
         await add_zone_event(conn, run["zone_id"], "IRRIGATION_FINISHED", finished)
         await finish(conn, run["id"], "completed", {"volume_l": volume, "commands": commands}, now)
         await scheduler_log(conn, TASK, "completed", dict(finished, zone_id=run["zone_id"]))

@@ -71,6 +71,7 @@ async def test_scheduled_valve_is_closed_after_its_duration_across_a_killed_sche
         sim.stop()
         sim.clear_retained()
     assert run["status"] == "completed", dict(run)
+    # (killed before it wrote IRRIGATION_STARTED, the restarted scheduler writes it, marked recovered)
     assert [e["type"] for e in await events(db, zone, "IRRIGATION_STARTED", "IRRIGATION_FINISHED")] == [
         "IRRIGATION_STARTED", "IRRIGATION_FINISHED"]
     assert await db.fetchval("SELECT count(*) FROM scheduler_runs WHERE zone_id = $1", zone) == 1  # never refired
@@ -179,3 +180,39 @@ async def test_no_valve_is_left_open_by_a_water_change_even_when_the_scheduler_d
         sim.stop()
         sim.clear_retained()
     assert await db.fetchval("SELECT count(*) FROM actuator_closes WHERE zone_id = $1 AND done_at IS NULL", zone) == 0
+
+
+async def test_a_run_whose_scheduler_died_while_starting_it_is_still_judged(settings, db, mqtt, monkeypatch):
+    import irrigation
+    zone = await make_zone(db, targets={"irrigation_schedule": "08:00", "irrigation_duration_sec": 20})
+    await add_node(db, zone, f"nd-irr-{zone}", "irrig", [("pump_in", "actuator", None)])
+    clock = Clock(local(TZ, 2026, 6, 1, 8, 0, 30))
+
+    real_update = irrigation.update_details
+
+    async def dies_once_sent(conn, run_id, details):  # the command is out; the scheduler dies before recording it
+        if "targets" in details:
+            raise RuntimeError("killed")
+        return await real_update(conn, run_id, details)
+    monkeypatch.setattr(irrigation, "update_details", dies_once_sent)
+    with pytest.raises(RuntimeError):
+        await irrigation.fire(make_scheduler(settings, db, mqtt, clock), *(await _claimed(settings, db, mqtt, clock)))
+    monkeypatch.undo()
+    [row] = await db.fetch("SELECT id FROM scheduler_runs WHERE zone_id = $1", zone)
+    await node_answers(db, row["id"])
+    restarted = make_scheduler(settings, db, mqtt, clock)
+    assert await restarted.run_followups(clock.now + dt.timedelta(seconds=21)) == 1
+    run = await db.fetchrow("SELECT status, details FROM scheduler_runs WHERE id = $1", row["id"])
+    assert run["status"] == "completed"
+    started, finished = await events(db, zone, "IRRIGATION_STARTED", "IRRIGATION_FINISHED")
+    assert started["details"]["recovered"] is True and finished["type"] == "IRRIGATION_FINISHED"
+
+
+async def _claimed(settings, db, mqtt, clock):
+    """The firing a tick would claim, claimed but not executed (the scheduler dies next)."""
+    from runs import claim
+    sched = make_scheduler(settings, db, mqtt, clock)
+    from schedules import load_schedules
+    zones = await load_schedules(db, 60)
+    [firing] = await claim(db, sched.due(zones, clock.now - dt.timedelta(minutes=1), clock.now), clock.now)
+    return firing, clock.now
