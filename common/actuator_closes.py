@@ -5,7 +5,9 @@ in the same step, and runs `run_due` on its tick: each due row is taken with a s
 (`retry_at`), closed with `set_relay {state:false}` under the row's own cmd_id (a retry after a
 crash republishes the same command, never a second one) and marked done. A row whose close could
 not be published stays due and is tried again; one the catalogue refuses is marked done with the
-error. Times are naive UTC and come from the caller's clock (the scheduler's is injectable).
+error. A close the node refused or never answered (`commands.status` failed / timeout, as
+history-logger records it) is sent again under a new cmd_id, up to MAX_ATTEMPTS times in all.
+Times are naive UTC and come from the caller's clock (the scheduler's is injectable).
 """
 from __future__ import annotations
 
@@ -24,6 +26,15 @@ from .topics import Topics
 log = logging.getLogger("common.actuator_closes")
 
 LEASE = dt.timedelta(seconds=30)   # a taken close not finished by then is due again
+MAX_ATTEMPTS = 5
+
+# Closes sent in the last hour that the node refused or never answered: due again, new cmd_id.
+_RETRY_UNANSWERED = """
+UPDATE actuator_closes c SET done_at = NULL, retry_at = NULL, close_at = $2::timestamp, cmd_id = gen_random_uuid()::text
+  FROM commands k
+ WHERE c.owner = $1 AND c.done_at IS NOT NULL AND c.error IS NULL AND c.attempts < $3
+   AND c.done_at > $2::timestamp - interval '1 hour' AND k.cmd_id = c.cmd_id AND k.status IN ('failed', 'timeout')
+"""
 
 _TAKE = """
 WITH due AS (
@@ -55,6 +66,10 @@ async def run_due(db: Database, mqtt: MqttClient, topics: Topics, *, owner: str,
                   zone_id: int | None = None, limit: int = 200) -> list[dict[str, Any]]:
     """Close every relay of `owner` due at `now` (optionally one zone's); returns what was done."""
     now = _naive(now)
+    retried = await db.execute(_RETRY_UNANSWERED, owner, now, MAX_ATTEMPTS)
+    if retried != "UPDATE 0":
+        metrics.COMMANDS_FAILED.labels("close_unanswered").inc(int(retried.split()[-1]))
+        log.warning("actuator_close_resent", extra={"owner": owner, "closes": retried.split()[-1]})
     rows = await db.fetch(_TAKE, owner, now, zone_id, limit, now + LEASE)
     same: dict[tuple, list[int]] = {}  # several closes of one relay due together: one command
     for row in rows:

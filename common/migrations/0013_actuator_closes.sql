@@ -19,6 +19,8 @@ CREATE TABLE IF NOT EXISTS actuator_closes (
   created_at timestamp(0) without time zone NOT NULL DEFAULT CURRENT_TIMESTAMP
 );
 CREATE INDEX IF NOT EXISTS actuator_closes_due_idx ON actuator_closes(owner, close_at) WHERE done_at IS NULL;
+-- recent closes are checked against their command's answer (a refused / unanswered close is resent)
+CREATE INDEX IF NOT EXISTS actuator_closes_done_idx ON actuator_closes(owner, done_at) WHERE error IS NULL;
 
 -- mqtt-bridge fill / drain / flow-calibration routines: a running routine survives the bridge
 -- that ran it, so a restarted bridge stops its actuator and records it as interrupted.
