@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 from common.actuator_closes import schedule_close
 from common.alerts import add_zone_event, ensure_alert
 from actuators import Target, freshest_metric, irrigation_targets, zone_channels
-from runs import (Firing, command_statuses, finish, iso, naive_utc, scheduler_log, set_followup, statuses_of,
-                  update_details)
+from runs import Firing, command_statuses, finish, iso, naive_utc, scheduler_log, set_followup, update_details
 
 if TYPE_CHECKING:
     from engine import Scheduler
@@ -120,6 +119,11 @@ async def dry_run_check(sched: "Scheduler", run, now: dt.datetime) -> str:
         end = started.replace(tzinfo=dt.timezone.utc) + dt.timedelta(seconds=details.get("duration_sec", 0))
         await set_followup(sched.db, run["id"], "finish", max(end, now))
         return "flow_ok"
+    answers = [r["status"] for r in await command_statuses(sched.db, run["id"])]
+    if answers and all(a in ("failed", "timeout") for a in answers):
+        # Nothing ran: no flow is expected, so no NO_FLOW alarm; the finish judges the run failed.
+        await set_followup(sched.db, run["id"], "finish", now)
+        return "commands_failed"
 
     gh_uid = await sched.db.fetchval(
         "SELECT g.uid FROM zones z JOIN greenhouses g ON g.id = z.greenhouse_id WHERE z.id = $1", zone_id)
@@ -156,10 +160,10 @@ async def finish_run(sched: "Scheduler", run, now: dt.datetime) -> str:
     details = run["details"] or {}
     duration = details.get("duration_sec")
     # The start commands as linked to the run before they were sent (also when details were never written).
+    rows = await command_statuses(sched.db, run["id"])
     targets = [{"node_uid": r["node_uid"], "channel": r["channel"], "cmd": r["cmd"], "cmd_id": r["cmd_id"]}
-               for r in await command_statuses(sched.db, run["id"])]
-    statuses = await statuses_of(sched.db, [t["cmd_id"] for t in targets])
-    answers = [statuses.get(t["cmd_id"], "unsent") for t in targets]
+               for r in rows]
+    answers = [r["status"] for r in rows]  # pending / sent / ack / failed / timeout, or unsent
     started = _started(run).replace(tzinfo=dt.timezone.utc)
     answer_deadline = started + dt.timedelta(seconds=(duration or 0) + sched.settings.command_timeout_sec + 10)
     if any(a in OPEN for a in answers) and not any(a in ACKED for a in answers) and now < answer_deadline:

@@ -130,12 +130,6 @@ async def scheduler_log(conn: asyncpg.Connection | Database, task_name: str, sta
         task_name, status, details)
 
 
-async def statuses_of(db: Database, cmd_ids: list[str]) -> dict[str, str]:
-    """cmd_id → commands.status (pending / sent / ack / failed / timeout); missing ids are absent."""
-    rows = await db.fetch("SELECT cmd_id, status FROM commands WHERE cmd_id = ANY($1::text[])", cmd_ids)
-    return {r["cmd_id"]: r["status"] for r in rows}
-
-
 async def command_statuses(db: Database, run_id: int) -> list[asyncpg.Record]:
     """The commands of a run with their lifecycle status (sent / ack / failed / timeout)."""
     return await db.fetch("SELECT * FROM scheduler_run_command_status WHERE run_id = $1 ORDER BY cmd_id", run_id)

@@ -216,3 +216,19 @@ async def _claimed(settings, db, mqtt, clock):
     zones = await load_schedules(db, 60)
     [firing] = await claim(db, sched.due(zones, clock.now - dt.timedelta(minutes=1), clock.now), clock.now)
     return firing, clock.now
+
+
+async def test_a_refused_start_is_no_dry_run_alarm(settings, db, mqtt):
+    zone = await make_zone(db, targets={"irrigation_schedule": "08:00", "irrigation_duration_sec": 20},
+                           capabilities={"flow_sensor": True})
+    await add_node(db, zone, f"nd-irr-{zone}", "irrig", [("pump_in", "actuator", None)])
+    clock = Clock(local(TZ, 2026, 6, 1, 8, 0, 30))
+    sched = make_scheduler(settings, db, mqtt, clock)
+    [firing] = await sched.tick()
+    await node_answers(db, firing.run_id, "ERROR", "pump_busy")
+    assert await sched.run_followups(clock.now + dt.timedelta(seconds=3)) == 1  # the dry-run check
+    assert await sched.run_followups(clock.now + dt.timedelta(seconds=3)) == 1  # the finish, at once
+    run = await db.fetchrow("SELECT status, details FROM scheduler_runs WHERE id = $1", firing.run_id)
+    assert run["status"] == "failed" and run["details"]["error"] == "commands_failed"
+    assert await events(db, zone, "PUMP_STOPPED", "NO_FLOW", "IRRIGATION_FINISHED") == []
+    assert await db.fetchval("SELECT count(*) FROM alerts WHERE zone_id = $1", zone) == 0
