@@ -104,15 +104,17 @@ class Routines:
 
     async def _recovery_loop(self) -> None:
         pause = max(1.0, min(self.options.routine_stale_sec / 3, 10.0))
+        recovered_once = False  # until the start-up recovery has run, look every second
         while not self.stopping.is_set():
             try:
                 if self.publisher.mqtt.connected:  # a stop command needs the broker
                     await self.recover()
+                    recovered_once = True
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - database down: tried again on the next round
                 log.warning("routine_recovery_failed", exc_info=True)
-            if await self._pause(pause):
+            if await self._pause(pause if recovered_once else 1.0):
                 return
 
     async def recover(self) -> list[str]:
