@@ -33,6 +33,7 @@ from typing import Any
 
 import asyncpg
 
+from common.actuator_closes import run_due
 from common.alerts import add_zone_event
 from common.channels import DRAIN_CHANNELS, FILL_CHANNELS, is_valve
 from common.db import Database
@@ -103,18 +104,23 @@ class Routines:
             self._recovery = None
 
     async def _recovery_loop(self) -> None:
+        """Every second: the due relay closes of the command API (`set_relay` with duration_ms);
+        at start-up and every stale/3 s (at most 10 s): interrupted routines."""
         pause = max(1.0, min(self.options.routine_stale_sec / 3, 10.0))
-        recovered_once = False  # until the start-up recovery has run, look every second
+        next_recovery = 0.0
         while not self.stopping.is_set():
             try:
                 if self.publisher.mqtt.connected:  # a stop command needs the broker
-                    await self.recover()
-                    recovered_once = True
+                    p = self.publisher
+                    await run_due(self.db, p.mqtt, p.topics, owner="bridge", now=dt.datetime.now(dt.timezone.utc))
+                    if time.monotonic() >= next_recovery:
+                        await self.recover()
+                        next_recovery = time.monotonic() + pause
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - database down: tried again on the next round
                 log.warning("routine_recovery_failed", exc_info=True)
-            if await self._pause(pause if recovered_once else 1.0):
+            if await self._pause(1.0):
                 return
 
     async def recover(self) -> list[str]:

@@ -304,3 +304,30 @@ async def test_a_refused_open_ends_the_routine_failed_at_once(settings, world, d
     assert [k for k, _ in kinds] == ["DRAIN_STARTED", "DRAIN_FINISHED"]
     assert (kinds[1][1]["status"], kinds[1][1]["error_code"]) == ("failed", "unknown_command")
     assert kinds[1][1]["stop_cmd_id"]  # the close is still sent (the open may have half-worked)
+
+
+async def test_a_valve_switched_on_for_a_duration_through_the_api_is_closed_even_across_a_restart(
+        settings, world, db):
+    # Laravel's valve test button: set_relay {state: true, duration_ms: 3000}; the firmware ignores duration_ms.
+    await db.execute("INSERT INTO node_channels (node_id, channel, type) VALUES ($1, 'valve_irrigation', 'actuator')",
+                     world.irr)
+    sim = simulate(settings, world.zone, "nd-irr-1", "irrig", [actuator("valve_irrigation")])
+    node = sim.node("nd-irr-1")
+    try:
+        async with running_bridge(settings) as b:
+            response = await b.http.post("/bridge/nodes/nd-irr-1/commands", json={
+                "type": "set_relay", "params": {"state": True, "duration_ms": 2500}, "greenhouse_uid": "gh-1",
+                "zone_id": world.zone, "channel": "valve_irrigation"})
+            assert response.status_code == 200, response.text
+            await until(lambda: node.open_relays() == ["valve_irrigation"], message="valve opened")
+        # that bridge stopped before the duration was over; the next one closes the valve when it is due
+        await asyncio.sleep(1)
+        assert node.open_relays() == ["valve_irrigation"]
+        async with running_bridge(settings):
+            await until(lambda: node.open_relays() == [], message="valve closed after the duration")
+    finally:
+        sim.stop()
+        sim.clear_retained()
+    close = await db.fetchrow("SELECT * FROM actuator_closes WHERE zone_id = $1", world.zone)
+    assert (close["owner"], close["channel"], close["reason"]) == ("bridge", "valve_irrigation", "duration_ms")
+    assert close["done_at"] is not None and close["done_at"] >= close["close_at"]  # not before it was due
