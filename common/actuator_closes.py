@@ -27,6 +27,8 @@ log = logging.getLogger("common.actuator_closes")
 
 LEASE = dt.timedelta(seconds=30)   # a taken close not finished by then is due again
 MAX_ATTEMPTS = 5
+KEEP_DONE = dt.timedelta(days=7)   # finished closes are deleted after this (looked at hourly per owner)
+_last_purge: dict[str, dt.datetime] = {}
 
 # Closes sent in the last hour that the node refused or never answered: due again, new cmd_id.
 _RETRY_UNANSWERED = """
@@ -66,6 +68,9 @@ async def run_due(db: Database, mqtt: MqttClient, topics: Topics, *, owner: str,
                   zone_id: int | None = None, limit: int = 200) -> list[dict[str, Any]]:
     """Close every relay of `owner` due at `now` (optionally one zone's); returns what was done."""
     now = _naive(now)
+    if abs(now - _last_purge.get(owner, dt.datetime.min)) >= dt.timedelta(hours=1):
+        _last_purge[owner] = now
+        await db.execute("DELETE FROM actuator_closes WHERE owner = $1 AND done_at < $2", owner, now - KEEP_DONE)
     retried = await db.execute(_RETRY_UNANSWERED, owner, now, MAX_ATTEMPTS)
     if retried != "UPDATE 0":
         metrics.COMMANDS_FAILED.labels("close_unanswered").inc(int(retried.split()[-1]))

@@ -64,3 +64,17 @@ async def test_a_close_the_node_never_got_is_sent_again(settings, db, mqtt):
         sim.clear_retained()
     rows = await db.fetch("SELECT attempts, done_at FROM actuator_closes WHERE zone_id = $1", zone)
     assert all(r["done_at"] is not None and r["attempts"] <= MAX_ATTEMPTS for r in rows)
+
+
+async def test_finished_closes_are_deleted_after_a_week(settings, db, mqtt):
+    from common import actuator_closes
+    zone = await valve_zone(db)
+    topics = Topics(settings.mqtt_topic_root)
+    await schedule_close(db, owner="bridge", zone_id=zone, node_uid="nd-valve", channel="valve_irrigation",
+                         close_at=NOW, reason="duration_ms")
+    [sent] = await run_due(db, mqtt, topics, owner="bridge", now=NOW)
+    actuator_closes._last_purge.pop("bridge", None)
+    await run_due(db, mqtt, topics, owner="bridge", now=NOW + dt.timedelta(days=6))
+    assert await db.fetchval("SELECT count(*) FROM actuator_closes") == 1  # kept a week
+    await run_due(db, mqtt, topics, owner="bridge", now=NOW + dt.timedelta(days=8))
+    assert await db.fetchval("SELECT count(*) FROM actuator_closes") == 0
