@@ -161,14 +161,17 @@ class Routines:
                      request: dict[str, Any]) -> str:
         routine_id = current_task_id.get() or uuid.uuid4().hex
         now = _utcnow()
+        self._mine.add(routine_id)  # before the row exists: the recovery must never take it for an orphan
         try:
             await self.db.execute(
                 "INSERT INTO bridge_routines (id, kind, zone_id, gh_uid, node_uid, channel, instance, request,"
                 " started_at, alive_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
                 routine_id, kind, zone_id, gh_uid, node_uid, channel, self.instance, request, now)
-        except asyncpg.UniqueViolationError:
-            raise ApiError(409, f"zone {zone_id} is already running a routine") from None
-        self._mine.add(routine_id)
+        except BaseException as exc:
+            self._mine.discard(routine_id)
+            if isinstance(exc, asyncpg.UniqueViolationError):
+                raise ApiError(409, f"zone {zone_id} is already running a routine") from None
+            raise
         return routine_id
 
     async def _alive(self, routine_id: str) -> None:
