@@ -18,6 +18,7 @@ class BridgeSettings:
     flow_settle_sec: float       # calibration waits this long after the pump stops for the last samples
     task_keep_sec: int           # finished background routines stay pollable this long
     max_tasks: int               # at most this many routines (running + kept) at once
+    routine_stale_sec: float = 30.0  # a running routine not refreshed this long is another bridge's, dead
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "BridgeSettings":
@@ -29,4 +30,5 @@ class BridgeSettings:
             flow_settle_sec=env.float("BRIDGE_FLOW_SETTLE_SEC", 1.0, 0, 60),
             task_keep_sec=env.int("BRIDGE_TASK_KEEP_SEC", 3600, 1, 7 * 86_400),
             max_tasks=env.int("BRIDGE_MAX_TASKS", 1000, 1, 100_000),
+            routine_stale_sec=env.float("BRIDGE_ROUTINE_STALE_SEC", 30.0, 1, 3600),
         )

@@ -45,8 +45,8 @@ class BridgeService:
         self.mqtt = MqttClient(settings, "-bridge")
         self.redis = redis_client(settings)
         self.publisher = Publisher(self.db, self.mqtt, Topics(settings.mqtt_topic_root))
-        self.routines = Routines(self.db, self.publisher, options)
         self.tasks = TaskRegistry(options.task_keep_sec, options.max_tasks)
+        self.routines = Routines(self.db, self.publisher, options, self.tasks, instance=self.mqtt.client_id)
         self.app = create_app(self)
         self.http = HttpServer(self.app, settings.http_host, settings.bridge_port)
 
@@ -61,12 +61,14 @@ class BridgeService:
         except BaseException:
             await self._close_clients()
             raise
+        self.routines.start()  # routines a previous run of this bridge left running are stopped
         log.info("bridge_listening", extra={"port": self.settings.bridge_port,
                                             "auth": bool(self.settings.py_api_token)})
 
     async def stop(self) -> None:
         self.routines.stopping.set()  # running routines stop their pumps while MQTT and the database are up
         await self.tasks.stop()
+        await self.routines.close()
         await self.http.stop()
         await self._close_clients()
 

@@ -4,12 +4,18 @@ once per cmd_id, never a false `sent`).
 
 Errors are raised as they are: `ApiError` (400 / 404 with the contract's message), and
 `CommandError` / `CommandPublishError` from common.commands, which main.py maps to 422 / 503.
+
+`set_relay {state: true, duration_ms}` (Laravel's valve test button) gets a durable close: the
+firmware ignores duration_ms, so an `actuator_closes` row (owner `bridge`) is written before the
+command goes out and the bridge sends `set_relay {state:false}` when it is due.
 """
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
-from common.commands import IssuedCommand, issue_command
+from common.actuator_closes import schedule_close
+from common.commands import IssuedCommand, issue_command, validate_command
 from common.db import Database
 from common.mqtt import MqttClient
 from common.schemas import CommandRequest
@@ -71,6 +77,7 @@ class Publisher:
             raise ApiError(400, ZONE_REQUIRED)
         gh_uid = req.greenhouse_uid or await self.greenhouse_of_zone(zone_id, ZONE_REQUIRED)
         node_uid = req.node_uid or await self.node_with_channel(zone_id, req.channel)
+        await self._close_later(zone_id, node_uid, req)
         return await self.send(gh_uid, zone_id, node_uid, req.channel, req.type, req.params, req.cmd_id)
 
     async def node_command(self, node_uid: str, req: CommandRequest) -> IssuedCommand:
@@ -78,7 +85,19 @@ class Publisher:
             raise ApiError(400, NODE_REQUIRED)
         zone_id = req.zone_id or await self.zone_of_node(node_uid, NODE_REQUIRED)
         gh_uid = req.greenhouse_uid or await self.greenhouse_of_zone(zone_id, NODE_REQUIRED)
+        await self._close_later(zone_id, node_uid, req)
         return await self.send(gh_uid, zone_id, node_uid, req.channel, req.type, req.params, req.cmd_id)
+
+    async def _close_later(self, zone_id: int, node_uid: str, req: CommandRequest) -> None:
+        """A relay switched on "for duration_ms": its close is on record before it can open."""
+        params = req.params or {}
+        if req.type != "set_relay" or params.get("state") is not True or "duration_ms" not in params:
+            return
+        validate_command(req.type, params)  # a refused command opens nothing and owes no close
+        await schedule_close(self.db, owner="bridge", zone_id=zone_id, node_uid=node_uid, channel=req.channel,
+                             close_at=dt.datetime.now(dt.timezone.utc) + dt.timedelta(
+                                 milliseconds=params["duration_ms"]),
+                             reason="duration_ms", opened_cmd_id=req.cmd_id)
 
     async def send(self, gh_uid: str, zone_id: int, node_uid: str, channel: str, cmd: str,
                    params: dict[str, Any] | None = None, cmd_id: str | None = None) -> IssuedCommand:

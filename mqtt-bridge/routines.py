@@ -1,9 +1,13 @@
 """Zone water routines of contract §7.1 / §4.3: fill, drain and flow calibration.
 
-Fill / drain: FILL_STARTED event, `fill {target_level}` (or `drain`) to the zone's water node,
-poll `telemetry_last` WATER_LEVEL every BRIDGE_ROUTINE_POLL_SEC until the level reaches the target
-(fill: ≥, drain: ≤) or max_duration_sec passes, then always a stop command (also when the service
-stops or the run fails), then FILL_FINISHED. `fill` / `drain` have no firmware support yet (contract §4.2).
+Fill / drain drive a valve the firmware understands (`set_relay`; the `fill` / `drain` command
+names of the original have no firmware support, contract §4.2): the zone's online fill valve
+(`valve_fill`, `fill_valve`, `valve_in`) or drain valve (`valve_drain`, `drain_valve`,
+`valve_out`). Without one the request is refused up front (409 naming what is missing).
+FILL_STARTED, `set_relay {state:true}`, then `telemetry_last` WATER_LEVEL is polled every
+BRIDGE_ROUTINE_POLL_SEC until the level reaches the target (fill: ≥, drain: ≤) or
+max_duration_sec passes — or the node refuses the open (the routine ends `failed` at once) — then
+always `set_relay {state:false}` (also when the service stops or the run fails), FILL_FINISHED.
 
 Flow calibration: FLOW_CALIBRATION_STARTED, `run_pump {duration_ms}` on the channel, wait for the
 run, average the zone's FLOW_RATE samples of that window (telemetry_samples: `raw` carries the
@@ -11,37 +15,48 @@ pulse counts), K = avg_flow / pulses_per_minute (1.0 when the sensor reports no 
 flow is already in L/min, as the original), then `node_channels.config.flow_calibration` is written
 directly (contract [DECISION]) and FLOW_CALIBRATION_FINISHED.
 
-All commands go through the service's one MQTT client via `Publisher.send`.
+Durable: every routine is a `bridge_routines` row (one running per zone, across replicas) whose
+`alive_at` the running bridge refreshes. A bridge that starts finds the running rows of its own
+previous life (same instance name) — and any row not refreshed for BRIDGE_ROUTINE_STALE_SEC —
+stops their actuator, writes `*_FINISHED {status: "interrupted"}` and records them `interrupted`
+(also as the task's state). All commands go through the service's one MQTT client via `Publisher.send`.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
+import uuid
 from typing import Any
 
+import asyncpg
+
+from common.actuator_closes import run_due
 from common.alerts import add_zone_event
+from common.channels import DRAIN_CHANNELS, FILL_CHANNELS, is_valve
 from common.db import Database
 from common.schemas import CalibrateFlowRequest, FillRequest
 
 from bridge_settings import BridgeSettings
 from publisher import ApiError, Publisher
+from tasks import TaskRegistry, current_task_id
 
 log = logging.getLogger("bridge.routines")
 
 LEVEL_LIMITS = {"fill": (0.1, 1.0), "drain": (0.0, 0.9)}
 PUMP_SECONDS = (5, 60)
-WATER_CHANNELS = {"fill": "fill_valve", "drain": "drain_valve"}
+WATER_CHANNELS = {"fill": FILL_CHANNELS, "drain": DRAIN_CHANNELS}
+FINISHED_EVENT = {"fill": "FILL_FINISHED", "drain": "DRAIN_FINISHED", "calibrate_flow": "FLOW_CALIBRATION_FINISHED"}
 ZONE_NOT_FOUND = "Zone not found or has no greenhouse"
 
-_WATER_NODE = """
-SELECT n.uid, coalesce(nc.channel, 'default') AS channel
-  FROM nodes n LEFT JOIN node_channels nc ON nc.node_id = n.id
- WHERE n.zone_id = $1 AND lower(n.status) = 'online'
-   AND (lower(n.type) IN ('irrig', 'pump') OR nc.channel IN ('fill_valve', 'drain_valve', 'water_control'))
- ORDER BY CASE WHEN nc.channel = $2 THEN 0 WHEN nc.channel = 'water_control' THEN 1
-               WHEN nc.channel IN ('fill_valve', 'drain_valve') THEN 3 ELSE 2 END, n.id, nc.channel
+_WATER_VALVE = """
+SELECT n.uid, nc.channel
+  FROM nodes n JOIN node_channels nc ON nc.node_id = n.id
+ WHERE n.zone_id = $1 AND lower(n.status) = 'online' AND lower(nc.channel) = ANY($2::text[])
+   AND lower(coalesce(nc.type, '')) NOT IN ('sensor', 's')
+ ORDER BY array_position($2::text[], lower(nc.channel)), n.id
  LIMIT 1
 """
 _LEVEL = """
@@ -65,12 +80,109 @@ def _utcnow() -> dt.datetime:
 
 
 class Routines:
-    def __init__(self, db: Database, publisher: Publisher, options: BridgeSettings):
+    def __init__(self, db: Database, publisher: Publisher, options: BridgeSettings,
+                 tasks: TaskRegistry | None = None, instance: str = "bridge"):
         self.db = db
         self.publisher = publisher
         self.options = options
+        self.tasks = tasks              # recovered routines are registered here as finished tasks
+        self.instance = instance        # stable per replica (the MQTT client id): a restart knows its rows
         self.stopping = asyncio.Event()  # set when the service stops: runs end early and stop their pump
+        self._mine: set[str] = set()     # routine ids running in this process
+        self._recovery: asyncio.Task | None = None
 
+    # -- durability -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin recovering interrupted routines (now, and whenever another bridge's go stale)."""
+        self._recovery = asyncio.create_task(self._recovery_loop(), name="routine-recovery")
+
+    async def close(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
+            self._recovery = None
+
+    async def _recovery_loop(self) -> None:
+        """Every second: the due relay closes of the command API (`set_relay` with duration_ms);
+        at start-up and every stale/3 s (at most 10 s): interrupted routines."""
+        pause = max(1.0, min(self.options.routine_stale_sec / 3, 10.0))
+        next_recovery = 0.0
+        while not self.stopping.is_set():
+            try:
+                if self.publisher.mqtt.connected:  # a stop command needs the broker
+                    p = self.publisher
+                    await run_due(self.db, p.mqtt, p.topics, owner="bridge", now=dt.datetime.now(dt.timezone.utc))
+                    if time.monotonic() >= next_recovery:
+                        await self.recover()
+                        next_recovery = time.monotonic() + pause
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - database down: tried again on the next round
+                log.warning("routine_recovery_failed", exc_info=True)
+            if await self._pause(1.0):
+                return
+
+    async def recover(self) -> list[str]:
+        """Interrupt the running routines no live bridge is running; returns their ids."""
+        stale = _utcnow() - dt.timedelta(seconds=self.options.routine_stale_sec)
+        rows = await self.db.fetch(
+            "SELECT id FROM bridge_routines WHERE state = 'running'"
+            " AND ((instance = $1 AND NOT id = ANY($2::text[])) OR alive_at < $3)",
+            self.instance, list(self._mine), stale)
+        recovered = []
+        for row in rows:
+            claimed = await self.db.fetchrow(
+                "UPDATE bridge_routines SET state = 'interrupted', finished_at = $2,"
+                " result = jsonb_build_object('success', false, 'error', 'interrupted')"
+                " WHERE id = $1 AND state = 'running' RETURNING *", row["id"], _utcnow())
+            if claimed is None:
+                continue  # another bridge took it
+            where = dict(gh_uid=claimed["gh_uid"], zone_id=claimed["zone_id"], node_uid=claimed["node_uid"],
+                         channel=claimed["channel"])
+            stop_cmd_id, stop_error = await self._stop(where) if claimed["node_uid"] else (None, "no_actuator")
+            details = {"status": "interrupted", "task_id": claimed["id"], "node_uid": claimed["node_uid"],
+                       "channel": claimed["channel"], "start_time": _iso(claimed["started_at"]),
+                       "last_alive": _iso(claimed["alive_at"]), "stop_cmd_id": stop_cmd_id,
+                       "stop_error": stop_error, "end_time": _iso(_utcnow()), **(claimed["request"] or {})}
+            await self._event(claimed["zone_id"], FINISHED_EVENT.get(claimed["kind"], "ROUTINE_FINISHED"), details)
+            await self.db.execute("UPDATE bridge_routines SET result = result || $2::jsonb WHERE id = $1",
+                                  claimed["id"], {"stop_cmd_id": stop_cmd_id, "stop_error": stop_error})
+            if self.tasks is not None:
+                self.tasks.add_finished(claimed["id"], claimed["kind"], claimed["zone_id"], claimed["started_at"],
+                                        "interrupted", {"success": False, "error": "interrupted",
+                                                        "stop_cmd_id": stop_cmd_id})
+            log.warning("routine_interrupted", extra={"task_id": claimed["id"], "kind": claimed["kind"],
+                                                      "zone_id": claimed["zone_id"], "stop_error": stop_error})
+            recovered.append(claimed["id"])
+        return recovered
+
+    async def _begin(self, kind: str, zone_id: int, gh_uid: str, node_uid: str | None, channel: str | None,
+                     request: dict[str, Any]) -> str:
+        routine_id = current_task_id.get() or uuid.uuid4().hex
+        now = _utcnow()
+        self._mine.add(routine_id)  # before the row exists: the recovery must never take it for an orphan
+        try:
+            await self.db.execute(
+                "INSERT INTO bridge_routines (id, kind, zone_id, gh_uid, node_uid, channel, instance, request,"
+                " started_at, alive_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+                routine_id, kind, zone_id, gh_uid, node_uid, channel, self.instance, request, now)
+        except BaseException as exc:
+            self._mine.discard(routine_id)
+            if isinstance(exc, asyncpg.UniqueViolationError):
+                raise ApiError(409, f"zone {zone_id} is already running a routine") from None
+            raise
+        return routine_id
+
+    async def _alive(self, routine_id: str) -> None:
+        await self.db.execute("UPDATE bridge_routines SET alive_at = $2 WHERE id = $1", routine_id, _utcnow())
+
+    async def _end(self, routine_id: str, state: str, result: dict[str, Any]) -> None:
+        self._mine.discard(routine_id)
+        await self.db.execute("UPDATE bridge_routines SET state = $2, result = $3, finished_at = $4"
+                              " WHERE id = $1 AND state = 'running'", routine_id, state, result, _utcnow())
+
+    # -- helpers ----------------------------------------------------------------------------
     async def _pause(self, seconds: float) -> bool:
         """Sleep; True when the service is stopping (the run should end now)."""
         try:
@@ -90,35 +202,67 @@ class Routines:
             raise ApiError(404, ZONE_NOT_FOUND)
         return gh_uid
 
+    async def _water_valve(self, kind: str, zone_id: int) -> asyncpg.Record:
+        names = WATER_CHANNELS[kind]
+        row = await self.db.fetchrow(_WATER_VALVE, zone_id, list(names))
+        if row is None:
+            raise ApiError(409, f"zone {zone_id} has no online {kind} valve: {kind} needs an actuator channel "
+                                f"named {', '.join(names[:-1])} or {names[-1]} on an online node of the zone")
+        return row
+
+    async def _running_elsewhere(self, zone_id: int) -> None:
+        other = await self.db.fetchrow("SELECT id, kind FROM bridge_routines WHERE zone_id = $1 AND state = 'running'",
+                                       zone_id)
+        if other is not None:
+            raise ApiError(409, f"zone {zone_id} is already running a {other['kind']} routine (task {other['id']})")
+
+    async def _command_status(self, cmd_id: str) -> asyncpg.Record | None:
+        return await self.db.fetchrow("SELECT status, error_code, error_message FROM commands WHERE cmd_id = $1",
+                                      cmd_id)
+
     # -- fill / drain -----------------------------------------------------------------------
     async def check_level(self, kind: str, zone_id: int, req: FillRequest) -> str:
-        """Refuse a bad request before anything runs (400 / 404); returns the greenhouse uid."""
+        """Refuse a bad request before anything runs (400 / 404 / 409); returns the greenhouse uid."""
         lo, hi = LEVEL_LIMITS[kind]
         if not lo <= req.target_level <= hi:
             raise ApiError(400, f"target_level must be between {lo} and {hi}")
-        return await self._greenhouse(zone_id)
+        gh_uid = await self._greenhouse(zone_id)
+        await self._water_valve(kind, zone_id)
+        await self._running_elsewhere(zone_id)
+        return gh_uid
 
     async def run_level(self, kind: str, zone_id: int, gh_uid: str, req: FillRequest) -> dict[str, Any]:
         upper, target = kind.upper(), req.target_level
+        valve = await self._water_valve(kind, zone_id)
+        where = dict(gh_uid=gh_uid, zone_id=zone_id, node_uid=valve["uid"], channel=valve["channel"])
+        routine_id = await self._begin(kind, zone_id, gh_uid, valve["uid"], valve["channel"],
+                                       {"target_level": target, "max_duration_sec": req.max_duration_sec})
         started_at, started = _utcnow(), time.monotonic()
-        base = {"target_level": target, "max_duration_sec": req.max_duration_sec, "start_time": _iso(started_at)}
+        base = {"target_level": target, "max_duration_sec": req.max_duration_sec, "start_time": _iso(started_at),
+                "task_id": routine_id, "node_uid": valve["uid"], "channel": valve["channel"]}
         await self._event(zone_id, f"{upper}_STARTED", base)
-        node = await self.db.fetchrow(_WATER_NODE, zone_id, WATER_CHANNELS[kind])
-        if node is None:
-            await self._event(zone_id, f"{upper}_FINISHED", {**base, "status": "failed", "error": "no_nodes",
-                                                              "end_time": _iso(_utcnow())})
-            return {"success": False, "error": "no_nodes"}
-        where = dict(gh_uid=gh_uid, zone_id=zone_id, node_uid=node["uid"], channel=node["channel"])
         try:
-            start_cmd = await self.publisher.send(cmd=kind, params={"target_level": target}, **where)
+            start_cmd = await self.publisher.send(cmd="set_relay", params={"state": True}, **where)
         except Exception as exc:
+            # The open may still have reached the broker (e.g. the database failed after the publish).
+            stop_cmd_id, stop_error = await self._stop(where)
             await self._event(zone_id, f"{upper}_FINISHED", {**base, "status": "failed", "error": str(exc),
+                                                              "stop_cmd_id": stop_cmd_id, "stop_error": stop_error,
                                                               "end_time": _iso(_utcnow())})
+            await self._end(routine_id, "failed", {"success": False, "error": str(exc)})
             raise
-        level, reached, status = None, False, "cancelled"
+        level, reached, status, refusal = None, False, "cancelled", None
         try:
             while True:
                 if await self._pause(self.options.routine_poll_sec):
+                    break
+                await self._alive(routine_id)
+                answer = await self._command_status(start_cmd.cmd_id)
+                if answer is not None and answer["status"] in ("failed", "timeout"):
+                    # The node refused the open (or never answered): nothing is flowing; stop waiting.
+                    status = "failed"
+                    refusal = {"error": "refused" if answer["status"] == "failed" else "no_answer",
+                               "error_code": answer["error_code"], "error_message": answer["error_message"]}
                     break
                 current = await self.db.fetchval(_LEVEL, zone_id)
                 if current is not None:
@@ -127,23 +271,28 @@ class Routines:
                 if reached or time.monotonic() - started >= req.max_duration_sec:
                     status = "completed" if reached else "timeout"
                     break
-        finally:  # the pump / valve is always told to stop, also when the run is cancelled or fails
+        finally:  # the valve is always closed, also when the run is cancelled or fails
             elapsed = round(time.monotonic() - started, 3)
             stop_cmd_id, stop_error = await self._stop(where)
             await self._event(zone_id, f"{upper}_FINISHED", {
-                **base, "status": status, "final_level": level, "elapsed_sec": elapsed, "node_uid": node["uid"],
-                "channel": node["channel"], "cmd_id": start_cmd.cmd_id, "stop_cmd_id": stop_cmd_id,
-                "stop_error": stop_error, "end_time": _iso(_utcnow())})
-        result = {"success": reached, "target_level": target, "final_level": level, "elapsed_sec": elapsed}
-        if not reached:
-            result["error"] = "timeout" if status == "timeout" else "cancelled"
-        if stop_error:
-            result["stop_error"] = stop_error
+                **base, "status": status, "final_level": level, "elapsed_sec": elapsed,
+                "cmd_id": start_cmd.cmd_id, "stop_cmd_id": stop_cmd_id, "stop_error": stop_error,
+                "end_time": _iso(_utcnow()), **(refusal or {})})
+            result: dict[str, Any] = {"success": reached, "target_level": target, "final_level": level,
+                                      "elapsed_sec": elapsed}
+            if not reached:
+                result["error"] = {"timeout": "timeout", "failed": refusal and refusal["error"]}.get(status,
+                                                                                                     "cancelled")
+            if refusal and refusal["error_code"]:
+                result["error_code"] = refusal["error_code"]
+            if stop_error:
+                result["stop_error"] = stop_error
+            await self._end(routine_id, "succeeded" if reached else ("cancelled" if status == "cancelled"
+                                                                      else "failed"), result)
         return result
 
     async def _stop(self, where: dict[str, Any]) -> tuple[str | None, str | None]:
-        valve = "valve" in where["channel"] or "relay" in where["channel"]
-        cmd, params = ("set_relay", {"state": False}) if valve else ("stop_pump", {})
+        cmd, params = ("set_relay", {"state": False}) if is_valve(where["channel"]) else ("stop_pump", {})
         try:
             issued = await self.publisher.send(cmd=cmd, params=params, **where)
             return issued.cmd_id, None
@@ -153,7 +302,7 @@ class Routines:
 
     # -- flow calibration -------------------------------------------------------------------
     async def check_calibration(self, zone_id: int, req: CalibrateFlowRequest) -> tuple[str, int, str]:
-        """400 / 404 before anything runs; returns (greenhouse uid, node_channels.id, node uid)."""
+        """400 / 404 / 409 before anything runs; returns (greenhouse uid, node_channels.id, node uid)."""
         lo, hi = PUMP_SECONDS
         if not lo <= req.pump_duration_sec <= hi:
             raise ApiError(400, f"pump_duration_sec must be between {lo} and {hi}")
@@ -163,14 +312,30 @@ class Routines:
             " WHERE n.id = $1 AND n.zone_id = $2 AND nc.channel = $3", req.node_id, zone_id, req.channel)
         if row is None:
             raise ApiError(404, f"node {req.node_id} with channel {req.channel!r} not found in zone {zone_id}")
+        await self._running_elsewhere(zone_id)
         return gh_uid, row["id"], row["uid"]
 
     async def run_calibration(self, zone_id: int, gh_uid: str, channel_id: int, node_uid: str,
                               req: CalibrateFlowRequest) -> dict[str, Any]:
         seconds = req.pump_duration_sec
+        routine_id = await self._begin("calibrate_flow", zone_id, gh_uid, node_uid, req.channel,
+                                       {"node_id": req.node_id, "pump_duration_sec": seconds})
+        try:
+            result = await self._calibrate(zone_id, gh_uid, channel_id, node_uid, req, routine_id)
+        except BaseException as exc:
+            await self._end(routine_id, "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed",
+                            {"success": False, "error": str(exc) or type(exc).__name__})
+            raise
+        await self._end(routine_id, "succeeded" if result.get("success") else
+                        ("cancelled" if result.get("error") == "cancelled" else "failed"), result)
+        return result
+
+    async def _calibrate(self, zone_id: int, gh_uid: str, channel_id: int, node_uid: str,
+                         req: CalibrateFlowRequest, routine_id: str) -> dict[str, Any]:
+        seconds = req.pump_duration_sec
         window_start = await self.db.fetchval("SELECT now()::timestamp")
         base = {"node_id": req.node_id, "node_uid": node_uid, "channel": req.channel, "pump_duration_sec": seconds,
-                "start_time": _iso(window_start)}
+                "start_time": _iso(window_start), "task_id": routine_id}
         await self._event(zone_id, "FLOW_CALIBRATION_STARTED", base)
         try:
             issued = await self.publisher.send(gh_uid, zone_id, node_uid, req.channel, "run_pump",

@@ -3,10 +3,13 @@
 A synchronous request runs its routine through here too, so that one zone never runs two routines
 at once (409) and `stop()` waits for what is still running (the service first tells the routines
 to end, and each stops its pump on the way out; a run still going after the grace time is cancelled). Finished runs stay pollable for BRIDGE_TASK_KEEP_SEC.
+A routine reads its task id from `current_task_id` (its durable row carries the same id); routines
+a restarted bridge finds interrupted are added back as finished tasks (`add_finished`).
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
 import logging
 import time
@@ -19,6 +22,8 @@ from publisher import ApiError
 
 log = logging.getLogger("bridge.tasks")
 
+current_task_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_task_id", default=None)
+
 
 def _iso(moment: dt.datetime | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z") if moment else None
@@ -30,7 +35,7 @@ class RoutineTask:
     kind: str
     zone_id: int
     created_at: dt.datetime
-    state: str = "running"  # running | succeeded | failed | cancelled
+    state: str = "running"  # running | succeeded | failed | cancelled | interrupted
     finished_at: dt.datetime | None = None
     finished_mono: float | None = None
     result: dict[str, Any] | None = None
@@ -63,6 +68,16 @@ class TaskRegistry:
         self._tasks[entry.id] = entry
         return entry
 
+    def add_finished(self, task_id: str, kind: str, zone_id: int, created_at: dt.datetime, state: str,
+                     result: dict[str, Any]) -> RoutineTask:
+        """A routine that ended elsewhere (interrupted by a bridge that died), pollable like the others."""
+        self._forget_old()
+        entry = RoutineTask(task_id, kind, zone_id, created_at.replace(tzinfo=dt.timezone.utc), state=state,
+                            finished_at=dt.datetime.now(dt.timezone.utc), finished_mono=time.monotonic(),
+                            result=result)
+        self._tasks[task_id] = entry
+        return entry
+
     def get(self, task_id: str) -> RoutineTask | None:
         self._forget_old()
         return self._tasks.get(task_id)
@@ -81,6 +96,7 @@ class TaskRegistry:
         return entry.result
 
     async def _run(self, entry: RoutineTask, run: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        current_task_id.set(entry.id)
         bm.ROUTINES_RUNNING.inc()
         try:
             entry.result = await run()

@@ -2,7 +2,7 @@
 
 Irrigation (§8.6, §4.2): every online node of type irrig / pump, on its irrigation channel
 (`pump_irrigation`, `valve_irrigation`, else `pump_in`): pumps get `run_pump {duration_ms}`,
-valves `set_relay {state, duration_ms}`. Lighting (§8.5): every online light node's light
+valves `set_relay {state, duration_ms}` and a durable close (the firmware ignores duration_ms). Lighting (§8.5): every online light node's light
 channels and `white_light` / `uv_light` / `light` channels on any node. Water change: valve
 channels for drain and fill, driven with `set_relay`.
 """
@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from common.channels import DRAIN_CHANNELS, FILL_CHANNELS, is_valve
 from common.commands import RUN_PUMP_MAX_MS, CommandError, CommandPublishError, issue_command, new_cmd_id
 from common.db import Database
 from common.mqtt import MqttClient
@@ -32,8 +33,7 @@ SELECT n.uid, lower(coalesce(n.type, '')) AS node_type, nc.channel, lower(coales
 IRRIGATION_NODE_TYPES = ("irrig", "pump", "irrigation")
 IRRIGATION_CHANNELS = ("pump_irrigation", "valve_irrigation", "pump_in")
 LIGHT_CHANNELS = ("white_light", "uv_light", "light")
-DRAIN_CHANNELS = ("valve_drain", "drain_valve", "valve_out")
-FILL_CHANNELS = ("valve_fill", "fill_valve", "valve_in")
+__all__ = ["DRAIN_CHANNELS", "FILL_CHANNELS"]  # re-exported for water_cycle
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +44,7 @@ class Target:
 
     @property
     def is_valve(self) -> bool:
-        return "valve" in self.channel
+        return is_valve(self.channel)
 
     def max_duration_ms(self, wanted_ms: int) -> int:
         """`wanted_ms` within the backend limit and the channel's safe_limits (§4.3)."""

@@ -3,8 +3,9 @@
 Each tick covers the interval (previous completed tick, now]; the first tick after start-up
 fires only what falls in the catch-up window. A due time older than the catch-up window (a tick
 held up by an outage, or a downtime since the last tick any scheduler completed) is recorded as
-`missed` and counted, not fired. The clock is injected: tests call
-`tick(now)` and `run_followups(now)` directly and never wait.
+`missed` and counted, not fired; of several irrigation times of one zone due in one tick only the
+latest fires (the others are `missed`, superseded): one pump is never sent a burst. The clock is
+injected: tests call `tick(now)` and `run_followups(now)` directly and never wait.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import lighting
 import scheduler_metrics as m
 import water_cycle
 from actuators import CommandSender
+from common.actuator_closes import run_due
 from common.alerts import add_zone_event
 from common.db import Database
 from common.env import Settings
@@ -100,9 +102,17 @@ class Scheduler:
         for zone in zones:
             if zone.irrigation_times and not self._quiet(("irrigation", zone.zone_id),
                                                          (zone.irrigation_times, zone.tz), after, now):
-                for occ in occurrences(zone.irrigation_times, zone.tz, after, now):
-                    status = "missed" if occ.at < horizon else "running"
-                    firings.append(Firing(zone, "irrigation", f"irrigation@{occ.local:%H:%M}", occ, status))
+                due = sorted(occurrences(zone.irrigation_times, zone.tz, after, now), key=lambda o: o.at)
+                latest = next((o for o in reversed(due) if o.at >= horizon), None)
+                for occ in due:
+                    item = f"irrigation@{occ.local:%H:%M}"
+                    if occ is latest:
+                        firings.append(Firing(zone, "irrigation", item, occ))
+                    elif occ.at >= horizon:  # superseded by a later time due in the same tick
+                        firings.append(Firing(zone, "irrigation", item, occ, "missed",
+                                              {"reason": "superseded", "fired": latest.local.isoformat()}))
+                    else:
+                        firings.append(Firing(zone, "irrigation", item, occ, "missed", {"reason": "too_late"}))
                 self._remember(("irrigation", zone.zone_id), (zone.irrigation_times, zone.tz), now,
                                next_instant(zone.irrigation_times, zone.tz, now))
             if zone.lighting is not None:
@@ -194,6 +204,12 @@ class Scheduler:
         """Run every follow-up step due at `now` (each taken by exactly one scheduler)."""
         now = now or self.clock()
         done = 0
+        if self.sender.mqtt.connected:  # closes wait for the broker; they stay due meanwhile
+            for closed in await run_due(self.db, self.sender.mqtt, self.sender.topics, owner="scheduler", now=now):
+                m.FOLLOWUPS.labels("valve_close").inc()
+                done += 1
+                if closed["error"]:
+                    log.error("valve_close_refused", extra=closed)
         for run in await take_due_followups(self.db, now):
             kind = run["due_kind"]
             try:

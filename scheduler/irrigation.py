@@ -4,8 +4,11 @@ Firing: scheduler_log `running`; water-level check (`WATER_LEVEL` < 0.2 → aler
 failed); every online irrigation node gets its command; IRRIGATION_STARTED. What comes after is a
 durable follow-up on the run row, never a wait inside the tick: a dry-run check
 `dry_run_check_sec` after the start where the zone has `capabilities.flow_sensor` (no
-`FLOW_RATE` ≥ 0.1 → stop, PUMP_STOPPED + NO_FLOW, failed), then IRRIGATION_FINISHED and
-scheduler_log `completed` once the duration has passed.
+`FLOW_RATE` ≥ 0.1 → stop, PUMP_STOPPED + NO_FLOW, failed), then, once the duration has passed,
+IRRIGATION_FINISHED and scheduler_log `completed` — only when a node acknowledged its start
+command; when every start command failed or timed out the run is `failed` (no
+IRRIGATION_FINISHED). A valve's close is written to `actuator_closes` before the valve is opened
+and sent by the follow-up loop when the duration ends (the firmware ignores duration_ms).
 """
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ import datetime as dt
 import logging
 from typing import TYPE_CHECKING, Any
 
+from common.actuator_closes import schedule_close
 from common.alerts import add_zone_event, ensure_alert
 from actuators import Target, freshest_metric, irrigation_targets, zone_channels
-from runs import Firing, finish, iso, naive_utc, scheduler_log, set_followup, update_details
+from runs import Firing, command_statuses, finish, iso, naive_utc, scheduler_log, set_followup, update_details
 
 if TYPE_CHECKING:
     from engine import Scheduler
@@ -25,6 +29,8 @@ log = logging.getLogger("scheduler.irrigation")
 TASK = "irrigation"
 WATER_LEVEL_MIN = 0.2
 FLOW_MIN_L_PER_MIN = 0.1
+ANSWER_POLL = dt.timedelta(seconds=5)   # a finish that finds start commands unanswered looks again after this
+OPEN, ACKED = ("pending", "sent"), ("ack",)
 
 
 def _orders(targets: list[Target], duration_ms: int) -> list[tuple[Target, str, dict]]:
@@ -65,7 +71,17 @@ async def fire(sched: "Scheduler", firing: Firing, now: dt.datetime) -> str:
     if not targets:
         return await _fail(sched, firing, "no_nodes", now)
     duration_sec = zone.irrigation_duration_sec
-    sent = await sched.sender.send_all(firing.run_id, zone.gh_uid, zone.zone_id, _orders(targets, duration_sec * 1000))
+    orders = _orders(targets, duration_sec * 1000)
+    for target, cmd, params in orders:
+        if cmd == "set_relay":  # on record before the valve can open
+            await schedule_close(sched.db, owner="scheduler", zone_id=zone.zone_id, node_uid=target.node_uid,
+                                 channel=target.channel, reason=TASK,
+                                 close_at=now + dt.timedelta(milliseconds=params["duration_ms"]))
+    # Should this scheduler die while sending, the run is still judged (from its linked commands)
+    # when the duration is over; the normal path below replaces this follow-up.
+    await update_details(sched.db, firing.run_id, {"duration_sec": duration_sec})
+    await set_followup(sched.db, firing.run_id, "finish", now + dt.timedelta(seconds=duration_sec))
+    sent = await sched.sender.send_all(firing.run_id, zone.gh_uid, zone.zone_id, orders)
     ok = [s for s in sent if s.ok]
     if not ok:
         return await _fail(sched, firing, "commands_failed", now, commands=[s.summary() for s in sent])
@@ -103,6 +119,11 @@ async def dry_run_check(sched: "Scheduler", run, now: dt.datetime) -> str:
         end = started.replace(tzinfo=dt.timezone.utc) + dt.timedelta(seconds=details.get("duration_sec", 0))
         await set_followup(sched.db, run["id"], "finish", max(end, now))
         return "flow_ok"
+    answers = [r["status"] for r in await command_statuses(sched.db, run["id"])]
+    if answers and all(a in ("failed", "timeout") for a in answers):
+        # Nothing ran: no flow is expected, so no NO_FLOW alarm; the finish judges the run failed.
+        await set_followup(sched.db, run["id"], "finish", now)
+        return "commands_failed"
 
     gh_uid = await sched.db.fetchval(
         "SELECT g.uid FROM zones z JOIN greenhouses g ON g.id = z.greenhouse_id WHERE z.id = $1", zone_id)
@@ -134,15 +155,41 @@ async def dry_run_check(sched: "Scheduler", run, now: dt.datetime) -> str:
 
 
 async def finish_run(sched: "Scheduler", run, now: dt.datetime) -> str:
-    """Follow-up once the duration has passed: IRRIGATION_FINISHED, run and log completed."""
+    """Follow-up once the duration has passed: IRRIGATION_FINISHED, run and log completed — or,
+    when no node acknowledged its start command, run and log failed."""
     details = run["details"] or {}
     duration = details.get("duration_sec")
+    # The start commands as linked to the run before they were sent (also when details were never written).
+    rows = await command_statuses(sched.db, run["id"])
+    targets = [{"node_uid": r["node_uid"], "channel": r["channel"], "cmd": r["cmd"], "cmd_id": r["cmd_id"]}
+               for r in rows]
+    answers = [r["status"] for r in rows]  # pending / sent / ack / failed / timeout, or unsent
+    started = _started(run).replace(tzinfo=dt.timezone.utc)
+    answer_deadline = started + dt.timedelta(seconds=(duration or 0) + sched.settings.command_timeout_sec + 10)
+    if any(a in OPEN for a in answers) and not any(a in ACKED for a in answers) and now < answer_deadline:
+        # No answer yet (the timeout sweep has not judged them either): look again shortly.
+        await set_followup(sched.db, run["id"], "finish", now + ANSWER_POLL)
+        return "waiting_for_answers"
+    commands = [dict(t, status=a) for t, a in zip(targets, answers)]
+    if not any(a in ACKED for a in answers):
+        error = "commands_failed" if targets else "not_started"  # none: the scheduler died before sending
+        failed = {"zone_id": run["zone_id"], "run_id": run["id"], "error": error, "commands": commands}
+        async with sched.db.transaction() as conn:
+            await finish(conn, run["id"], "failed", {"error": error, "commands": commands}, now)
+            await scheduler_log(conn, TASK, "failed", failed)
+        log.warning("irrigation_commands_failed", extra={"zone_id": run["zone_id"], "run_id": run["id"],
+                                                         "answers": answers})
+        return "failed"
     flow = details.get("flow_value")
     volume = round(flow * duration / 60.0, 3) if isinstance(flow, (int, float)) and duration else None
     finished = {"actual_duration_sec": duration, "volume_l": volume, "flow_value": flow, "run_id": run["id"],
-                "nodes_count": len(details.get("targets", []))}
+                "nodes_count": sum(a in ACKED for a in answers)}
     async with sched.db.transaction() as conn:
+        if "started_at" not in details:  # its scheduler died before it recorded the start
+            await add_zone_event(conn, run["zone_id"], "IRRIGATION_STARTED", {
+                "nodes_count": finished["nodes_count"], "duration_sec": duration, "run_id": run["id"],
+                "start_time": iso(run["started_at"]), "cmd_ids": [t["cmd_id"] for t in targets], "recovered": True})
         await add_zone_event(conn, run["zone_id"], "IRRIGATION_FINISHED", finished)
-        await finish(conn, run["id"], "completed", {"volume_l": volume}, now)
+        await finish(conn, run["id"], "completed", {"volume_l": volume, "commands": commands}, now)
         await scheduler_log(conn, TASK, "completed", dict(finished, zone_id=run["zone_id"]))
     return "completed"

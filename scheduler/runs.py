@@ -102,20 +102,24 @@ async def link_command(conn: asyncpg.Connection | Database, run_id: int, cmd_id:
         " ON CONFLICT DO NOTHING", run_id, cmd_id, node_uid, channel, cmd)
 
 
+# A taken follow-up stays on the row, due again after FOLLOWUP_LEASE: a scheduler that dies while
+# running it (before it set the next step or finished the run) leaves it to be run again.
+FOLLOWUP_LEASE = dt.timedelta(seconds=60)
 TAKE_DUE_SQL = """
 WITH due AS (
-  SELECT id, followup_kind FROM scheduler_runs
+  SELECT id FROM scheduler_runs
    WHERE followup_at IS NOT NULL AND followup_at <= $1
    ORDER BY followup_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-UPDATE scheduler_runs r SET followup_kind = NULL, followup_at = NULL, updated_at = now()
+UPDATE scheduler_runs r SET followup_at = $3, updated_at = now()
   FROM due WHERE r.id = due.id
-RETURNING r.id, r.zone_id, r.kind, r.item, r.scheduled_local, r.details, r.started_at, due.followup_kind AS due_kind
+RETURNING r.id, r.zone_id, r.kind, r.item, r.scheduled_local, r.details, r.started_at, r.followup_kind AS due_kind
 """
 
 
 async def take_due_followups(db: Database, now: dt.datetime, limit: int = 200) -> list[asyncpg.Record]:
-    """Atomically take the follow-ups due at `now` (each is taken by exactly one caller)."""
-    return await db.fetch(TAKE_DUE_SQL, naive_utc(now), limit)
+    """Atomically take the follow-ups due at `now` (each is taken by exactly one caller until its
+    lease ends); the step run sets the next follow-up or finishes the run."""
+    return await db.fetch(TAKE_DUE_SQL, naive_utc(now), limit, naive_utc(now + FOLLOWUP_LEASE))
 
 
 async def scheduler_log(conn: asyncpg.Connection | Database, task_name: str, status: str,

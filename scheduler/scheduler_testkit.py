@@ -75,3 +75,13 @@ def make_scheduler(settings, db, mqtt, clock: Clock | None = None, **config: Any
     return Scheduler(settings, SchedulerConfig(**config), db,
                      CommandSender(db, mqtt, Topics(settings.mqtt_topic_root)),
                      clock=clock or Clock(dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)))
+
+
+async def node_answers(db, run_id: int, status: str = "ACK", error_code: str | None = None) -> None:
+    """A node's command_response to each open command of the run, applied as history-logger does."""
+    from common.commands import record_response
+    from common.schemas import CommandResponse
+    for row in await db.fetch("SELECT cmd_id FROM scheduler_run_command_status WHERE run_id = $1"
+                              " AND status IN ('pending', 'sent')", run_id):
+        payload = {"cmd_id": row["cmd_id"], "status": status, "error_code": error_code}
+        await record_response(db, CommandResponse.model_validate(payload), payload)

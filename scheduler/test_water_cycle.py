@@ -80,7 +80,13 @@ async def test_full_cycle_walks_its_states_with_events_and_resets_solution_age(s
                                                    ("valve_fill", True), ("valve_fill", False)]
     run = await db.fetchrow("SELECT item, status FROM scheduler_runs WHERE zone_id = $1", zone)
     assert (run["item"], run["status"]) == ("water_change", "completed")
-    assert await db.fetchval("SELECT count(*) FROM scheduler_run_commands") == 4
+    assert await db.fetchval("SELECT count(*) FROM scheduler_run_commands") == 2  # the opens
+    closes = await db.fetch("SELECT channel, reason, done_at IS NOT NULL AS done, cmd_id FROM actuator_closes"
+                            " WHERE zone_id = $1 ORDER BY close_at", zone)
+    sent = [(c["channel"], c["reason"]) for c in closes if c["done"]]
+    assert sent == [("valve_drain", "water_change:drain"), ("valve_fill", "water_change:fill")]
+    # each opened valve also has a safety close at its step's timeout, not due yet
+    assert sorted(c["channel"] for c in closes if not c["done"]) == ["valve_drain", "valve_fill"]
     logs = await db.fetch("SELECT status FROM scheduler_logs WHERE task_name = 'water_change' ORDER BY id")
     assert [r["status"] for r in logs] == ["running", "completed"]
 

@@ -12,7 +12,11 @@ claimed firing (item `water_change`), so it happens once; each step is a compare
 `zones.water_state`, so two schedulers never both take it. Events: WATER_CHANGE_STARTED,
 WATER_CHANGE_STEP {from, to, reason, level} on every step, WATER_CHANGE_COMPLETED. Drain and fill
 valves (`valve_drain` / `valve_fill` …) are opened with `set_relay {state: true}` when their step
-begins and closed when it ends. A zone with no online drain or fill valve does not start a change.
+begins and closed when it ends. The firmware ignores set_relay's duration, so each close is a row
+of `actuator_closes` written with the step change (in its transaction) and sent by the follow-up
+loop — a scheduler that dies between the step and the close still closes after its restart; each
+opened valve also gets a safety close at its step's timeout plus CLOSE_MARGIN, should the cycle
+stop being advanced (zone paused). A zone with no online drain or fill valve does not start a change.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import scheduler_metrics as m
 from actuators import DRAIN_CHANNELS, FILL_CHANNELS, freshest_metric, named_targets, zone_channels
+from common.actuator_closes import run_due, schedule_close
 from common.alerts import add_zone_event
 from runs import Firing, claim, finish, iso, naive_utc, scheduler_log
 from schedules import WaterChange, ZoneSchedule
@@ -36,6 +41,13 @@ NORMAL, DRAIN, FILL, STABILIZE = ("NORMAL_RECIRC", "WATER_CHANGE_DRAIN", "WATER_
                                   "WATER_CHANGE_STABILIZE")
 CHANGING = (DRAIN, FILL, STABILIZE)
 TASK = "water_change"
+CLOSE_MARGIN = dt.timedelta(minutes=2)
+
+
+async def _close_later(conn, zone: ZoneSchedule, targets, at: dt.datetime, reason: str) -> None:
+    for target in targets:
+        await schedule_close(conn, owner="scheduler", zone_id=zone.zone_id, node_uid=target.node_uid,
+                             channel=target.channel, close_at=at, reason=reason)
 
 
 def solution_age_days(zone: ZoneSchedule, now: dt.datetime) -> float | None:
@@ -121,6 +133,8 @@ async def _maybe_start(sched: "Scheduler", zone: ZoneSchedule, now: dt.datetime,
             await finish(conn, firing.run_id, "failed", {"error": "water_state_changed"}, now)
             return
         await _save_cycle(conn, zone.zone_id, firing.run_id, DRAIN, now, started=True, details=details)
+        await _close_later(conn, zone, drains, now + dt.timedelta(minutes=settings.drain_timeout_min) + CLOSE_MARGIN,
+                           "water_change:drain")
         await add_zone_event(conn, zone.zone_id, "WATER_CHANGE_STARTED", dict(details, started_at=iso(now)))
         await scheduler_log(conn, TASK, "running", dict(details, zone_id=zone.zone_id))
     m.WATER_TRANSITIONS.labels(DRAIN).inc()
@@ -177,6 +191,8 @@ async def _step(sched: "Scheduler", zone: ZoneSchedule, cycle, now: dt.datetime)
     run_id = cycle["run_id"]
     step = {"from": state, "to": nxt, "reason": reason, "level": level, "run_id": run_id,
             "step_minutes": round(elapsed_min, 1)}
+    rows = await zone_channels(sched.db, zone.zone_id) if nxt in (FILL, STABILIZE) else []
+    drains, fills = named_targets(rows, DRAIN_CHANNELS), named_targets(rows, FILL_CHANNELS)
     async with sched.db.transaction() as conn:
         moved = await conn.fetchval(
             "UPDATE zones SET water_state = $2::varchar, updated_at = now(),"
@@ -186,6 +202,12 @@ async def _step(sched: "Scheduler", zone: ZoneSchedule, cycle, now: dt.datetime)
         if moved is None:
             return  # another scheduler took this step
         await _save_cycle(conn, zone.zone_id, run_id, nxt, now, details={f"{state.lower()}_end": step})
+        if nxt == FILL:  # the drain closes now, the fill valve at the latest after its step's timeout
+            await _close_later(conn, zone, drains, now, "water_change:drain")
+            await _close_later(conn, zone, fills, now + dt.timedelta(minutes=settings.fill_timeout_min) + CLOSE_MARGIN,
+                               "water_change:fill")
+        elif nxt == STABILIZE:
+            await _close_later(conn, zone, fills, now, "water_change:fill")
         await add_zone_event(conn, zone.zone_id, "WATER_CHANGE_STEP", step)
         if nxt == NORMAL:
             started = cycle["cycle_started_at"]
@@ -197,9 +219,8 @@ async def _step(sched: "Scheduler", zone: ZoneSchedule, cycle, now: dt.datetime)
             await scheduler_log(conn, TASK, "completed", dict(done, zone_id=zone.zone_id))
     m.WATER_TRANSITIONS.labels(nxt).inc()
     log.info("water_change_step", extra={"zone_id": zone.zone_id, **step})
-    rows = await zone_channels(sched.db, zone.zone_id) if nxt in (FILL, STABILIZE) else []
+    if nxt in (FILL, STABILIZE) and sched.sender.mqtt.connected:
+        await run_due(sched.db, sched.sender.mqtt, sched.sender.topics, owner="scheduler", now=now,
+                      zone_id=zone.zone_id)  # the closes just recorded; else the follow-up loop sends them
     if nxt == FILL:
-        await _valves(sched, zone, run_id, named_targets(rows, DRAIN_CHANNELS), False)
-        await _valves(sched, zone, run_id, named_targets(rows, FILL_CHANNELS), True)
-    elif nxt == STABILIZE:
-        await _valves(sched, zone, run_id, named_targets(rows, FILL_CHANNELS), False)
+        await _valves(sched, zone, run_id, fills, True)

@@ -11,6 +11,7 @@ from common import testing
 from common.commands import build_payload, new_cmd_id
 from common.testing import MqttProbe, eventually, publish_sync
 from tools.node_sim import ReservoirParams, SimOptions, Simulator, synthetic_layout
+from tools.node_sim.layout import actuator
 
 PH_NODE = "nd-sim-ph-z1-1"
 EC_NODE = "nd-sim-ec-z1-2"
@@ -110,7 +111,8 @@ async def test_commands_are_answered_per_firmware_rules(env):
     bad = await response_for(probe, command(settings, EC_NODE, "pump_nutrient", "run_pump", duration_ms="long"))
     assert (bad["status"], bad["error_code"]) == ("ERROR", "invalid_parameter")
     too_long = await response_for(probe, command(settings, EC_NODE, "pump_nutrient", "run_pump", duration_ms=9000))
-    assert too_long["error_code"] == "invalid_parameter"  # above safe_limits.max_duration_ms (5000)
+    # the pump driver limits a run to safe_limits.max_duration_ms (5000); it does not refuse it
+    assert (too_long["status"], too_long["details"]["duration_ms"]) == ("ACK", 5000)
     not_pump = await response_for(probe, command(settings, PH_NODE, "ph_sensor", "run_pump", duration_ms=100))
     assert not_pump["error_code"] == "pump_not_found"
     # a command without cmd_id is dropped silently, as firmware does
@@ -242,5 +244,56 @@ async def test_relays_pwm_and_calibration(env):
     await eventually(lambda: _async(any(p["value"] > 1.0 for p in probe.payloads(flow))), 10, message="flow while irrigating")
     cal = await response_for(probe, command(settings, uid["ph"], "ph_sensor", "calibrate", stage=1, known_ph=7.0))
     assert cal["status"] == "ACK"
-    no_cal = await response_for(probe, command(settings, uid["climate"], "temp_air", "calibrate", stage=1, known_ph=7.0))
+    no_cal = await response_for(probe, command(settings, uid["ec"], "pump_nutrient", "calibrate", stage=1, tds_value=1.0))
     assert no_cal["error_code"] == "calibration_failed"
+    # a climate node's firmware registers no calibrate handler
+    climate = await response_for(probe, command(settings, uid["climate"], "temp_air", "calibrate", stage=1, known_ph=7.0))
+    assert climate["error_code"] == "unknown_command"
+
+
+async def test_commands_are_as_strict_as_the_firmware(env):
+    settings, probe, make = env
+    layout = synthetic_layout(1, 1, 5)  # ph, ec, climate, irrig, light
+    for spec in layout:
+        if spec.type == "irrig":
+            spec.channels.append(actuator("valve_irrigation"))
+        if spec.type == "ph":
+            spec.channels.append(actuator("pump_spare"))  # a pump without ml_per_second
+    sim = make(layout=layout)
+    uid = {n.type: n.uid for n in layout}
+    irrig, res = sim.node(uid["irrig"]), sim.reservoir(1)
+
+    async def answer(node, channel, cmd, **params):
+        return await response_for(probe, command(settings, uid[node], channel, cmd, **params))
+
+    # set_relay reads only `state`: a valve opened "for 200 ms" stays open until it is closed
+    opened = await answer("irrig", "valve_irrigation", "set_relay", state=True, duration_ms=200)
+    assert opened["status"] == "ACK"
+    time.sleep(0.6)
+    assert irrig.open_relays() == ["valve_irrigation"] and res.snapshot()["irrigating"] is True
+    assert (await answer("irrig", "valve_irrigation", "set_relay", state=False))["status"] == "ACK"
+    assert irrig.open_relays() == [] and res.snapshot()["irrigating"] is False
+    # state must be a JSON boolean (1 / "on" are refused), and a pump is not a relay
+    assert (await answer("irrig", "valve_irrigation", "set_relay", state=1))["error_code"] == "invalid_parameter"
+    assert (await answer("irrig", "pump_in", "set_relay", state=True))["error_code"] == "relay_driver_failed"
+    # an irrigation (pump) node has no stop_pump, dose or set_state handler; a ph node no set_relay
+    for node, channel, cmd, params in [("irrig", "pump_in", "stop_pump", {}), ("irrig", "pump_in", "dose", {"dose_ml": 1}),
+                                       ("ec", "pump_nutrient", "dose", {"dose_ml": 1}),
+                                       ("ph", "pump_acid", "set_relay", {"state": False})]:
+        refused = await answer(node, channel, cmd, **params)
+        assert (refused["status"], refused["error_code"]) == ("ERROR", "unknown_command"), (node, cmd)
+    # dose needs the channel's calibration and is limited by max_duration_ms like run_pump
+    assert (await answer("ph", "pump_spare", "dose", dose_ml=1.0))["error_code"] == "pump_error"
+    big = await answer("ph", "pump_acid", "dose", dose_ml=5.0)  # 0.5 ml/s: 10 s wanted, 5 s allowed
+    assert (big["status"], big["details"]["duration_ms"], big["details"]["dose_ml"]) == ("ACK", 5000, 2.5)
+    assert (await answer("ph", "pump_acid", "dose", dose_ml=0.5))["error_code"] == "pump_busy"  # running
+    # set_state 1 runs for up to 300 s: the driver's max_duration_ms still applies
+    on = await answer("ph", "pump_base", "set_state", state=1)
+    assert (on["status"], on["details"]["duration_ms"]) == ("ACK", 5000)
+    assert (await answer("ph", "pump_base", "set_state", state=0))["status"] == "ACK"
+    assert (await answer("ph", "pump_base", "run_pump", duration_ms=100))["error_code"] == "pump_busy"  # min-off
+    # set_pwm: 0-100 percent, 101-255 an 8-bit value, above 255 clamped, negative refused; PWM outputs only
+    assert (await answer("light", "white_light", "set_pwm", value=300))["details"]["duty_percent"] == 100.0
+    assert res.snapshot()["light_level"] == pytest.approx(1.0)
+    assert (await answer("light", "white_light", "set_pwm", value=-5))["error_code"] == "invalid_parameter"
+    assert (await answer("climate", "heater_1", "set_pwm", value=50))["error_code"] == "pwm_failed"

@@ -6,9 +6,13 @@ has passed since the last IRRIGATION_STARTED — or there was none: the first ru
 channel of an `irrig`/`pump` node), or `set_relay {state:true, duration_ms}` on `valve_irrigation`.
 Recirculation (capability `recirculation`, `recirculation_enabled`): every
 `recirculation_interval_min`, `run_pump` on `recirculation_pump` (or a pump of a `recirculation`
-node) for `recirculation_duration_sec` (default 300), RECIRCULATION_CYCLE event.
+node), or `set_relay` on `valve_recirculation`, for `recirculation_duration_sec` (default 300),
+RECIRCULATION_CYCLE event.
 Durations are capped by the channel's `safe_limits.max_duration_ms` and the 60 s run_pump limit
-(the event records both the wanted and the commanded time).
+(valves: 3600 s); the event records both the wanted and the commanded time.
+The firmware ignores `duration_ms` on set_relay, so a valve's close is written to
+`actuator_closes` before it is opened and sent when due (`close_due_valves`, every cycle, also
+after a restart).
 """
 from __future__ import annotations
 
@@ -19,16 +23,33 @@ import engine_metrics as m
 import gates
 from actions import ZoneContext
 from actuators import send
+from common.actuator_closes import run_due, schedule_close
+from common.channels import is_valve
 from common.commands import RUN_PUMP_MAX_MS
 from snapshot import Node
 from common.schemas import as_number
 
 IRRIGATION_CHANNELS = ("pump_in", "pump_irrigation", "valve_irrigation")
-RECIRCULATION_CHANNELS = ("recirculation_pump",)
+RECIRCULATION_CHANNELS = ("recirculation_pump", "valve_recirculation")
+VALVE_MAX_MS = 3_600_000
+OWNER = "automation"
 
 
 def _duration_ms(node: Node, channel: str, seconds: float) -> int:
-    return int(max(1, min(seconds * 1000, gates.max_duration_ms(node, channel, RUN_PUMP_MAX_MS), RUN_PUMP_MAX_MS)))
+    ceiling = VALVE_MAX_MS if is_valve(channel) else RUN_PUMP_MAX_MS
+    return int(max(1, min(seconds * 1000, gates.max_duration_ms(node, channel, ceiling), ceiling)))
+
+
+async def close_due_valves(ctx: ZoneContext) -> None:
+    """Send every due valve close of the engine, once per cycle (the first zone to get here does it:
+    one query per cycle whatever the number of zones; a close is taken by exactly one engine)."""
+    services = ctx.services
+    if getattr(services, "valve_closes_at", None) == ctx.now or not services.mqtt.connected:
+        return  # done this cycle, or no broker: still due on the next cycle
+    services.valve_closes_at = ctx.now
+    for closed in await run_due(ctx.db, services.mqtt, services.topics, owner=OWNER, now=ctx.now):
+        m.ACTUATIONS.labels("valve_close", "refused" if closed["error"] else "set_relay").inc()
+        ctx.log.append(f"close:{closed['zone_id']}:{closed['channel']}")
 
 
 async def _pump_cycle(ctx: ZoneContext, controller: str, actuator: tuple[Node, str], seconds: float,
@@ -51,8 +72,11 @@ async def _pump_cycle(ctx: ZoneContext, controller: str, actuator: tuple[Node, s
         ctx.log.append(f"refused:{controller}:{refusal}")
         return False
     duration = _duration_ms(node, channel, seconds)
-    if channel.startswith("valve"):
+    if is_valve(channel):
         cmd, params = "set_relay", {"state": True, "duration_ms": duration}
+        # The close is on record before the valve can open.
+        await schedule_close(ctx.db, owner=OWNER, zone_id=zone.id, node_uid=node.uid, channel=channel,
+                             close_at=now + dt.timedelta(milliseconds=duration), reason=controller)
     else:
         cmd, params = "run_pump", {"duration_ms": duration}
     cmd_id = await send(ctx, controller, node, channel, cmd, params)
@@ -72,6 +96,7 @@ def _due(ctx: ZoneContext, event: str, interval: dt.timedelta) -> tuple[bool, di
 
 
 async def run_irrigation(ctx: ZoneContext) -> None:
+    await close_due_valves(ctx)
     if not ctx.zone.capability("irrigation_control"):
         return
     interval = as_number(ctx.targets.get("irrigation_interval_sec"))

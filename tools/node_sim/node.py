@@ -7,6 +7,14 @@ node publishes `node_hello` on `<root>/node_hello`. Every command with a cmd_id 
 command_response (ACK / ERROR + error_code / NO_EFFECT for a repeated cmd_id); commands without
 a cmd_id are dropped silently, as firmware does. A valid NodeConfig is applied and acknowledged;
 an invalid one is refused with `ERROR` and the old one kept.
+
+Commands are handled as strictly as the firmware does (byYorick/hydro2.0 firmware/, contract §4.1):
+each node type knows only the commands its firmware registers (others: `unknown_command`);
+`set_relay` reads only a boolean `state` and ignores `duration_ms` — a relay stays as set until the
+next set_relay; `run_pump` (and `dose`, `set_state 1`) is clamped to the channel's
+`safe_limits.max_duration_ms`, refused `pump_busy` while running or in its min-off cooldown;
+`dose` needs the channel's `ml_per_second`; `set_pwm` takes 0–100 as percent and 101–255 as an
+8-bit value (above 255 clamped), only on PWM outputs (lights, fans).
 """
 from __future__ import annotations
 
@@ -38,6 +46,18 @@ CMD_ID_CACHE = 64            # firmware keeps a small ring of recent cmd_ids
 SET_STATE_MAX_MS = 300_000   # set_state 1 runs a pump for at most this long
 PUMP_COMMANDS = {"run_pump", "stop_pump", "dose", "set_state"}
 KNOWN_COMMANDS = PUMP_COMMANDS | {"set_relay", "set_pwm", "calibrate"}
+# The handlers each node type's firmware registers (contract §4.1 "Accepted on"); a node type not
+# listed here (a layout read from a database may hold any) accepts every known command.
+NODE_COMMANDS = {
+    "ph": {"run_pump", "stop_pump", "dose", "set_state", "calibrate"},
+    "ec": {"run_pump", "stop_pump", "calibrate"},
+    "irrig": {"run_pump", "set_relay"},   # pump node: run_pump; valves on relays
+    "pump": {"run_pump", "set_relay"},
+    "climate": {"set_relay", "set_pwm"},
+    "light": {"set_relay", "set_pwm"},
+    "relay": {"set_relay"},
+}
+PWM_WORDS = ("light", "led", "fan", "pwm")
 
 
 class CommandRefused(Exception):
@@ -59,6 +79,7 @@ class SimNode:
         self.drop_responses = 0       # answer nothing to the next N commands
         self.responses: collections.deque[dict] = collections.deque(maxlen=500)  # recent answers sent
         self._cmd_ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.relays: dict[str, bool] = {}   # relay channel → state last set (firmware keeps it until told)
         self._pump_until: dict[str, float] = {}
         self._pump_off_at: dict[str, float] = {}
         self._next_poll: dict[str, float] = {}
@@ -95,6 +116,11 @@ class SimNode:
 
     def channel(self, name: str) -> ChannelSpec | None:
         return next((c for c in self.spec.channels if c.name == name), None)
+
+    def open_relays(self) -> list[str]:
+        """The relay channels (valves, …) this node holds switched on."""
+        with self._lock:
+            return sorted(name for name, on in self.relays.items() if on)
 
     def uptime_ms(self) -> int:
         return int((time.monotonic() - self.boot) * 1000)
@@ -318,7 +344,8 @@ class SimNode:
 
     def _execute(self, channel: str, name: str, params: dict[str, Any]) -> dict[str, Any]:
         """Carry a command out; returns details for the ACK or raises CommandRefused."""
-        if name not in KNOWN_COMMANDS:
+        accepted = NODE_COMMANDS.get(self.spec.type, KNOWN_COMMANDS)
+        if name not in KNOWN_COMMANDS or name not in accepted:
             raise CommandRefused("unknown_command", f"unknown command {name[:64]!r}")
         ch = self.channel(channel)
         if ch is None:
@@ -332,38 +359,49 @@ class SimNode:
                 return {"state": 0}
             limits = ch.safe_limits or {}
             if name == "run_pump":
-                duration_ms = _int(params, "duration_ms", 1, 300_000)
-                if duration_ms > limits.get("max_duration_ms", 300_000):
-                    raise CommandRefused("invalid_parameter",
-                                         f"duration_ms={duration_ms} exceeds max_duration_ms={limits['max_duration_ms']}")
+                duration_ms = _int(params, "duration_ms", 1, 2**32 - 1)
             elif name == "dose":
-                dose_ml = _float(params, "dose_ml", 0.0, 1000.0)
+                dose_ml = _float(params, "dose_ml", 0.0, 1e6)
                 if dose_ml <= 0:
                     raise CommandRefused("invalid_parameter", "dose_ml must be positive")
-                duration_ms = int(dose_ml / (ch.ml_per_second or 1.0) * 1000)
+                if not ch.ml_per_second or ch.ml_per_second <= 0:
+                    raise CommandRefused("pump_error", f"{channel} is not calibrated (no ml_per_second)")
+                duration_ms = max(1, int(dose_ml / ch.ml_per_second * 1000))
             else:  # set_state 1
-                _int(params, "state", 0, 1)
                 duration_ms = SET_STATE_MAX_MS
+            # The pump driver limits every run to the channel's max_duration_ms (it does not refuse).
+            max_ms = limits.get("max_duration_ms")
+            if isinstance(max_ms, (int, float)) and max_ms > 0:
+                duration_ms = min(duration_ms, int(max_ms))
             self._check_pump_free(ch, now, limits)
-            self._run_pump(ch, now, duration_ms, dose_ml=params.get("dose_ml") if name == "dose" else None)
-            return {"duration_ms": duration_ms}
+            self._run_pump(ch, now, duration_ms)
+            details = {"duration_ms": duration_ms}
+            if name == "dose":
+                details["dose_ml"] = round(duration_ms / 1000.0 * ch.ml_per_second, 3)
+            return details
         if name == "set_relay":
             state = params.get("state")
-            if isinstance(state, int) and not isinstance(state, bool) and state in (0, 1):
-                state = bool(state)
-            if not isinstance(state, bool):
+            if not isinstance(state, bool):  # the firmware takes a JSON boolean only
                 raise CommandRefused("invalid_parameter", "state must be true or false")
-            if ch.type != "ACTUATOR":
+            if ch.type != "ACTUATOR" or ch.is_pump:
                 raise CommandRefused("relay_driver_failed", f"{channel} is not a relay")
+            # duration_ms is not read: the relay stays as set until the next set_relay.
+            with self._lock:
+                self.relays[ch.name] = state
             self._switch(ch, 1.0 if state else 0.0)
             return {"state": int(state)}
         if name == "set_pwm":
-            value = _float(params, "value", 0, 255)
-            if ch.type != "ACTUATOR":
+            value = params.get("value")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise CommandRefused("invalid_parameter", "value must be a number")
+            value = int(value)  # the firmware truncates to an integer
+            if value < 0:
+                raise CommandRefused("invalid_parameter", "value must be 0-100 (percent) or 101-255")
+            percent = float(value) if value <= 100 else min(value, 255) / 255.0 * 100.0
+            if ch.type != "ACTUATOR" or ch.is_pump or not any(w in ch.name.lower() for w in PWM_WORDS):
                 raise CommandRefused("pwm_failed", f"{channel} has no PWM output")
-            level = value / 100.0 if value <= 100 else value / 255.0
-            self._switch(ch, level)
-            return {"value": value}
+            self._switch(ch, percent / 100.0)
+            return {"value": value, "duty_percent": round(percent, 1)}
         # calibrate
         if ch.metric not in ("PH", "EC") and "ph" not in channel and "ec" not in channel:
             raise CommandRefused("calibration_failed", f"{channel} cannot be calibrated")
@@ -379,10 +417,10 @@ class SimNode:
         if now - self._pump_off_at.get(ch.name, -1e9) < min_off:
             raise CommandRefused("pump_busy", f"{ch.name} is in its min-off cooldown")
 
-    def _run_pump(self, ch: ChannelSpec, now: float, duration_ms: int, dose_ml: float | None) -> None:
+    def _run_pump(self, ch: ChannelSpec, now: float, duration_ms: int) -> None:
         seconds = duration_ms / 1000.0
         self._pump_until[ch.name] = now + seconds
-        ml = dose_ml if dose_ml is not None else seconds * (ch.ml_per_second or 0.0)
+        ml = seconds * (ch.ml_per_second or 0.0)
         res = self.reservoir
         name = ch.name.lower()
         if "acid" in name:
@@ -417,11 +455,12 @@ class SimNode:
             res.set_heater(level > 0)
         elif "light" in name or "led" in name:
             res.set_light(level)
-        elif "valve" in name or "pump" in name:
-            if level > 0:
-                res.irrigate(SET_STATE_MAX_MS / 1000.0)
-            else:
-                res.stop_irrigation()
+        elif "fill" in name or name == "valve_in":
+            res.set_valve("fill", level > 0)
+        elif "drain" in name or name == "valve_out":
+            res.set_valve("drain", level > 0)
+        elif "valve" in name or "relay" in name:  # irrigation / recirculation valves: water flows while open
+            res.set_valve("irrigation", level > 0)
 
     # config ------------------------------------------------------------------------------
     def _handle_config(self, payload: bytes) -> None:

@@ -25,6 +25,7 @@ class ReservoirParams:
     ec_per_ml: float = 0.02            # mS/cm of 1 ml nutrient concentrate in 100 L
     mix_sec: float = 4.0
     irrigation_flow_l_min: float = 1.5
+    valve_flow_l_min: float = 10.0     # through an open fill or drain valve
     noise: bool = True
 
 
@@ -43,6 +44,7 @@ class Reservoir:
         self._pending = {"acid_ml": 0.0, "base_ml": 0.0, "nutrient_ml": 0.0, "water_l": 0.0}
         self.dosed = {"acid_ml": 0.0, "base_ml": 0.0, "nutrient_ml": 0.0}
         self.irrigating_until = 0.0
+        self.valves = {"fill": False, "drain": False, "irrigation": False}  # relay valves held open
         self.fan_on = False
         self.heater_on = False
         self.light_level = 0.0  # 0..1
@@ -78,6 +80,11 @@ class Reservoir:
         with self._lock:
             self.irrigating_until = 0.0
 
+    def set_valve(self, kind: str, open_: bool) -> None:
+        """A fill / drain / irrigation valve held open (water moves) or closed."""
+        with self._lock:
+            self.valves[kind] = open_
+
     def set_fan(self, on: bool) -> None:
         with self._lock:
             self.fan_on = on
@@ -104,6 +111,8 @@ class Reservoir:
             self.water_level += p.level_drift_per_min * dt / 60.0 + mixed["water_l"] / p.volume_l
             if self.is_irrigating():
                 self.water_level -= p.irrigation_flow_l_min * 0.02 * dt / 60.0 / p.volume_l  # most returns
+            valve_l = p.valve_flow_l_min * dt / 60.0
+            self.water_level += (valve_l * self.valves["fill"] - valve_l * self.valves["drain"]) / p.volume_l
             self.ph = min(max(self.ph, 3.0), 9.5)
             self.ec = min(max(self.ec, 0.0), 6.0)
             self.water_level = min(max(self.water_level, 0.0), 1.0)
@@ -120,7 +129,7 @@ class Reservoir:
             self.temp_water += (20.0 + 0.3 * (self.temp_air - 22.5) - self.temp_water) * min(1.0, dt / 600.0)
 
     def is_irrigating(self) -> bool:
-        return time.monotonic() < self.irrigating_until
+        return self.valves["irrigation"] or time.monotonic() < self.irrigating_until
 
     # -- outputs --------------------------------------------------------------------------
     def reading(self, metric: str) -> float | None:
@@ -154,6 +163,6 @@ class Reservoir:
                     "water_level": round(self.water_level, 4), "temp_water": round(self.temp_water, 2),
                     "temp_air": round(self.temp_air, 2), "humidity": round(self.humidity, 2),
                     "co2": round(self.co2, 1), "light_level": self.light_level, "fan_on": self.fan_on,
-                    "heater_on": self.heater_on, "irrigating": self.is_irrigating(),
+                    "heater_on": self.heater_on, "irrigating": self.is_irrigating(), "valves": dict(self.valves),
                     "pending": {k: round(v, 4) for k, v in self._pending.items()},
                     "dosed": dict(self.dosed)}
