@@ -123,8 +123,13 @@ async def serve_until_signalled(service: Service) -> None:
 
 
 def run_service(name: str, build: Callable[[Settings], Service], load: Callable[[], Settings] | None = None) -> int:
-    """Entry point of every `main.py`: load settings (exit 2 with one line on error), run, exit 0."""
+    """Entry point of every `main.py`: load settings, run, exit 0. A configuration error found while
+    loading, building or starting (e.g. a missing production secret checked in `start()`) prints one
+    line and exits 2, the same for every service."""
     settings = settings_or_exit(load) if load else settings_or_exit()
     setup_logging(name, settings.log_level)
-    asyncio.run(serve_until_signalled(build(settings)))
+
+    def run() -> None:
+        asyncio.run(serve_until_signalled(build(settings)))
+    settings_or_exit(run)
     return 0

@@ -98,8 +98,9 @@ def create_app(service: BridgeService) -> FastAPI:
         return JSONResponse({"detail": str(exc)}, 503, headers=retry)
 
     async def db_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # The cause (with the server's address) goes to the log only, never to the client.
         log.warning("db_unavailable", extra={"path": request.url.path, "error": repr(exc)})
-        return JSONResponse({"detail": f"database unavailable: {exc!r}"}, 503, headers=retry)
+        return JSONResponse({"detail": "database unavailable, retry later"}, 503, headers=retry)
 
     for kind in DB_UNAVAILABLE:
         app.add_exception_handler(kind, db_unavailable)
