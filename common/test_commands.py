@@ -40,7 +40,10 @@ def test_payload_is_flat_and_nested():
 @pytest.mark.parametrize("cmd, params, config, words", [
     ("adjust_ph", {}, None, "unknown command"),
     ("run_pump", {}, None, "duration_ms is required"),
-    ("run_pump", {"duration_ms": "9"}, None, "must be an integer"),
+    ("run_pump", {"duration_ms": "9.5"}, None, "must be an integer"),
+    ("run_pump", {"duration_ms": "٩"}, None, "must be an integer"),  # Unicode digits are not a number
+    ("run_pump", {"duration_ms": 2**63}, None, "integer outside the 64-bit range"),
+    ("run_pump", {"duration_ms": 5, "note": "a\x00b"}, None, "params.note: contains a NUL character"),
     ("run_pump", {"duration_ms": 61_000}, None, "outside the safe range"),
     ("run_pump", {"duration_ms": 6000}, {"safe_limits": {"max_duration_ms": 5000}}, "max_duration_ms=5000"),
     ("dose", {"dose_ml": 9.0}, None, "outside the safe range"),
@@ -76,7 +79,7 @@ async def test_concurrent_commands_share_batches_and_repeats_publish_once(settin
 
     def send(cmd_id):
         return issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd-1", channel="pump_in",
-                             cmd="run_pump", params={"duration_ms": 1000}, cmd_id=cmd_id)
+                             cmd="stop_pump", cmd_id=cmd_id)
 
     ids = [f"c-{i}" for i in range(40)]
     results = await asyncio.gather(*(send(i) for i in ids + ids[:10]), send(None))

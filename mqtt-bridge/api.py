@@ -96,7 +96,8 @@ def build_router(service: "BridgeService") -> APIRouter:
     async def command_status(cmd_id: Annotated[str, Path(max_length=255, examples=[ex.CMD_ID])]) -> Response:
         """Status `pending → sent → ack | failed | timeout` with its timestamps and the node's error."""
         row = await service.db.fetchrow(
-            "SELECT c.cmd_id, c.cmd, c.status, c.zone_id, n.uid AS node_uid, c.channel, c.params, c.source,"
+            "SELECT c.cmd_id, c.cmd, c.status, c.zone_id, n.uid AS node_uid, c.channel,"
+            " CASE WHEN jsonb_typeof(c.params) = 'object' THEN c.params ELSE '{}'::jsonb END AS params, c.source,"
             " c.error_code, c.error_message, c.created_at, c.sent_at, c.ack_at, c.failed_at, c.updated_at"
             " FROM commands c LEFT JOIN nodes n ON n.id = c.node_id WHERE c.cmd_id = $1", cmd_id)
         if row is None:

@@ -15,7 +15,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from common.commands import CommandError, CommandPublishError
+from common.commands import CommandConflict, CommandError, CommandPublishError
 from common.db import CONNECTION_ERRORS, Database
 from common.env import Settings, settings_or_exit
 from common.http_docs import docs_app
@@ -91,6 +91,10 @@ def create_app(service: BridgeService) -> FastAPI:
     @app.exception_handler(CommandError)
     async def command_error(request: Request, exc: CommandError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 422)
+
+    @app.exception_handler(CommandConflict)
+    async def command_conflict(request: Request, exc: CommandConflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 409)
 
     @app.exception_handler(CommandPublishError)
     async def publish_error(request: Request, exc: CommandPublishError) -> JSONResponse:
