@@ -93,20 +93,29 @@ def channel_kind(name: str, db_type: str | None, config: Any) -> str:
     return UNKNOWN
 
 
-DEFAULT_SAFE_LIMITS = {"max_duration_ms": 5000, "min_off_ms": 3000}  # contract §4.3, what NodeConfig carries
+DEFAULT_SAFE_LIMITS = {"max_duration_ms": 5000, "min_off_ms": 3000}  # contract §4.3: what NodeConfig carries
 
 
-def safe_limits(kind: str, config: Any) -> dict[str, int]:
-    """The channel's safe_limits: its own where valid; pumps fall back to the §4.3 defaults (the
-    firmware enforces them on pumps); relays only have the limits their config states."""
+def safe_limits(config: Any) -> dict[str, int]:
+    """The limits the channel's config states (`safe_limits.max_duration_ms` / `min_off_ms`).
+
+    A channel without them is not given the §4.3 defaults here: the node applies the defaults its
+    NodeConfig carries itself (answering `pump_busy` / an error), and our own services size runs by
+    the channel's stated limits."""
     given = config.get("safe_limits") if isinstance(config, dict) else None
-    limits = dict(DEFAULT_SAFE_LIMITS) if kind == PUMP else {}
+    limits: dict[str, int] = {}
     if isinstance(given, dict):
         for name in DEFAULT_SAFE_LIMITS:
             value = given.get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 limits[name] = value
     return limits
+
+
+# Sources whose requests come from people (Laravel's UI): the backend holds a pump's min_off_ms for
+# them. automation-engine and the scheduler pace their own runs (settling times, hourly caps,
+# schedules) and the node refuses a run inside min_off (`pump_busy`) for every source.
+MIN_OFF_SOURCES = ("bridge",)
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,8 +225,7 @@ def validate_command(cmd: str, params: Any, channel_config: dict | None = None) 
         metrics.COMMANDS_REJECTED.labels(reason).inc()
         raise
     if channel_config is not None:
-        problem = _limit_problem(cmd, out, PUMP if cmd in ("run_pump", "dose", "set_state") else RELAY,
-                                 channel_config)
+        problem = _limit_problem(cmd, out, channel_config)
         if problem:
             metrics.COMMANDS_REJECTED.labels("safe_limits").inc()
             raise CommandError(problem)
@@ -240,9 +248,11 @@ def run_ms(cmd: str, params: dict[str, Any], config: Any) -> int | None:
     return None
 
 
-def _limit_problem(cmd: str, params: dict[str, Any], kind: str, config: Any) -> str | None:
+def _limit_problem(cmd: str, params: dict[str, Any], config: Any) -> str | None:
     ms = run_ms(cmd, params, config)
-    max_ms = safe_limits(kind, config).get("max_duration_ms")
+    max_ms = safe_limits(config).get("max_duration_ms")
+    if cmd == "set_state" and max_ms is None:  # a 300 s run is beyond any pump's default limit (§4.3)
+        max_ms = DEFAULT_SAFE_LIMITS["max_duration_ms"]
     if ms is None or max_ms is None or ms <= max_ms:
         return None
     if cmd == "set_state":
@@ -448,14 +458,15 @@ class _Issuer:
             metrics.COMMANDS_REJECTED.labels("wrong_channel").inc()
             raise CommandError(f"{request.cmd} is for {' or '.join(spec.on)} channels; {where} is "
                                f"{'a ' + kind if kind != UNKNOWN else 'of unknown kind'} channel")
-        problem = _limit_problem(request.cmd, request.params, kind, config)
+        problem = _limit_problem(request.cmd, request.params, config)
         if problem:
             metrics.COMMANDS_REJECTED.labels("safe_limits").inc()
             raise CommandError(problem)
-        if kind != PUMP or run_ms(request.cmd, request.params, config) is None:
+        min_off = safe_limits(config).get("min_off_ms")
+        if kind != PUMP or min_off is None or request.source not in MIN_OFF_SOURCES \
+                or run_ms(request.cmd, request.params, config) is None:
             return
         key = (request.node_uid, request.channel)
-        min_off = safe_limits(kind, config)["min_off_ms"]
         if key in moving:
             metrics.COMMANDS_REJECTED.labels("min_off").inc()
             raise CommandError(f"{request.cmd}: {where} is switched on by another command issued at the same "
