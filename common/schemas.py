@@ -53,38 +53,47 @@ BIGINT_MIN, BIGINT_MAX = -2**63, 2**63 - 1
 MAX_JSON_DEPTH = 32  # far below what PostgreSQL's jsonb and orjson refuse; no payload of ours nests deeper
 
 
-def json_problem(value: Any, where: str = "body", depth: int = 0, max_depth: int = MAX_JSON_DEPTH) -> str | None:
-    """Why `value` cannot be stored as jsonb / sent as JSON ("params.a: …"), or None when it can.
+def json_problem_at(value: Any, depth: int = 0, max_depth: int = MAX_JSON_DEPTH) -> tuple[list, str] | None:
+    """Where and why `value` cannot be stored as jsonb / sent as JSON, or None when it can.
 
     Refused: NUL characters (PostgreSQL text and jsonb reject them), integers outside bigint,
     NaN / Infinity, nesting deeper than `max_depth`, and anything that is not a JSON value."""
     if depth > max_depth:
-        return f"{where}: nested deeper than {max_depth} levels"
+        return [], f"nested deeper than {max_depth} levels"
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, str):
-        return f"{where}: contains a NUL character" if "\x00" in value else None
+        return ([], "contains a NUL character") if "\x00" in value else None
     if isinstance(value, int):
-        return None if BIGINT_MIN <= value <= BIGINT_MAX else f"{where}: integer outside the 64-bit range"
+        return None if BIGINT_MIN <= value <= BIGINT_MAX else ([], "integer outside the 64-bit range")
     if isinstance(value, float):
-        return None if math.isfinite(value) else f"{where}: must be a finite number"
+        return None if math.isfinite(value) else ([], "must be a finite number")
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                return f"{where}: keys must be strings"
+                return [], "keys must be strings"
             if "\x00" in key:
-                return f"{where}: a key contains a NUL character"
-            problem = json_problem(item, f"{where}.{key[:64]}", depth + 1, max_depth)
-            if problem:
-                return problem
+                return [], "a key contains a NUL character"
+            found = json_problem_at(item, depth + 1, max_depth)
+            if found:
+                return [key[:64], *found[0]][:max_depth], found[1]
         return None
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            problem = json_problem(item, f"{where}.{index}", depth + 1, max_depth)
-            if problem:
-                return problem
+            found = json_problem_at(item, depth + 1, max_depth)
+            if found:
+                return [index, *found[0]][:max_depth], found[1]
         return None
-    return f"{where}: {type(value).__name__} is not a JSON value"
+    return [], f"{type(value).__name__} is not a JSON value"
+
+
+def json_problem(value: Any, where: str = "body", max_depth: int = MAX_JSON_DEPTH) -> str | None:
+    """json_problem_at as one line: "params.a.b: contains a NUL character"."""
+    found = json_problem_at(value, 0, max_depth)
+    if found is None:
+        return None
+    path, message = found
+    return f"{'.'.join([where, *map(str, path)])}: {message}"
 
 
 def describe_error(exc: ValidationError) -> str:

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .env import Settings, settings_or_exit
+from .http_guard import GuardedApp, HttpLimits, internal_error, protocol_with_timeout
 from .logs import setup_logging
 
 log = logging.getLogger("common.service")
@@ -75,10 +76,16 @@ class _QuietServer(uvicorn.Server):
 
 
 class HttpServer:
-    """A uvicorn server running as a task on the service's event loop."""
+    """A uvicorn server running as a task on the service's event loop, behind common.http_guard's
+    limits (body size, request read deadline, keep-alive, contained exceptions)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int):
-        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
+    def __init__(self, app: FastAPI, host: str, port: int, limits: HttpLimits | None = None):
+        limits = limits or HttpLimits.from_env()
+        if isinstance(app, FastAPI) and Exception not in app.exception_handlers:
+            app.add_exception_handler(Exception, internal_error)  # a JSON 500 (the guard keeps the connection)
+        config = uvicorn.Config(GuardedApp(app, limits.max_body_bytes), host=host, port=port, log_config=None,
+                                access_log=False, lifespan="off", http=protocol_with_timeout(limits.read_timeout_sec),
+                                timeout_keep_alive=limits.keep_alive_sec)
         self.server = _QuietServer(config)
         self.task: asyncio.Task | None = None
 
