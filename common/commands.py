@@ -355,7 +355,7 @@ _LOOKUP = """
 SELECT r.uid, r.channel, n.id AS node_id, nc.id AS channel_id, nc.type, nc.config, last.sent_at, last.cmd,
        last.params, extract(epoch FROM (now() - last.sent_at)) * 1000 AS since_ms
   FROM unnest($1::text[], $2::text[], $3::text[]) AS r(uid, channel, cmd_id)
-  LEFT JOIN nodes n ON n.uid = r.uid
+  LEFT JOIN (SELECT n.id, n.uid FROM nodes n WHERE n.uid = ANY($1::text[])) n ON n.uid = r.uid
   LEFT JOIN node_channels nc ON nc.node_id = n.id AND nc.channel = r.channel
   LEFT JOIN LATERAL (
         SELECT c.sent_at, c.cmd, c.params FROM commands c
@@ -369,8 +369,8 @@ CLAIM_LEASE_SEC = 60  # a claim older than this was left by a process that died 
 
 class _Issuer:
     """Group commit: commands issued while a batch is in flight go together in the next one,
-    sharing three database round trips (look up channels, insert claimed rows, mark sent) instead
-    of paying them each. One command alone is a batch of one: no waiting for company.
+    sharing four database round trips (look up channels, insert, claim, mark sent) instead of
+    paying them each. One command alone is a batch of one: no waiting for company.
 
     A row is claimed for publishing by setting `sent_at` while still `pending`, atomically: a
     `pending` row (Laravel's, or one a failed publish left) is published once, a repeated or
@@ -481,26 +481,46 @@ class _Issuer:
         moving.add(key)
 
     async def _publish(self, batch: list[_Request], node_ids: dict[str, int]) -> dict[str, Any]:
-        """Record (claimed), settle repeats, publish, mark sent; the outcome of each cmd_id."""
+        """Record, claim, settle repeats, publish, mark sent; the outcome of each cmd_id."""
         outcomes: dict[str, Any] = {}
-        inserted = {row["cmd_id"] for row in await self.db.fetch(
+        ids = [r.cmd_id for r in batch]
+        await self.db.execute(
             """
-            INSERT INTO commands (zone_id, node_id, channel, cmd, params, status, cmd_id, source, sent_at,
-                                  created_at, updated_at)
-            SELECT z.id, t.node_id, t.channel, t.cmd, t.params::jsonb, 'pending', t.cmd_id, t.source, now(), now(), now()
+            INSERT INTO commands (zone_id, node_id, channel, cmd, params, status, cmd_id, source, created_at, updated_at)
+            SELECT z.id, t.node_id, t.channel, t.cmd, t.params::jsonb, 'pending', t.cmd_id, t.source, now(), now()
               FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
                    AS t(zone_id, node_id, channel, cmd, params, cmd_id, source)
               LEFT JOIN zones z ON z.id = t.zone_id
             ON CONFLICT (cmd_id) DO NOTHING
-            RETURNING cmd_id
             """,
             [r.zone_id for r in batch], [node_ids.get(r.node_uid) for r in batch], [r.channel for r in batch],
-            [r.cmd for r in batch], [r.params_json for r in batch], [r.cmd_id for r in batch],
-            [r.source for r in batch])}
-        mine = [r for r in batch if r.cmd_id in inserted]
-        repeats = [r for r in batch if r.cmd_id not in inserted]
+            [r.cmd for r in batch], [r.params_json for r in batch], ids, [r.source for r in batch])
+        # Claim every row still to be published: ours just inserted, Laravel's pre-written ones, ones a
+        # failed publish left, and stale claims of a process that died while publishing.
+        claimed = {row["cmd_id"]: row for row in await self.db.fetch(
+            "UPDATE commands SET sent_at = now(), updated_at = now()"
+            " WHERE cmd_id = ANY($1::text[]) AND status = 'pending'"
+            " AND (sent_at IS NULL OR sent_at < now() - make_interval(secs => $2))"
+            " RETURNING cmd_id, zone_id, node_id, channel, cmd, params", ids, float(CLAIM_LEASE_SEC))}
+        mine: list[_Request] = []
+        for request in batch:
+            row = claimed.get(request.cmd_id)
+            if row is None:
+                continue
+            conflict = _difference(row, request, node_ids.get(request.node_uid))
+            if conflict:  # a row written for another command: left as it was
+                metrics.COMMANDS_REJECTED.labels("cmd_id_conflict").inc()
+                outcomes[request.cmd_id] = CommandConflict(
+                    f"cmd_id {request.cmd_id!r} is already used by a different command ({conflict})")
+            else:
+                mine.append(request)
+        unclaim = [r.cmd_id for r in batch if r.cmd_id in claimed and r.cmd_id in outcomes]
+        if unclaim:
+            await self.db.execute("UPDATE commands SET sent_at = NULL WHERE cmd_id = ANY($1::text[])"
+                                  " AND status = 'pending'", unclaim)
+        repeats = [r for r in batch if r.cmd_id not in claimed]
         if repeats:
-            mine += await self._settle_repeats(repeats, node_ids, outcomes)
+            await self._settle_repeats(repeats, node_ids, outcomes)
         for request in mine:
             metrics.COMMANDS_TOTAL.labels(request.cmd, request.source).inc()
         results = await asyncio.gather(
@@ -513,10 +533,18 @@ class _Issuer:
                                   " WHERE cmd_id = ANY($1::text[]) AND status = 'pending'",
                                   [r.cmd_id for r, _ in failed])
         if sent:
-            try:
-                await self.db.execute("UPDATE commands SET status = 'sent', sent_at = now(), updated_at = now()"
-                                      " WHERE cmd_id = ANY($1::text[]) AND status = 'pending'",
-                                      [r.cmd_id for r in sent])
+            try:  # the row gets what was sent: Laravel's zone rows lack node and channel, its params may be []
+                await self.db.execute(
+                    """
+                    UPDATE commands c SET status = 'sent', sent_at = now(), updated_at = now(), params = t.params::jsonb,
+                           zone_id = coalesce(c.zone_id, (SELECT id FROM zones WHERE id = t.zone_id)),
+                           node_id = coalesce(c.node_id, t.node_id), channel = coalesce(c.channel, t.channel)
+                      FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[])
+                           AS t(cmd_id, zone_id, node_id, channel, params)
+                     WHERE c.cmd_id = t.cmd_id AND c.status = 'pending'
+                    """,
+                    [r.cmd_id for r in sent], [r.zone_id for r in sent], [node_ids.get(r.node_uid) for r in sent],
+                    [r.channel for r in sent], [r.params_json for r in sent])
             except Exception as exc:  # noqa: BLE001 - the broker has them: the callers hear "sent" all the same
                 # The rows stay pending with their claim; a node's response still settles them.
                 log.warning("command_mark_sent_failed", extra={"count": len(sent), "error": repr(exc)})
@@ -529,17 +557,14 @@ class _Issuer:
         return outcomes
 
     async def _settle_repeats(self, repeats: list[_Request], node_ids: dict[str, int],
-                              outcomes: dict[str, Any]) -> list[_Request]:
-        """cmd_ids that already have a row: the ones to publish now (claimed and completed with what
-        is sent); the others answered in `outcomes` from the row's state."""
+                              outcomes: dict[str, Any]) -> None:
+        """Answer cmd_ids whose row was not claimable from the row's state."""
         rows = {row["cmd_id"]: row for row in await self.db.fetch(
-            "SELECT cmd_id, zone_id, node_id, channel, cmd, params, status, sent_at,"
-            " sent_at < now() - make_interval(secs => $2) AS stale FROM commands WHERE cmd_id = ANY($1::text[])",
-            [r.cmd_id for r in repeats], float(CLAIM_LEASE_SEC))}
-        to_claim: list[_Request] = []
+            "SELECT cmd_id, zone_id, node_id, channel, cmd, params, status, sent_at FROM commands"
+            " WHERE cmd_id = ANY($1::text[])", [r.cmd_id for r in repeats])}
         for request in repeats:
             row = rows.get(request.cmd_id)
-            if row is None:  # deleted between the insert and now: extremely unlikely, retry is safe
+            if row is None:  # deleted between the insert and now: a retry is safe
                 outcomes[request.cmd_id] = CommandPublishError(f"command {request.cmd_id} not sent: row vanished")
                 continue
             conflict = _difference(row, request, node_ids.get(request.node_uid))
@@ -549,9 +574,7 @@ class _Issuer:
                     f"cmd_id {request.cmd_id!r} is already used by a different command ({conflict})")
             elif row["status"] in ("sent", "ack"):
                 outcomes[request.cmd_id] = IssuedCommand(request.cmd_id, row["status"], request.topic, False)
-            elif row["status"] == "pending" and (row["sent_at"] is None or row["stale"]):
-                to_claim.append(request)
-            elif row["status"] == "pending":
+            elif row["status"] == "pending":  # claimed moments ago by another request or replica
                 outcomes[request.cmd_id] = CommandPublishError(
                     f"command {request.cmd_id} is being published by another request; retry")
             else:
@@ -559,27 +582,6 @@ class _Issuer:
                 never = " and was never sent" if row["sent_at"] is None else ""
                 outcomes[request.cmd_id] = CommandConflict(
                     f"command {request.cmd_id!r} is already {row['status']}{never}; send it again with a new cmd_id")
-        if not to_claim:
-            return []
-        claimed = {row["cmd_id"] for row in await self.db.fetch(
-            """
-            UPDATE commands c SET sent_at = now(), updated_at = now(), params = t.params::jsonb,
-                   zone_id = coalesce(c.zone_id, (SELECT id FROM zones WHERE id = t.zone_id)),
-                   node_id = coalesce(c.node_id, t.node_id), channel = coalesce(c.channel, t.channel)
-              FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[])
-                   AS t(cmd_id, zone_id, node_id, channel, params)
-             WHERE c.cmd_id = t.cmd_id AND c.status = 'pending'
-               AND (c.sent_at IS NULL OR c.sent_at < now() - make_interval(secs => $6))
-            RETURNING c.cmd_id
-            """,
-            [r.cmd_id for r in to_claim], [r.zone_id for r in to_claim],
-            [node_ids.get(r.node_uid) for r in to_claim], [r.channel for r in to_claim],
-            [r.params_json for r in to_claim], float(CLAIM_LEASE_SEC))}
-        for request in to_claim:
-            if request.cmd_id not in claimed:  # another request claimed it in between
-                outcomes[request.cmd_id] = CommandPublishError(
-                    f"command {request.cmd_id} is being published by another request; retry")
-        return [r for r in to_claim if r.cmd_id in claimed]
 
 
 def _difference(row: Any, request: _Request, node_id: int | None) -> str | None:
