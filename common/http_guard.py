@@ -56,6 +56,12 @@ class GuardedApp:
         self.app = app
         self.max_body = max_body_bytes
 
+    async def _buffered(self, receive: Receive) -> Receive:
+        first, fitted = await _read_all(receive, self.max_body)
+        if not fitted:
+            raise BodyTooLarge
+        return _replay(first, receive)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -68,32 +74,41 @@ class GuardedApp:
                 started = True
             await send(message)
 
-        if declared_length(scope) > self.max_body:
+        declared = declared_length(scope)
+        if declared is not None and declared > self.max_body:
             REFUSED.labels("body_too_large").inc()
             await send_json(send, 413, {"detail": f"request body is larger than {self.max_body} bytes"})
             return
-        size = 0
-
-        async def counted_receive() -> dict:
-            nonlocal size
-            message = await receive()
-            if message["type"] == "http.request":
-                size += len(message.get("body", b""))
-                if size > self.max_body:
-                    raise BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except BodyTooLarge:
-            REFUSED.labels("body_too_large").inc()
-            if not started:
+        if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            try:  # chunked: read it here, up to the limit, and hand it on in one message
+                receive = await self._buffered(receive)
+            except BodyTooLarge:
+                REFUSED.labels("body_too_large").inc()
                 await send_json(send, 413, {"detail": f"request body is larger than {self.max_body} bytes"})
+                return
+        try:
+            await self.app(scope, receive, tracked_send)
         except Exception:  # noqa: BLE001 - contained here so the client's connection stays usable
             REFUSED.labels("internal_error").inc()
             log.exception("http_internal_error", extra={"path": scope.get("path", "")[:200]})
             if not started:
                 await send_json(send, 500, {"detail": "internal error"})
+
+
+async def _read_all(receive: Receive, limit: int) -> tuple[dict, bool]:
+    """The body's messages joined into one (at most `limit` bytes) and whether it fitted."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return message, True
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return message, False
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}, True
 
 
 async def internal_error(request, exc: Exception):
@@ -102,14 +117,26 @@ async def internal_error(request, exc: Exception):
     return JSONResponse({"detail": "internal error"}, 500)
 
 
-def declared_length(scope: Scope) -> int:
+def _replay(first: dict, receive: Receive) -> Receive:
+    delivered = False
+
+    async def replay() -> dict:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return first
+        return await receive()
+    return replay
+
+
+def declared_length(scope: Scope) -> int | None:
     for name, value in scope["headers"]:
         if name == b"content-length":
             try:
                 return int(value)
             except ValueError:
-                return 0
-    return 0
+                return None
+    return None
 
 
 async def send_json(send: Send, status: int, body: Any, headers: tuple = ()) -> None:

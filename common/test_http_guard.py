@@ -1,0 +1,65 @@
+"""common.http_guard on a real service process: history-logger's /ingest/telemetry refuses a body
+above HTTP_MAX_BODY_BYTES before reading it (declared or chunked), and keeps serving."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import orjson
+import pytest
+
+from common import testing
+from common.http_guard import HttpLimits
+from common.env import SettingsError
+
+
+@pytest.fixture
+async def logger_process(settings):
+    port = testing.free_port()
+    env = dict(testing.settings_env(settings.replace(history_logger_port=port,
+                                                     history_logger_metrics_port=testing.free_port())),
+               HTTP_MAX_BODY_BYTES="100000")
+    process = testing.ServiceProcess("history-logger", env).start()
+
+    async def healthy():
+        try:
+            async with httpx.AsyncClient() as client:
+                return (await client.get(f"http://127.0.0.1:{port}/health")).status_code == 200
+        except httpx.HTTPError:
+            return False
+    try:
+        await testing.eventually(healthy, 60, interval=0.2, message="history-logger healthy")
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        await asyncio.to_thread(process.terminate)
+
+
+async def test_ingest_refuses_a_body_above_the_limit_before_reading_it(logger_process):
+    base, process = logger_process
+    sample = {"node_uid": "nd-x", "zone_id": 1, "metric_type": "PH", "value": 6.1}
+    big = orjson.dumps({"samples": [sample] * 3000})  # ~190 kB
+    assert len(big) > 100_000
+
+    async def chunks():  # no Content-Length: refused while reading
+        for start in range(0, len(big), 8192):
+            yield big[start:start + 8192]
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        declared = await client.post("/ingest/telemetry", content=big, headers={"Content-Type": "application/json"})
+        streamed = await client.post("/ingest/telemetry", content=chunks(),
+                                     headers={"Content-Type": "application/json"})
+        for response in (declared, streamed):
+            assert (response.status_code, response.json()) == (
+                413, {"detail": "request body is larger than 100000 bytes"})
+        small = await client.post("/ingest/telemetry", json={"samples": [sample]})
+        assert small.status_code != 413 and small.status_code < 500, small.text
+        metrics = (await client.get("/metrics")).text
+    assert 'http_guard_refused_total{reason="body_too_large"} 2.0' in metrics
+    assert process.proc.poll() is None
+
+
+def test_limits_come_from_the_environment_and_name_a_bad_value():
+    assert HttpLimits.from_env({}) == HttpLimits(1_048_576, 15.0, 5)
+    assert HttpLimits.from_env({"HTTP_MAX_BODY_BYTES": "2048", "HTTP_READ_TIMEOUT_SEC": "2.5",
+                                "HTTP_KEEP_ALIVE_SEC": "30"}) == HttpLimits(2048, 2.5, 30)
+    with pytest.raises(SettingsError, match="HTTP_MAX_BODY_BYTES"):
+        HttpLimits.from_env({"HTTP_MAX_BODY_BYTES": "lots"})
