@@ -111,6 +111,14 @@ async def _read_all(receive: Receive, limit: int) -> tuple[dict, bool]:
             return {"type": "http.request", "body": b"".join(chunks), "more_body": False}, True
 
 
+async def validation_error(request, exc):
+    """FastAPI's 422 `{"detail":[{loc,msg,type,input}]}`, always valid JSON: FastAPI's own handler
+    fails with a 500 when the refused input is NaN or Infinity (which the json module parses)."""
+    from starlette.responses import Response
+    errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type", "input")} for e in exc.errors()]
+    return Response(orjson.dumps({"detail": errors}, default=str), 422, media_type="application/json")
+
+
 async def internal_error(request, exc: Exception):
     """FastAPI's last-resort handler as JSON; the exception still reaches GuardedApp to be logged."""
     from starlette.responses import JSONResponse

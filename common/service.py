@@ -14,11 +14,13 @@ from typing import Awaitable, Callable, Protocol
 
 import uvicorn
 from fastapi import FastAPI, Response
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .env import Settings, settings_or_exit
-from .http_guard import GuardedApp, HttpLimits, internal_error, protocol_with_timeout
+from .http_guard import GuardedApp, HttpLimits, internal_error, protocol_with_timeout, validation_error
 from .logs import setup_logging
 
 log = logging.getLogger("common.service")
@@ -81,8 +83,11 @@ class HttpServer:
 
     def __init__(self, app: FastAPI, host: str, port: int, limits: HttpLimits | None = None):
         limits = limits or HttpLimits.from_env()
-        if isinstance(app, FastAPI) and Exception not in app.exception_handlers:
-            app.add_exception_handler(Exception, internal_error)  # a JSON 500 (the guard keeps the connection)
+        if isinstance(app, FastAPI):
+            if Exception not in app.exception_handlers:
+                app.add_exception_handler(Exception, internal_error)  # JSON 500 (the guard keeps the connection)
+            if app.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
+                app.add_exception_handler(RequestValidationError, validation_error)  # 422 even for NaN inputs
         config = uvicorn.Config(GuardedApp(app, limits.max_body_bytes), host=host, port=port, log_config=None,
                                 access_log=False, lifespan="off", http=protocol_with_timeout(limits.read_timeout_sec),
                                 timeout_keep_alive=limits.keep_alive_sec)

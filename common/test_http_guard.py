@@ -11,6 +11,11 @@ import pytest
 from common import testing
 from common.http_guard import HttpLimits
 from common.env import SettingsError
+from pydantic import BaseModel
+
+
+class Named(BaseModel):
+    name: str
 
 
 @pytest.fixture
@@ -63,3 +68,36 @@ def test_limits_come_from_the_environment_and_name_a_bad_value():
                                 "HTTP_KEEP_ALIVE_SEC": "30"}) == HttpLimits(2048, 2.5, 30)
     with pytest.raises(SettingsError, match="HTTP_MAX_BODY_BYTES"):
         HttpLimits.from_env({"HTTP_MAX_BODY_BYTES": "lots"})
+
+
+async def test_any_fastapi_app_behind_http_server_answers_nan_with_a_json_422_and_bugs_with_a_kept_500():
+    """The shared pieces every service gets (the registry's and the logger's apps included)."""
+    from fastapi import FastAPI
+
+    from common.service import HttpServer
+
+    app = FastAPI()
+
+    @app.post("/named")
+    async def named(body: Named) -> dict:
+        return {"name": body.name}
+
+    @app.get("/bug")
+    async def bug() -> dict:
+        raise RuntimeError("a bug")
+
+    port = testing.free_port()
+    server = HttpServer(app, "127.0.0.1", port, HttpLimits(max_body_bytes=4096))
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            for raw in (b'{"name": NaN}', b'{"name": Infinity}', b'{"name": -Infinity}'):
+                response = await client.post("/named", content=raw, headers={"Content-Type": "application/json"})
+                assert response.status_code == 422, response.text
+                assert response.json()["detail"][0]["loc"] == ["body", "name"]
+            bug = await client.get("/bug")
+            assert (bug.status_code, bug.json()) == (500, {"detail": "internal error"})
+            assert (await client.post("/named", json={"name": "x" * 5000})).status_code == 413
+            assert (await client.post("/named", json={"name": "ok"})).json() == {"name": "ok"}
+    finally:
+        await server.stop()

@@ -12,10 +12,8 @@ import logging
 import sys
 
 import asyncpg
-import orjson
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 
 from common.commands import CommandConflict, CommandError, CommandPublishError
 from common.db import CONNECTION_ERRORS, Database
@@ -85,12 +83,6 @@ def create_app(service: BridgeService) -> FastAPI:
                    protected=lambda path: path.startswith(PROTECTED_PREFIX))
     app.include_router(build_router(service))
     retry = service.retry_after
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        # FastAPI's shape, written so that any input echoed back is valid JSON (NaN → null, others as text).
-        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type", "input")} for e in exc.errors()]
-        return Response(orjson.dumps({"detail": errors}, default=str), 422, media_type="application/json")
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
