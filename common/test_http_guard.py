@@ -62,6 +62,25 @@ async def test_ingest_refuses_a_body_above_the_limit_before_reading_it(logger_pr
     assert process.proc.poll() is None
 
 
+@pytest.mark.parametrize("sample, field", [
+    ({"metric_type": "PH", "value": 6.1, "zone_id": 2**63}, "samples.0.zone_id"),
+    ({"metric_type": "PH\x00", "value": 6.1, "zone_id": 1}, "samples.0.metric_type"),
+    ({"metric_type": "PH", "value": 6.1, "zone_id": 1, "node_uid": "nd\x00"}, "samples.0.node_uid"),
+    ({"metric_type": "PH", "value": 6.1, "zone_id": 1, "raw": {"a": "\x00"}}, "samples.0.raw"),
+    ({"metric_type": "PH", "value": 6.1, "zone_id": 1, "raw": {"n": 2**64}}, "samples.0.raw"),
+])
+async def test_ingest_refuses_values_postgresql_cannot_store_naming_the_field(logger_process, sample, field):
+    base, process = logger_process
+    import json
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        response = await client.post("/ingest/telemetry", content=json.dumps({"samples": [sample]}),
+                                     headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert response.json()["detail"].startswith(field)
+        assert (await client.get("/health")).status_code == 200
+    assert process.proc.poll() is None
+
+
 def test_limits_come_from_the_environment_and_name_a_bad_value():
     assert HttpLimits.from_env({}) == HttpLimits(1_048_576, 15.0, 5)
     assert HttpLimits.from_env({"HTTP_MAX_BODY_BYTES": "2048", "HTTP_READ_TIMEOUT_SEC": "2.5",
