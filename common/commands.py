@@ -28,7 +28,7 @@ import asyncpg
 import orjson
 
 from . import metrics
-from .db import Database
+from .db import CONNECTION_ERRORS, Database
 from .mqtt import MqttClient
 from .schemas import BIGINT_MAX, CommandResponse, as_number, json_problem
 from .topics import Topics, TopicError, check_segment
@@ -364,6 +364,8 @@ SELECT r.uid, r.channel, n.id AS node_id, nc.id AS channel_id, nc.type, nc.confi
            AND c.cmd IN ('run_pump', 'dose', 'set_state')
          ORDER BY c.sent_at DESC LIMIT 1) last ON true
 """
+# Errors that say the database is unreachable, not that a command is bad: not retried one by one.
+_UNAVAILABLE = (*CONNECTION_ERRORS, asyncpg.exceptions.PostgresConnectionError, asyncio.TimeoutError)
 CLAIM_LEASE_SEC = 60  # a claim older than this was left by a process that died while publishing
 
 
@@ -399,6 +401,9 @@ class _Issuer:
                 continue
             try:
                 await self._process(batch)
+            except _UNAVAILABLE as exc:  # the database is down or too slow: every caller hears it at once
+                for request in batch:
+                    _resolve(request.future, exc)
             except Exception as exc:  # noqa: BLE001
                 if len(batch) == 1:
                     _resolve(batch[0].future, exc)
