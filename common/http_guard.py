@@ -115,8 +115,25 @@ async def validation_error(request, exc):
     """FastAPI's 422 `{"detail":[{loc,msg,type,input}]}`, always valid JSON: FastAPI's own handler
     fails with a 500 when the refused input is NaN or Infinity (which the json module parses)."""
     from starlette.responses import Response
-    errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type", "input")} for e in exc.errors()]
+    errors = [{k: _echoable(v) for k, v in e.items() if k in ("loc", "msg", "type", "input")} for e in exc.errors()]
     return Response(orjson.dumps({"detail": errors}, default=str), 422, media_type="application/json")
+
+
+def _echoable(value: Any, depth: int = 0) -> Any:
+    """`value` as orjson can write it: integers beyond 64 bits as text, deep structures cut short."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value if -2**63 <= value < 2**64 else str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")  # lone surrogates become "?"
+    if depth > 16:
+        return "…"
+    if isinstance(value, dict):
+        return {_echoable(str(k)): _echoable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_echoable(v, depth + 1) for v in value]
+    return value
 
 
 async def internal_error(request, exc: Exception):

@@ -53,6 +53,16 @@ BIGINT_MIN, BIGINT_MAX = -2**63, 2**63 - 1
 MAX_JSON_DEPTH = 32  # far below what PostgreSQL's jsonb and orjson refuse; no payload of ours nests deeper
 
 
+def _text_problem(text: str) -> tuple[list, str] | None:
+    if "\x00" in text:
+        return [], "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): JSON can escape it, UTF-8 cannot hold it
+        return [], "contains an invalid character (a lone surrogate)"
+    return None
+
+
 def json_problem_at(value: Any, depth: int = 0, max_depth: int = MAX_JSON_DEPTH) -> tuple[list, str] | None:
     """Where and why `value` cannot be stored as jsonb / sent as JSON, or None when it can.
 
@@ -63,7 +73,7 @@ def json_problem_at(value: Any, depth: int = 0, max_depth: int = MAX_JSON_DEPTH)
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, str):
-        return ([], "contains a NUL character") if "\x00" in value else None
+        return _text_problem(value)
     if isinstance(value, int):
         return None if BIGINT_MIN <= value <= BIGINT_MAX else ([], "integer outside the 64-bit range")
     if isinstance(value, float):
@@ -72,8 +82,9 @@ def json_problem_at(value: Any, depth: int = 0, max_depth: int = MAX_JSON_DEPTH)
         for key, item in value.items():
             if not isinstance(key, str):
                 return [], "keys must be strings"
-            if "\x00" in key:
-                return [], "a key contains a NUL character"
+            problem = _text_problem(key)
+            if problem:
+                return [], f"a key {problem[1]}"
             found = json_problem_at(item, depth + 1, max_depth)
             if found:
                 return [key[:64], *found[0]][:max_depth], found[1]
@@ -394,8 +405,9 @@ def _integer_from_text(value: Any) -> Any:
 
 
 def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain a NUL character")
+    problem = _text_problem(value)
+    if problem:
+        raise ValueError(f"must not be text that {problem[1]}")
     return value
 
 

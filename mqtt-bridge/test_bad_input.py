@@ -24,6 +24,8 @@ HOSTILE = {  # raw bodies, each with the field (loc after "body") it must name, 
     "deep": (b'{"type":"stop_pump","channel":"pump_in","params":{"d":' + DEEP + b"}}", ["params"]),
     "very_deep": (b'{"params":' + VERY_DEEP + b"}", []),
     "bad_utf8": (b'{"type":"stop_pump\xff","channel":"pump_in"}', []),
+    "lone_surrogate": (b'{"type":"stop_pump","channel":"pump\\ud800in"}', ["channel"]),
+    "int_beyond_u64": (b'{"type":"stop_pump","channel":"pump_in","zone_id":1180591620717411303424}', []),
 }
 ROUTES = ["/bridge/zones/{zone}/commands", "/bridge/nodes/nd-irr-1/commands", "/bridge/nodes/nd-irr-1/config",
           "/bridge/zones/{zone}/fill", "/bridge/zones/{zone}/drain", "/bridge/zones/{zone}/calibrate-flow",
