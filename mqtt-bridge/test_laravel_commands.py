@@ -231,3 +231,9 @@ async def test_fresh_claim_of_another_publisher_is_503_not_a_false_200(bridge, w
                                       json=dict(BODY, type="stop_pump", params={}, cmd_id="claimed-2"))
     assert response.status_code == 503 and "being published by another request" in response.json()["detail"]
     assert response.headers["Retry-After"] == "5"
+
+
+async def test_calibrate_flow_accepts_numeric_strings(bridge, world):
+    response = await bridge.http.post(f"/bridge/zones/{world.zone}/calibrate-flow?async=1", json={
+        "node_id": str(world.irr), "channel": "pump_in", "pump_duration_sec": "5"})
+    assert response.status_code == 202, response.text
