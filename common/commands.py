@@ -1,14 +1,23 @@
 """Commands to nodes: ids, the catalogue, validation, publishing and the `commands` lifecycle.
 
 `issue_command` is the one path every service publishes a command through (contract §4):
-validate → `commands` row → publish QoS1 → row `sent`. A repeated cmd_id publishes at most
-once; a publish that fails leaves the row `pending` (never a false `sent`).
+validate (catalogue, then the target channel's kind and safe_limits) → `commands` row →
+publish QoS1 → row `sent`. A publish that fails leaves the row `pending` (never a false `sent`).
+
+A repeated cmd_id answers with the command's real state: published (again) while its row is
+`pending` and was never handed to the broker — a row Laravel wrote before calling us, or one
+left by a failed publish — and completed with what was sent (node, channel, params);
+answered as a repeat once `sent` / `ack`; refused (CommandConflict) once `failed` / `timeout`,
+or when the same cmd_id comes with a different command.
 History-logger moves rows to ack / failed (`record_response`) and timeout (`sweep_timeouts`).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import os
+import re
 import time
 import uuid
 import weakref
@@ -19,16 +28,21 @@ import asyncpg
 import orjson
 
 from . import metrics
-from .db import Database
+from .db import CONNECTION_ERRORS, Database
 from .mqtt import MqttClient
-from .schemas import CommandResponse
+from .schemas import BIGINT_MAX, CommandResponse, as_number, json_problem
 from .topics import Topics, TopicError, check_segment
 
 OPEN_STATUSES = ("pending", "sent")
+log = logging.getLogger("common.commands")
 
 
 class CommandError(ValueError):
     """A command that must not be sent; the message says why."""
+
+
+class CommandConflict(CommandError):
+    """The cmd_id is taken by a different command, or by one that already failed / timed out."""
 
 
 class CommandPublishError(RuntimeError):
@@ -44,6 +58,67 @@ def new_cmd_id() -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# Channels (contract §4.1 "Accepted on", §5.1 channel types)
+# ---------------------------------------------------------------------------------------
+SENSOR, PUMP, RELAY, UNKNOWN = "sensor", "pump", "relay", "unknown"
+_RELAY_ACTUATOR_TYPES = ("VALVE", "RELAY", "LIGHT", "FAN", "HEATER", "PWM")
+_RELAY_NAMES = ("valve", "solenoid", "fan", "heater", "light", "led", "relay", "vent", "humidifier", "cooler",
+                "mist")
+# The bridge's fill / drain control channel drives the node's water pumps (stopped with stop_pump).
+_PUMP_NAMES = ("pump", "water_control")
+_SENSOR_NAMES = ("sensor", "level", "temp", "humidity", "co2", "lux", "flow", "current", "rh")
+
+
+def channel_kind(name: str, db_type: str | None, config: Any) -> str:
+    """pump / relay / sensor / unknown, from `node_channels.type` (sensor / actuator, any case),
+    the channel's `actuator_type`, else the firmware's naming (pump_* pumps; valves, fans, heaters,
+    lights are relays; *_sensor and measured quantities are sensors). Type and name both unknown:
+    unknown, and nothing that moves is sent to it."""
+    kind = (db_type or "").strip().lower()
+    lname = name.lower()
+    actuator_type = str((config or {}).get("actuator_type") or "").strip().upper() if isinstance(config, dict) else ""
+    if kind in ("sensor", "s"):
+        return SENSOR
+    if kind in ("actuator", "a") or actuator_type:
+        pump_named = any(word in lname for word in _PUMP_NAMES)
+        if actuator_type == "PUMP" or (actuator_type not in _RELAY_ACTUATOR_TYPES and pump_named):
+            return PUMP
+        return RELAY
+    if any(word in lname for word in _PUMP_NAMES) and not lname.endswith(("_current", "_sensor")):
+        return PUMP
+    if any(word in lname for word in _RELAY_NAMES):
+        return RELAY
+    if any(word in lname for word in _SENSOR_NAMES) or lname in ("ph", "ec"):
+        return SENSOR
+    return UNKNOWN
+
+
+DEFAULT_SAFE_LIMITS = {"max_duration_ms": 5000, "min_off_ms": 3000}  # contract §4.3: what NodeConfig carries
+
+
+def safe_limits(config: Any) -> dict[str, int]:
+    """The limits the channel's config states (`safe_limits.max_duration_ms` / `min_off_ms`).
+
+    A channel without them is not given the §4.3 defaults here: the node applies the defaults its
+    NodeConfig carries itself (answering `pump_busy` / an error), and our own services size runs by
+    the channel's stated limits."""
+    given = config.get("safe_limits") if isinstance(config, dict) else None
+    limits: dict[str, int] = {}
+    if isinstance(given, dict):
+        for name in DEFAULT_SAFE_LIMITS:
+            value = given.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                limits[name] = value
+    return limits
+
+
+# Sources whose requests come from people (Laravel's UI): the backend holds a pump's min_off_ms for
+# them. automation-engine and the scheduler pace their own runs (settling times, hourly caps,
+# schedules) and the node refuses a run inside min_off (`pump_busy`) for every source.
+MIN_OFF_SOURCES = ("bridge",)
+
+
+# ---------------------------------------------------------------------------------------
 # The catalogue (contract §4.1 firmware commands, §4.2 UI pass-through, §4.3 limits)
 # ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -52,77 +127,140 @@ class Param:
     required: bool = True
     lo: float | None = None
     hi: float | None = None
+    aliases: tuple[str, ...] = ()  # other spellings callers send (Laravel's dose {ml})
 
 
 @dataclass(frozen=True)
 class CommandSpec:
     params: dict[str, Param] = field(default_factory=dict)
-    one_of: tuple[str, ...] = ()  # at least one of these optional params is required
-    pump: bool = False            # duration capped by the channel's safe_limits
+    one_of: tuple[str, ...] = ()      # at least one of these optional params is required
+    on: tuple[str, ...] = ()          # channel kinds it may be sent to
+    passthrough: bool = False         # UI zone command: params forwarded exactly as given (§4.2)
 
 
+SET_STATE_RUN_MS = 300_000  # firmware: set_state 1 runs the pump up to this long, whatever the limits
 RUN_PUMP_MAX_MS = 60_000
 CATALOGUE: dict[str, CommandSpec] = {
-    "run_pump": CommandSpec({"duration_ms": Param("int", True, 1, RUN_PUMP_MAX_MS)}, pump=True),
-    "stop_pump": CommandSpec(),
-    "dose": CommandSpec({"dose_ml": Param("float", True, 0.1, 5.0)}),
-    "set_state": CommandSpec({"state": Param("int", True, 0, 1)}),
-    "set_relay": CommandSpec({"state": Param("bool"), "duration_ms": Param("int", False, 1, 3_600_000)}),
-    "set_pwm": CommandSpec({"value": Param("float", True, 0, 255)}),
+    "run_pump": CommandSpec({"duration_ms": Param("int", True, 1, RUN_PUMP_MAX_MS)}, on=(PUMP,)),
+    "stop_pump": CommandSpec(on=(PUMP,)),
+    "dose": CommandSpec({"dose_ml": Param("float", True, 0.1, 5.0, aliases=("ml",))}, on=(PUMP,)),
+    "set_state": CommandSpec({"state": Param("int", True, 0, 1)}, on=(PUMP,)),
+    "set_relay": CommandSpec({"state": Param("bool"), "duration_ms": Param("int", False, 1, 3_600_000)},
+                             on=(RELAY,)),
+    "set_pwm": CommandSpec({"value": Param("float", True, 0, 255)}, on=(RELAY,)),
     "calibrate": CommandSpec({"stage": Param("int", True, 0, 10), "known_ph": Param("float", False, 0, 14),
-                              "tds_value": Param("float", False, 0, 100_000)}, one_of=("known_ph", "tds_value")),
+                              "tds_value": Param("float", False, 0, 100_000)}, one_of=("known_ph", "tds_value"),
+                             on=(SENSOR,)),
     # No firmware support yet (contract §4.2): kept for the bridge's fill/drain routines.
-    "fill": CommandSpec({"target_level": Param("float", True, 0.1, 1.0)}),
-    "drain": CommandSpec({"target_level": Param("float", True, 0.0, 0.9)}),
-    # Zone-level UI commands, passed through verbatim.
-    "FORCE_IRRIGATION": CommandSpec({"duration_sec": Param("int", True, 1, 3600)}),
-    "FORCE_PH_CONTROL": CommandSpec({"target_ph": Param("float", True, 4, 9)}),
-    "FORCE_EC_CONTROL": CommandSpec({"target_ec": Param("float", True, 0.1, 10)}),
-    "FORCE_CLIMATE": CommandSpec({"target_temp": Param("float", False, 10, 35),
-                                  "target_humidity": Param("float", False, 30, 90)}),
-    "FORCE_LIGHTING": CommandSpec({"intensity": Param("float", False, 0, 100),
-                                   "duration_hours": Param("float", False, 0.5, 24)}),
+    "fill": CommandSpec({"target_level": Param("float", True, 0.1, 1.0)}, on=(PUMP, RELAY)),
+    "drain": CommandSpec({"target_level": Param("float", True, 0.0, 0.9)}, on=(PUMP, RELAY)),
+    # Zone-level UI commands (the zone page's buttons), passed through verbatim, `{}` included.
+    **{name: CommandSpec(passthrough=True) for name in (
+        "FORCE_IRRIGATION", "FORCE_PH_CONTROL", "FORCE_EC_CONTROL", "FORCE_CLIMATE", "FORCE_LIGHTING")},
 }
 
+# A numeric string as Laravel's `numeric` rule accepts it ("0.8", " 6.1", "-2", "1e3"); ASCII only.
+_NUMERIC = re.compile(r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*", re.ASCII)
 
-def _check_param(cmd: str, name: str, spec: Param, value: Any) -> None:
+
+def _coerce(cmd: str, name: str, spec: Param, value: Any) -> Any:
+    """The parameter as the firmware needs it (numeric strings become numbers), checked."""
+    kind = {"int": "an integer", "float": "a number", "bool": "true or false"}[spec.kind]
+    if spec.kind in ("int", "float") and isinstance(value, str) and _NUMERIC.fullmatch(value):
+        number = as_number(value)
+        if number is not None and spec.kind == "int" and number.is_integer():
+            value = int(number)
+        elif number is not None and spec.kind == "float":
+            value = int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
     ok_type = {
         "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-        and value not in (float("inf"), float("-inf")),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
         "bool": isinstance(value, bool),
     }[spec.kind]
     if not ok_type:
-        kind = {"int": "an integer", "float": "a number", "bool": "true or false"}[spec.kind]
         raise CommandError(f"{cmd}: parameter {name} must be {kind}")
     if spec.lo is not None and value < spec.lo or spec.hi is not None and value > spec.hi:
         raise CommandError(f"{cmd}: parameter {name}={value} is outside the safe range {spec.lo:g}..{spec.hi:g}")
+    return value
 
 
-def validate_command(cmd: str, params: dict[str, Any], channel_config: dict | None = None) -> None:
-    """Raise CommandError unless `cmd` with `params` is in the catalogue and within limits."""
+def normalise_params(cmd: str, params: Any) -> dict[str, Any]:
+    """`params` as stored and published: `[]` / null (Laravel's empty params) are `{}`; catalogue
+    parameters are coerced (numeric strings, aliases) and checked; pass-through commands and unknown
+    keys are kept as given. Raises CommandError."""
     spec = CATALOGUE.get(cmd)
     if spec is None:
-        metrics.COMMANDS_REJECTED.labels("unknown_command").inc()
         raise CommandError(f"unknown command {cmd!r}; known: {', '.join(sorted(CATALOGUE))}")
+    if params is None or params == []:
+        params = {}
     if not isinstance(params, dict):
         raise CommandError(f"{cmd}: params must be an object")
+    problem = json_problem(params, "params")
+    if problem:
+        raise CommandError(f"{cmd}: {problem}")
+    if spec.passthrough:
+        return dict(params)
+    out = dict(params)
+    for name, pspec in spec.params.items():
+        if name not in out:
+            alias = next((a for a in pspec.aliases if a in out), None)
+            if alias is not None:
+                out[name] = out.pop(alias)
+        if name in out:
+            out[name] = _coerce(cmd, name, pspec, out[name])
+        elif pspec.required:
+            raise CommandError(f"{cmd}: parameter {name} is required")
+    if spec.one_of and not any(name in out for name in spec.one_of):
+        raise CommandError(f"{cmd}: one of {', '.join(spec.one_of)} is required")
+    return out
+
+
+def validate_command(cmd: str, params: Any, channel_config: dict | None = None) -> dict[str, Any]:
+    """The normalised params of `cmd` (see normalise_params), also checked against a channel's
+    `safe_limits.max_duration_ms` when its config is given. Raises CommandError (counted)."""
     try:
-        for name, pspec in spec.params.items():
-            if name in params:
-                _check_param(cmd, name, pspec, params[name])
-            elif pspec.required:
-                raise CommandError(f"{cmd}: parameter {name} is required")
-        if spec.one_of and not any(name in params for name in spec.one_of):
-            raise CommandError(f"{cmd}: one of {', '.join(spec.one_of)} is required")
-        limits = (channel_config or {}).get("safe_limits") or {}
-        max_ms = limits.get("max_duration_ms")
-        if spec.pump and isinstance(max_ms, int) and params["duration_ms"] > max_ms:
-            raise CommandError(f"{cmd}: duration_ms={params['duration_ms']} exceeds the channel's "
-                               f"safe_limits.max_duration_ms={max_ms}")
-    except CommandError:
-        metrics.COMMANDS_REJECTED.labels("invalid_params").inc()
+        out = normalise_params(cmd, params)
+    except CommandError as exc:
+        reason = "unknown_command" if str(exc).startswith("unknown command") else "invalid_params"
+        metrics.COMMANDS_REJECTED.labels(reason).inc()
         raise
+    if channel_config is not None:
+        problem = _limit_problem(cmd, out, channel_config)
+        if problem:
+            metrics.COMMANDS_REJECTED.labels("safe_limits").inc()
+            raise CommandError(problem)
+    return out
+
+
+def run_ms(cmd: str, params: dict[str, Any], config: Any) -> int | None:
+    """How long a command keeps an actuator on (ms), None when it does not switch one on."""
+    if cmd == "run_pump":
+        return params.get("duration_ms")
+    if cmd == "set_state" and params.get("state") == 1:
+        return SET_STATE_RUN_MS
+    if cmd == "dose":
+        rate = config.get("ml_per_second") if isinstance(config, dict) else None
+        if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+            return math.ceil(params["dose_ml"] / rate * 1000)
+        return 0  # duration unknown here: the node computes it; min_off still applies
+    if cmd == "set_relay" and params.get("state") is True:
+        return params.get("duration_ms", 0)
+    return None
+
+
+def _limit_problem(cmd: str, params: dict[str, Any], config: Any) -> str | None:
+    ms = run_ms(cmd, params, config)
+    max_ms = safe_limits(config).get("max_duration_ms")
+    if cmd == "set_state" and max_ms is None:  # a 300 s run is beyond any pump's default limit (§4.3)
+        max_ms = DEFAULT_SAFE_LIMITS["max_duration_ms"]
+    if ms is None or max_ms is None or ms <= max_ms:
+        return None
+    if cmd == "set_state":
+        return (f"set_state 1 runs the pump for up to {SET_STATE_RUN_MS} ms, beyond the channel's "
+                f"safe_limits.max_duration_ms={max_ms}; use run_pump or dose")
+    if cmd == "dose":
+        return f"dose: {params['dose_ml']} ml takes {ms} ms, beyond the channel's safe_limits.max_duration_ms={max_ms}"
+    return f"{cmd}: duration_ms={ms} exceeds the channel's safe_limits.max_duration_ms={max_ms}"
 
 
 def build_payload(cmd: str, cmd_id: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -160,18 +298,20 @@ async def issue_command(
 ) -> IssuedCommand:
     """Validate, record, publish QoS1 and mark `sent`; see the module docstring.
 
-    Raises CommandError (refused, nothing recorded) or CommandPublishError (row left `pending`)."""
-    params = dict(params or {})
+    Raises CommandError (refused, nothing recorded; CommandConflict for a cmd_id taken by another
+    or a closed command) or CommandPublishError (row left `pending`, a retry publishes it)."""
     try:
+        if isinstance(zone_id, bool) or not isinstance(zone_id, int) or not 1 <= zone_id <= BIGINT_MAX:
+            raise TopicError(f"zone id must be a positive 64-bit integer, got {str(zone_id)[:24]}")
         topic = topics.command(gh_uid, zone_id, node_uid, channel)
         if cmd_id is not None:
             check_segment(cmd_id, "cmd_id")
     except TopicError as exc:
         metrics.COMMANDS_REJECTED.labels("unsafe_topic").inc()
         raise CommandError(str(exc)) from None
-    validate_command(cmd, params)  # the channel's own limits are checked with its row, in the batch
-    request = _Request(topic, zone_id, node_uid, channel, cmd, params, cmd_id or new_cmd_id(), source,
-                       asyncio.get_running_loop().create_future())
+    params = validate_command(cmd, params)  # the channel's kind and limits are checked with its row, in the batch
+    request = _Request(topic, zone_id, node_uid, channel, cmd, params, orjson.dumps(params).decode(),
+                       cmd_id or new_cmd_id(), source, asyncio.get_running_loop().create_future())
     _issuer(db, mqtt).submit(request)
     return await request.future
 
@@ -184,9 +324,20 @@ class _Request:
     channel: str
     cmd: str
     params: dict[str, Any]
+    params_json: str  # serialised before batching: a value JSON cannot carry fails its own request only
     cmd_id: str
     source: str
     future: asyncio.Future
+
+
+def _resolve(future: asyncio.Future, outcome: Any) -> None:
+    """Answer a caller unless it stopped waiting (cancelled) or was answered already."""
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 _issuers: "weakref.WeakKeyDictionary[MqttClient, _Issuer]" = weakref.WeakKeyDictionary()
@@ -199,14 +350,35 @@ def _issuer(db: Database, mqtt: MqttClient) -> "_Issuer":
     return issuer
 
 
+# Facts of the targeted channels, and when each pump last ran (for min_off_ms).
+_LOOKUP = """
+SELECT r.uid, r.channel, n.id AS node_id, nc.id AS channel_id, nc.type, nc.config, last.sent_at, last.cmd,
+       last.params, extract(epoch FROM (now() - last.sent_at)) * 1000 AS since_ms
+  FROM unnest($1::text[], $2::text[], $3::text[]) AS r(uid, channel, cmd_id)
+  LEFT JOIN (SELECT n.id, n.uid FROM nodes n WHERE n.uid = ANY($1::text[])) n ON n.uid = r.uid
+  LEFT JOIN node_channels nc ON nc.node_id = n.id AND nc.channel = r.channel
+  LEFT JOIN LATERAL (
+        SELECT c.sent_at, c.cmd, c.params FROM commands c
+         WHERE c.node_id = n.id AND c.channel = r.channel AND c.status IN ('sent', 'ack') AND c.cmd_id <> r.cmd_id
+           AND c.sent_at IS NOT NULL AND c.sent_at > now() - interval '1 hour'
+           AND c.cmd IN ('run_pump', 'dose', 'set_state')
+         ORDER BY c.sent_at DESC LIMIT 1) last ON true
+"""
+# Errors that say the database is unreachable, not that a command is bad: not retried one by one.
+_UNAVAILABLE = (*CONNECTION_ERRORS, asyncpg.exceptions.PostgresConnectionError, asyncio.TimeoutError)
+CLAIM_LEASE_SEC = 60  # a claim older than this was left by a process that died while publishing
+
+
 class _Issuer:
     """Group commit: commands issued while a batch is in flight go together in the next one,
-    sharing four database round trips (look up nodes, insert, claim, mark sent) instead of
+    sharing four database round trips (look up channels, insert, claim, mark sent) instead of
     paying them each. One command alone is a batch of one: no waiting for company.
 
-    A row is claimed for publishing by setting `sent_at` while still `pending`, in one atomic
-    UPDATE: a Laravel row that is `pending` is published once, a repeated or concurrent cmd_id
-    never twice. A failed publish clears `sent_at`, so the same cmd_id can be retried."""
+    A row is claimed for publishing by setting `sent_at` while still `pending`, atomically: a
+    `pending` row (Laravel's, or one a failed publish left) is published once, a repeated or
+    concurrent cmd_id never twice. A failed publish clears `sent_at`, so the same cmd_id can be
+    retried. If a batch statement fails, its members are retried one by one, so a command only
+    ever fails for its own reasons."""
 
     MAX_BATCH = 500
 
@@ -224,41 +396,98 @@ class _Issuer:
     async def _drain(self) -> None:
         while self.queue:
             batch, self.queue = self.queue[:self.MAX_BATCH], self.queue[self.MAX_BATCH:]
+            batch = [r for r in batch if not r.future.cancelled()]  # its caller gave up before it was sent
+            if not batch:
+                continue
             try:
                 await self._process(batch)
-            except Exception as exc:  # noqa: BLE001 - e.g. database down: every caller hears it
+            except _UNAVAILABLE as exc:  # the database is down or too slow: every caller hears it at once
                 for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(exc)
+                    _resolve(request.future, exc)
+            except Exception as exc:  # noqa: BLE001
+                if len(batch) == 1:
+                    _resolve(batch[0].future, exc)
+                    continue
+                log.warning("command_batch_failed", extra={"size": len(batch), "error": repr(exc)})
+                for request in batch:  # each on its own: one bad command never fails its neighbours
+                    if request.future.done():
+                        continue
+                    try:
+                        await self._process([request])
+                    except Exception as single:  # noqa: BLE001 - e.g. database down: this caller hears it
+                        _resolve(request.future, single)
 
     async def _process(self, batch: list[_Request]) -> None:
         leaders: dict[str, _Request] = {}
-        followers: list[_Request] = []
         for request in batch:
-            if request.cmd_id in leaders:
-                followers.append(request)
-            else:
-                leaders[request.cmd_id] = request
-        nodes = {(r["uid"], r["channel"]): r for r in await self.db.fetch(
-            "SELECT n.uid, n.id, nc.channel, nc.config FROM nodes n"
-            " LEFT JOIN node_channels nc ON nc.node_id = n.id WHERE n.uid = ANY($1::text[])",
-            list({r.node_uid for r in leaders.values()}))}
-        node_ids = {uid: row["id"] for (uid, _), row in nodes.items()}
+            leaders.setdefault(request.cmd_id, request)
+        outcomes: dict[str, Any] = {}
+        rows = await self.db.fetch(_LOOKUP, [r.node_uid for r in leaders.values()],
+                                   [r.channel for r in leaders.values()], list(leaders))
+        facts = {(row["uid"], row["channel"]): row for row in rows}
+        node_ids = {row["uid"]: row["node_id"] for row in rows}
         valid: list[_Request] = []
+        moving: set[tuple[str, str]] = set()  # pumps switched on by an earlier command of this batch
         for request in leaders.values():
-            channel_row = nodes.get((request.node_uid, request.channel))
             try:
-                validate_command(request.cmd, request.params, channel_row["config"] if channel_row else None)
+                self._check_channel(request, facts.get((request.node_uid, request.channel)), moving)
             except CommandError as exc:
-                request.future.set_exception(exc)
+                outcomes[request.cmd_id] = exc
                 continue
             valid.append(request)
         if valid:
-            await self._publish(valid, node_ids)
-        for request in followers:
-            _settle_follower(request, leaders[request.cmd_id])
+            outcomes.update(await self._publish(valid, node_ids))
+        for request in batch:
+            outcome = outcomes[request.cmd_id]
+            if request is not leaders[request.cmd_id] and isinstance(outcome, IssuedCommand):
+                outcome = IssuedCommand(outcome.cmd_id, outcome.status, request.topic, published=False)
+            _resolve(request.future, outcome)
 
-    async def _publish(self, batch: list[_Request], node_ids: dict[str, int]) -> None:
+    @staticmethod
+    def _check_channel(request: _Request, row: Any, moving: set[tuple[str, str]]) -> None:
+        """The command against the channel it targets (every source gets this): the channel must be
+        known, of a kind the command is for, and the run within its safe_limits."""
+        spec = CATALOGUE[request.cmd]
+        if spec.passthrough:  # UI zone command: not a channel actuation (§4.2), forwarded faithfully
+            return
+        where = f"channel {request.channel!r} of node {request.node_uid!r}"
+        if row is None or row["node_id"] is None:
+            metrics.COMMANDS_REJECTED.labels("unknown_channel").inc()
+            raise CommandError(f"{request.cmd}: node {request.node_uid!r} is not in the database")
+        if row["channel_id"] is None:
+            metrics.COMMANDS_REJECTED.labels("unknown_channel").inc()
+            raise CommandError(f"{request.cmd}: {where} is not in the database")
+        config = row["config"] if isinstance(row["config"], dict) else {}
+        kind = channel_kind(request.channel, row["type"], config)
+        if kind not in spec.on:
+            metrics.COMMANDS_REJECTED.labels("wrong_channel").inc()
+            raise CommandError(f"{request.cmd} is for {' or '.join(spec.on)} channels; {where} is "
+                               f"{'a ' + kind if kind != UNKNOWN else 'of unknown kind'} channel")
+        problem = _limit_problem(request.cmd, request.params, config)
+        if problem:
+            metrics.COMMANDS_REJECTED.labels("safe_limits").inc()
+            raise CommandError(problem)
+        min_off = safe_limits(config).get("min_off_ms")
+        if kind != PUMP or min_off is None or request.source not in MIN_OFF_SOURCES \
+                or run_ms(request.cmd, request.params, config) is None:
+            return
+        key = (request.node_uid, request.channel)
+        if key in moving:
+            metrics.COMMANDS_REJECTED.labels("min_off").inc()
+            raise CommandError(f"{request.cmd}: {where} is switched on by another command issued at the same "
+                               f"moment (safe_limits.min_off_ms={min_off})")
+        if row["sent_at"] is not None:
+            last_params = row["params"] if isinstance(row["params"], dict) else {}
+            wait_ms = (run_ms(row["cmd"], last_params, config) or 0) + min_off - float(row["since_ms"])
+            if wait_ms > 0:
+                metrics.COMMANDS_REJECTED.labels("min_off").inc()
+                raise CommandError(f"{request.cmd}: {where} is running or resting after its last run "
+                                   f"(safe_limits.min_off_ms={min_off}); retry in {math.ceil(wait_ms / 100) / 10:g} s")
+        moving.add(key)
+
+    async def _publish(self, batch: list[_Request], node_ids: dict[str, int]) -> dict[str, Any]:
+        """Record, claim, settle repeats, publish, mark sent; the outcome of each cmd_id."""
+        outcomes: dict[str, Any] = {}
         ids = [r.cmd_id for r in batch]
         await self.db.execute(
             """
@@ -270,17 +499,33 @@ class _Issuer:
             ON CONFLICT (cmd_id) DO NOTHING
             """,
             [r.zone_id for r in batch], [node_ids.get(r.node_uid) for r in batch], [r.channel for r in batch],
-            [r.cmd for r in batch], [orjson.dumps(r.params).decode() for r in batch], ids, [r.source for r in batch])
-        claimed = {row["cmd_id"] for row in await self.db.fetch(
+            [r.cmd for r in batch], [r.params_json for r in batch], ids, [r.source for r in batch])
+        # Claim every row still to be published: ours just inserted, Laravel's pre-written ones, ones a
+        # failed publish left, and stale claims of a process that died while publishing.
+        claimed = {row["cmd_id"]: row for row in await self.db.fetch(
             "UPDATE commands SET sent_at = now(), updated_at = now()"
-            " WHERE cmd_id = ANY($1::text[]) AND status = 'pending' AND sent_at IS NULL RETURNING cmd_id", ids)}
-        others = [r for r in batch if r.cmd_id not in claimed]
-        if others:
-            status = {row["cmd_id"]: row["status"] for row in await self.db.fetch(
-                "SELECT cmd_id, status FROM commands WHERE cmd_id = ANY($1::text[])", [r.cmd_id for r in others])}
-            for request in others:
-                request.future.set_result(IssuedCommand(request.cmd_id, status[request.cmd_id], request.topic, False))
-        mine = [r for r in batch if r.cmd_id in claimed]
+            " WHERE cmd_id = ANY($1::text[]) AND status = 'pending'"
+            " AND (sent_at IS NULL OR sent_at < now() - make_interval(secs => $2))"
+            " RETURNING cmd_id, zone_id, node_id, channel, cmd, params", ids, float(CLAIM_LEASE_SEC))}
+        mine: list[_Request] = []
+        for request in batch:
+            row = claimed.get(request.cmd_id)
+            if row is None:
+                continue
+            conflict = _difference(row, request, node_ids.get(request.node_uid))
+            if conflict:  # a row written for another command: left as it was
+                metrics.COMMANDS_REJECTED.labels("cmd_id_conflict").inc()
+                outcomes[request.cmd_id] = CommandConflict(
+                    f"cmd_id {request.cmd_id!r} is already used by a different command ({conflict})")
+            else:
+                mine.append(request)
+        unclaim = [r.cmd_id for r in batch if r.cmd_id in claimed and r.cmd_id in outcomes]
+        if unclaim:
+            await self.db.execute("UPDATE commands SET sent_at = NULL WHERE cmd_id = ANY($1::text[])"
+                                  " AND status = 'pending'", unclaim)
+        repeats = [r for r in batch if r.cmd_id not in claimed]
+        if repeats:
+            await self._settle_repeats(repeats, node_ids, outcomes)
         for request in mine:
             metrics.COMMANDS_TOTAL.labels(request.cmd, request.source).inc()
         results = await asyncio.gather(
@@ -288,29 +533,81 @@ class _Issuer:
             return_exceptions=True)
         sent = [r for r, result in zip(mine, results) if result is None]
         failed = [(r, result) for r, result in zip(mine, results) if result is not None]
-        if sent:
-            await self.db.execute("UPDATE commands SET status = 'sent', sent_at = now(), updated_at = now()"
-                                  " WHERE cmd_id = ANY($1::text[]) AND status = 'pending'", [r.cmd_id for r in sent])
         if failed:
             await self.db.execute("UPDATE commands SET sent_at = NULL, updated_at = now()"
                                   " WHERE cmd_id = ANY($1::text[]) AND status = 'pending'",
                                   [r.cmd_id for r, _ in failed])
+        if sent:
+            try:  # the row gets what was sent: Laravel's zone rows lack node and channel, its params may be []
+                await self.db.execute(
+                    """
+                    UPDATE commands c SET status = 'sent', sent_at = now(), updated_at = now(), params = t.params::jsonb,
+                           zone_id = coalesce(c.zone_id, (SELECT id FROM zones WHERE id = t.zone_id)),
+                           node_id = coalesce(c.node_id, t.node_id), channel = coalesce(c.channel, t.channel)
+                      FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[])
+                           AS t(cmd_id, zone_id, node_id, channel, params)
+                     WHERE c.cmd_id = t.cmd_id AND c.status = 'pending'
+                    """,
+                    [r.cmd_id for r in sent], [r.zone_id for r in sent], [node_ids.get(r.node_uid) for r in sent],
+                    [r.channel for r in sent], [r.params_json for r in sent])
+            except Exception as exc:  # noqa: BLE001 - the broker has them: the callers hear "sent" all the same
+                # The rows stay pending with their claim; a node's response still settles them.
+                log.warning("command_mark_sent_failed", extra={"count": len(sent), "error": repr(exc)})
         for request in sent:
             metrics.COMMANDS_PUBLISHED.labels(request.cmd, request.source).inc()
-            request.future.set_result(IssuedCommand(request.cmd_id, "sent", request.topic, published=True))
+            outcomes[request.cmd_id] = IssuedCommand(request.cmd_id, "sent", request.topic, published=True)
         for request, error in failed:
             metrics.COMMANDS_FAILED.labels("publish").inc()
-            request.future.set_exception(CommandPublishError(f"command {request.cmd_id} not sent: {error}"))
+            outcomes[request.cmd_id] = CommandPublishError(f"command {request.cmd_id} not sent: {error}")
+        return outcomes
+
+    async def _settle_repeats(self, repeats: list[_Request], node_ids: dict[str, int],
+                              outcomes: dict[str, Any]) -> None:
+        """Answer cmd_ids whose row was not claimable from the row's state."""
+        rows = {row["cmd_id"]: row for row in await self.db.fetch(
+            "SELECT cmd_id, zone_id, node_id, channel, cmd, params, status, sent_at FROM commands"
+            " WHERE cmd_id = ANY($1::text[])", [r.cmd_id for r in repeats])}
+        for request in repeats:
+            row = rows.get(request.cmd_id)
+            if row is None:  # deleted between the insert and now: a retry is safe
+                outcomes[request.cmd_id] = CommandPublishError(f"command {request.cmd_id} not sent: row vanished")
+                continue
+            conflict = _difference(row, request, node_ids.get(request.node_uid))
+            if conflict:
+                metrics.COMMANDS_REJECTED.labels("cmd_id_conflict").inc()
+                outcomes[request.cmd_id] = CommandConflict(
+                    f"cmd_id {request.cmd_id!r} is already used by a different command ({conflict})")
+            elif row["status"] in ("sent", "ack"):
+                outcomes[request.cmd_id] = IssuedCommand(request.cmd_id, row["status"], request.topic, False)
+            elif row["status"] == "pending":  # claimed moments ago by another request or replica
+                outcomes[request.cmd_id] = CommandPublishError(
+                    f"command {request.cmd_id} is being published by another request; retry")
+            else:
+                metrics.COMMANDS_REJECTED.labels("cmd_id_closed").inc()
+                never = " and was never sent" if row["sent_at"] is None else ""
+                outcomes[request.cmd_id] = CommandConflict(
+                    f"command {request.cmd_id!r} is already {row['status']}{never}; send it again with a new cmd_id")
 
 
-def _settle_follower(follower: _Request, leader: _Request) -> None:
-    """A second request for a cmd_id in the same batch answers as a repeat of the first."""
-    outcome = leader.future
-    if outcome.exception() is not None:
-        follower.future.set_exception(outcome.exception())
-    else:
-        first = outcome.result()
-        follower.future.set_result(IssuedCommand(first.cmd_id, first.status, follower.topic, published=False))
+def _difference(row: Any, request: _Request, node_id: int | None) -> str | None:
+    """What differs between a stored command and a request with the same cmd_id (None: the same).
+    Columns the row leaves NULL (Laravel's zone commands) are not a difference: they get filled."""
+    def shown(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    if row["cmd"] != request.cmd:
+        return f"cmd {shown(row['cmd'])} ≠ {shown(request.cmd)}"
+    for name, mine in (("zone_id", request.zone_id), ("node_id", node_id), ("channel", request.channel)):
+        if row[name] is not None and mine is not None and row[name] != mine:
+            return f"{name} {shown(row[name])} ≠ {shown(mine)}"
+    try:
+        stored = normalise_params(row["cmd"], row["params"])
+    except CommandError:
+        stored = row["params"]
+    if stored != request.params:
+        return f"params {shown(stored)} ≠ {shown(request.params)}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,7 +626,9 @@ async def record_response(conn: asyncpg.Connection | Database, response: Command
                failed_at = CASE WHEN $2::varchar = 'failed' THEN now() ELSE failed_at END,
                error_code = $3, error_message = $4, response = $5, updated_at = now()
          WHERE cmd_id = $1 AND status IN ('pending', 'sent')
-        RETURNING id, zone_id, node_id, channel, cmd, params, status, cmd_id
+        RETURNING id, zone_id, node_id, channel, cmd,
+                  CASE WHEN jsonb_typeof(params) = 'object' THEN params ELSE '{}'::jsonb END AS params,
+                  status, cmd_id
         """,
         response.cmd_id, status, response.error_code, response.error_message, payload)
 

@@ -16,6 +16,10 @@ T = TypeVar("T")
 # Values that count as "still a default" for a secret in production.
 PLACEHOLDER_SECRETS = {"", "hydro", "changeme", "change-me", "secret", "password", "test", "dev"}
 PRODUCTION_ENVS = {"production", "prod"}
+# Bearer tokens shown in README, docker-compose.dev.yml, tools/dev and the tests: never accepted in production.
+EXAMPLE_TOKENS = {"dev-token", "bench-token", "bridge-test-token", "process-token", "token", "your-token",
+                  "api-token", "changeme-token"}
+MIN_TOKEN_LENGTH = 16
 
 
 class SettingsError(ValueError):
@@ -228,6 +232,11 @@ class Settings:
                 raise SettingsError(
                     f"{name} must be set to a real secret when APP_ENV={self.app_env} (it is missing or a default)"
                 )
+            if name == "PY_API_TOKEN" and (value.strip().lower() in EXAMPLE_TOKENS
+                                           or len(value.strip()) < MIN_TOKEN_LENGTH):
+                raise SettingsError(
+                    f"PY_API_TOKEN must be a real secret of at least {MIN_TOKEN_LENGTH} characters when "
+                    f"APP_ENV={self.app_env} (an example token or a short one is refused)")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -41,6 +44,67 @@ class Body(BaseModel):
     """Base for REST bodies."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+
+
+# ---------------------------------------------------------------------------------------
+# JSON that PostgreSQL, orjson and the firmware can all take (bodies, params, configs)
+# ---------------------------------------------------------------------------------------
+BIGINT_MIN, BIGINT_MAX = -2**63, 2**63 - 1
+MAX_JSON_DEPTH = 32  # far below what PostgreSQL's jsonb and orjson refuse; no payload of ours nests deeper
+
+
+def _text_problem(text: str) -> tuple[list, str] | None:
+    if "\x00" in text:
+        return [], "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): JSON can escape it, UTF-8 cannot hold it
+        return [], "contains an invalid character (a lone surrogate)"
+    return None
+
+
+def json_problem_at(value: Any, depth: int = 0, max_depth: int = MAX_JSON_DEPTH) -> tuple[list, str] | None:
+    """Where and why `value` cannot be stored as jsonb / sent as JSON, or None when it can.
+
+    Refused: NUL characters (PostgreSQL text and jsonb reject them), integers outside bigint,
+    NaN / Infinity, nesting deeper than `max_depth`, and anything that is not a JSON value."""
+    if depth > max_depth:
+        return [], f"nested deeper than {max_depth} levels"
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        return _text_problem(value)
+    if isinstance(value, int):
+        return None if BIGINT_MIN <= value <= BIGINT_MAX else ([], "integer outside the 64-bit range")
+    if isinstance(value, float):
+        return None if math.isfinite(value) else ([], "must be a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return [], "keys must be strings"
+            problem = _text_problem(key)
+            if problem:
+                return [], f"a key {problem[1]}"
+            found = json_problem_at(item, depth + 1, max_depth)
+            if found:
+                return [key[:64], *found[0]][:max_depth], found[1]
+        return None
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = json_problem_at(item, depth + 1, max_depth)
+            if found:
+                return [index, *found[0]][:max_depth], found[1]
+        return None
+    return [], f"{type(value).__name__} is not a JSON value"
+
+
+def json_problem(value: Any, where: str = "body", max_depth: int = MAX_JSON_DEPTH) -> str | None:
+    """json_problem_at as one line: "params.a.b: contains a NUL character"."""
+    found = json_problem_at(value, 0, max_depth)
+    if found is None:
+        return None
+    path, message = found
+    return f"{'.'.join([where, *map(str, path)])}: {message}"
 
 
 def describe_error(exc: ValidationError) -> str:
@@ -322,14 +386,53 @@ class NodeConfig(Payload):
 # ---------------------------------------------------------------------------------------
 # REST bodies (contract §7)
 # ---------------------------------------------------------------------------------------
+# Laravel validates numbers with its `numeric` / `integer` rules, which pass numeric strings
+# ("0.8", "120") through to us: those are numbers here too. ASCII digits only ("١٢" is not a number).
+_NUMERIC_TEXT = re.compile(r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*", re.ASCII)
+_INTEGER_TEXT = re.compile(r"\s*[+-]?\d{1,19}\s*", re.ASCII)
+
+
+def _number_from_text(value: Any) -> Any:
+    if isinstance(value, str) and _NUMERIC_TEXT.fullmatch(value):
+        return float(value)
+    return value
+
+
+def _integer_from_text(value: Any) -> Any:
+    if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value):
+        return int(value)
+    return value
+
+
+def _no_nul(value: str) -> str:
+    problem = _text_problem(value)
+    if problem:
+        raise ValueError(f"must not be text that {problem[1]}")
+    return value
+
+
+def _storable_json(value: Any) -> Any:
+    problem = json_problem(value, "value")
+    if problem:
+        raise ValueError(problem[len("value"):].lstrip(".").removeprefix(": "))
+    return value
+
+
+LaxNumber = Annotated[StrictFloat, BeforeValidator(_number_from_text)]
+BigInt = Annotated[StrictInt, BeforeValidator(_integer_from_text), Field(ge=BIGINT_MIN, le=BIGINT_MAX)]
+Id = Annotated[StrictInt, BeforeValidator(_integer_from_text), Field(ge=1, le=BIGINT_MAX)]
+Text = Annotated[str, AfterValidator(_no_nul)]
+StorableJson = Annotated[Any, AfterValidator(_storable_json)]
+
+
 class CommandRequest(Body):
-    type: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    params: dict[str, Any] = Field(default_factory=dict)
-    node_uid: Str128 | None = None
-    channel: Str64 | None = None
-    greenhouse_uid: Str128 | None = None
-    zone_id: StrictInt | None = Field(default=None, ge=1)
-    cmd_id: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    type: Annotated[Text, StringConstraints(min_length=1, max_length=64)]
+    params: Annotated[dict[str, Any], AfterValidator(_storable_json)] = Field(default_factory=dict)
+    node_uid: Annotated[Text, StringConstraints(max_length=128)] | None = None
+    channel: Annotated[Text, StringConstraints(max_length=64)] | None = None
+    greenhouse_uid: Annotated[Text, StringConstraints(max_length=128)] | None = None
+    zone_id: Id | None = None
+    cmd_id: Annotated[Text, StringConstraints(min_length=1, max_length=64)] | None = None
 
     @field_validator("params", mode="before")
     @classmethod
@@ -338,37 +441,37 @@ class CommandRequest(Body):
 
 
 class ConfigPublishRequest(Body):
-    node_uid: Annotated[str, StringConstraints(min_length=1, max_length=128)]
-    zone_id: StrictInt | None = Field(default=None, ge=1)
-    greenhouse_uid: Str128 | None = None
-    config: dict[str, Any]
+    node_uid: Annotated[Text, StringConstraints(min_length=1, max_length=128)]
+    zone_id: Id | None = None
+    greenhouse_uid: Annotated[Text, StringConstraints(max_length=128)] | None = None
+    config: Annotated[dict[str, Any], AfterValidator(_storable_json)]
 
 
 class FillRequest(Body):
-    target_level: Number
-    max_duration_sec: StrictInt = Field(default=300, ge=1, le=3600)
+    target_level: LaxNumber
+    max_duration_sec: Annotated[StrictInt, BeforeValidator(_integer_from_text)] = Field(default=300, ge=1, le=3600)
 
 
 class CalibrateFlowRequest(Body):
-    node_id: StrictInt = Field(ge=1)
-    channel: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    pump_duration_sec: StrictInt = 10
+    node_id: Id
+    channel: Annotated[Text, StringConstraints(min_length=1, max_length=64)]
+    pump_duration_sec: Annotated[StrictInt, BeforeValidator(_integer_from_text), Field(ge=-2**31, le=2**31)] = 10
 
 
 class ZoneUpdatedRequest(Body):
-    zone_id: StrictInt = Field(ge=1)
-    greenhouse_uid: Str128 | None = None
+    zone_id: Id
+    greenhouse_uid: Annotated[Text, StringConstraints(max_length=128)] | None = None
 
 
 class IngestSample(Body):
-    node_uid: Str128 | None = None
-    zone_id: StrictInt | None = None
-    zone_uid: Str64 | None = None
-    metric_type: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    node_uid: Annotated[Text, StringConstraints(max_length=128)] | None = None
+    zone_id: BigInt | None = None
+    zone_uid: Annotated[Text, StringConstraints(max_length=64)] | None = None
+    metric_type: Annotated[Text, StringConstraints(min_length=1, max_length=64)]
     value: Number | None
-    ts: Number | Str64 | None = None
-    channel: Str64 | None = None
-    raw: Any = None
+    ts: Number | Annotated[Text, StringConstraints(max_length=64)] | None = None
+    channel: Annotated[Text, StringConstraints(max_length=64)] | None = None
+    raw: StorableJson = None
 
 
 class IngestRequest(Body):

@@ -14,10 +14,13 @@ from typing import Awaitable, Callable, Protocol
 
 import uvicorn
 from fastapi import FastAPI, Response
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .env import Settings, settings_or_exit
+from .http_guard import GuardedApp, HttpLimits, internal_error, protocol_with_timeout, validation_error
 from .logs import setup_logging
 
 log = logging.getLogger("common.service")
@@ -75,10 +78,19 @@ class _QuietServer(uvicorn.Server):
 
 
 class HttpServer:
-    """A uvicorn server running as a task on the service's event loop."""
+    """A uvicorn server running as a task on the service's event loop, behind common.http_guard's
+    limits (body size, request read deadline, keep-alive, contained exceptions)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int):
-        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
+    def __init__(self, app: FastAPI, host: str, port: int, limits: HttpLimits | None = None):
+        limits = limits or HttpLimits.from_env()
+        if isinstance(app, FastAPI):
+            if Exception not in app.exception_handlers:
+                app.add_exception_handler(Exception, internal_error)  # JSON 500 (the guard keeps the connection)
+            if app.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
+                app.add_exception_handler(RequestValidationError, validation_error)  # 422 even for NaN inputs
+        config = uvicorn.Config(GuardedApp(app, limits.max_body_bytes), host=host, port=port, log_config=None,
+                                access_log=False, lifespan="off", http=protocol_with_timeout(limits.read_timeout_sec),
+                                timeout_keep_alive=limits.keep_alive_sec)
         self.server = _QuietServer(config)
         self.task: asyncio.Task | None = None
 
@@ -123,8 +135,13 @@ async def serve_until_signalled(service: Service) -> None:
 
 
 def run_service(name: str, build: Callable[[Settings], Service], load: Callable[[], Settings] | None = None) -> int:
-    """Entry point of every `main.py`: load settings (exit 2 with one line on error), run, exit 0."""
+    """Entry point of every `main.py`: load settings, run, exit 0. A configuration error found while
+    loading, building or starting (e.g. a missing production secret checked in `start()`) prints one
+    line and exits 2, the same for every service."""
     settings = settings_or_exit(load) if load else settings_or_exit()
     setup_logging(name, settings.log_level)
-    asyncio.run(serve_until_signalled(build(settings)))
+
+    def run() -> None:
+        asyncio.run(serve_until_signalled(build(settings)))
+    settings_or_exit(run)
     return 0

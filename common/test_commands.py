@@ -40,7 +40,10 @@ def test_payload_is_flat_and_nested():
 @pytest.mark.parametrize("cmd, params, config, words", [
     ("adjust_ph", {}, None, "unknown command"),
     ("run_pump", {}, None, "duration_ms is required"),
-    ("run_pump", {"duration_ms": "9"}, None, "must be an integer"),
+    ("run_pump", {"duration_ms": "9.5"}, None, "must be an integer"),
+    ("run_pump", {"duration_ms": "٩"}, None, "must be an integer"),  # Unicode digits are not a number
+    ("run_pump", {"duration_ms": 2**63}, None, "integer outside the 64-bit range"),
+    ("run_pump", {"duration_ms": 5, "note": "a\x00b"}, None, "params.note: contains a NUL character"),
     ("run_pump", {"duration_ms": 61_000}, None, "outside the safe range"),
     ("run_pump", {"duration_ms": 6000}, {"safe_limits": {"max_duration_ms": 5000}}, "max_duration_ms=5000"),
     ("dose", {"dose_ml": 9.0}, None, "outside the safe range"),
@@ -76,7 +79,7 @@ async def test_concurrent_commands_share_batches_and_repeats_publish_once(settin
 
     def send(cmd_id):
         return issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd-1", channel="pump_in",
-                             cmd="run_pump", params={"duration_ms": 1000}, cmd_id=cmd_id)
+                             cmd="stop_pump", cmd_id=cmd_id)
 
     ids = [f"c-{i}" for i in range(40)]
     results = await asyncio.gather(*(send(i) for i in ids + ids[:10]), send(None))
@@ -157,3 +160,67 @@ async def test_alert_is_opened_once_and_resolved(db, zone):
     assert rows[0]["details"] == {"node_uid": "a", "n": 2}
     events = [r["type"] for r in await db.fetch("SELECT type FROM zone_events ORDER BY id")]
     assert events == ["ALERT_CREATED", "ALERT_CREATED", "ALERT_RESOLVED"]
+
+
+async def test_a_batch_statement_failure_is_retried_per_command(settings, db, mqtt, mqtt_probe, zone):
+    """A command that passes validation but fails its INSERT (here a source longer than the column)
+    fails alone; the commands batched with it are recorded and published."""
+    topics = Topics(settings.mqtt_topic_root)
+
+    def send(cmd_id, source="bridge"):
+        return issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd-1", channel="pump_in",
+                             cmd="stop_pump", cmd_id=cmd_id, source=source)
+    results = await asyncio.gather(*(send(f"iso-{i}") for i in range(10)), send("iso-bad", "s" * 40),
+                                   *(send(f"iso-{i}") for i in range(10, 20)), return_exceptions=True)
+    bad = results[10]
+    good = results[:10] + results[11:]
+    assert isinstance(bad, Exception) and not isinstance(bad, (CommandError, CommandPublishError))
+    assert all(getattr(r, "status", None) == "sent" for r in good), good
+    await mqtt_probe.wait_for(20, f"{settings.mqtt_topic_root}/#")
+    assert await db.fetchval("SELECT count(*) FROM commands WHERE status = 'sent'") == 20
+    assert await db.fetchval("SELECT count(*) FROM commands WHERE cmd_id = 'iso-bad'") == 0
+
+
+DEEP: list = [1]
+for _ in range(40):
+    DEEP = [DEEP]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(params={"note": "\x00"}), "params.note: contains a NUL character"),
+    (dict(params={"deep": DEEP}),
+     "nested deeper than 32 levels"),
+    (dict(params={"n": 2**63}), "integer outside the 64-bit range"),
+    (dict(params={"n": float("nan")}), "must be a finite number"),
+    (dict(zone_id=2**63), "zone id must be a positive 64-bit integer"),
+    (dict(channel="pump\x00in"), "control character"),
+])
+async def test_values_jsonb_cannot_hold_are_refused_before_the_batch(settings, db, mqtt, mqtt_probe, zone, kwargs,
+                                                                     words):
+    topics = Topics(settings.mqtt_topic_root)
+    call = dict(gh_uid="gh-1", zone_id=zone, node_uid="nd-1", channel="pump_in", cmd="stop_pump")
+    bad = issue_command(db, mqtt, topics, **{**call, **kwargs})
+    good = [issue_command(db, mqtt, topics, **call, cmd_id=f"ok-{i}") for i in range(5)]
+    results = await asyncio.gather(bad, *good, return_exceptions=True)
+    assert isinstance(results[0], CommandError) and words in str(results[0])
+    assert all(getattr(r, "status", None) == "sent" for r in results[1:]), results
+    await mqtt_probe.wait_for(5, f"{settings.mqtt_topic_root}/#")
+    assert await db.fetchval("SELECT count(*) FROM commands") == 5
+
+
+async def test_a_caller_cancelled_while_batched_does_not_fail_the_batch(settings, db, mqtt, mqtt_probe, zone):
+    topics = Topics(settings.mqtt_topic_root)
+    tasks = [asyncio.create_task(issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd-1",
+                                               channel="pump_in", cmd="stop_pump", cmd_id=f"cx-{i}"))
+             for i in range(10)]
+    for _ in range(3):  # every caller is waiting and the batch is in its first database round trip
+        await asyncio.sleep(0)
+    tasks[4].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[4], asyncio.CancelledError)
+    assert all(getattr(r, "status", None) == "sent" for i, r in enumerate(results) if i != 4), results
+    # the issuer is still healthy afterwards
+    after = await issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd-1", channel="pump_in",
+                                cmd="stop_pump", cmd_id="cx-after")
+    assert after.status == "sent"
+    assert await db.fetchval("SELECT count(*) FROM commands WHERE status = 'sent' AND cmd_id <> 'cx-4'") == 10

@@ -41,7 +41,8 @@ def test_production_refuses_default_secrets():
     s = Settings.from_env({"APP_ENV": "production", "PG_PASS": "s3cret-db"})
     with pytest.raises(SettingsError, match="PY_API_TOKEN"):
         s.require_secrets("PY_API_TOKEN")
-    Settings.from_env({"APP_ENV": "prod", "PG_PASS": "s3cret-db", "PY_API_TOKEN": "x9"}).require_secrets("PY_API_TOKEN")
+    Settings.from_env({"APP_ENV": "prod", "PG_PASS": "s3cret-db", "PY_API_TOKEN": "x9" * 8}).require_secrets(
+        "PY_API_TOKEN")
     Settings.from_env({"APP_ENV": "local"}).require_secrets("PY_API_TOKEN")  # not production: allowed
 
 
@@ -52,3 +53,26 @@ def test_start_up_error_is_one_line_without_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip() == "configuration error: MQTT_PORT='abc' is not valid: expected an integer from 1 to 65535"
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("token", ["dev-token", "DEV-TOKEN", "bench-token", "x", "fifteen-chars-x"])
+def test_production_refuses_example_and_short_api_tokens(token):
+    s = Settings.from_env({"APP_ENV": "production", "PG_PASS": "s3cret-db", "PY_API_TOKEN": token})
+    with pytest.raises(SettingsError, match="PY_API_TOKEN must be a real secret of at least 16 characters"):
+        s.require_secrets("PY_API_TOKEN")
+    Settings.from_env({"APP_ENV": "local", "PY_API_TOKEN": token}).require_secrets("PY_API_TOKEN")  # dev: allowed
+
+
+@pytest.mark.parametrize("service", ["history-logger", "automation-engine", "scheduler", "mqtt-bridge",
+                                     "device-registry"])
+def test_every_service_exits_2_with_one_line_on_a_missing_production_secret(service):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "APP_ENV": "production", "PG_PASS": "",
+           "PY_API_TOKEN": "a-long-enough-real-token", "PG_HOST": "127.0.0.1", "PG_PORT": "1",
+           "MQTT_HOST": "127.0.0.1", "MQTT_PORT": "1", "REDIS_HOST": "127.0.0.1", "REDIS_PORT": "1"}
+    proc = subprocess.run([sys.executable, "main.py"], cwd=ROOT / service, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("configuration error:")]
+    assert errors == ["configuration error: PG_PASS must be set to a real secret when APP_ENV=production "
+                      "(it is missing or a default)"], proc.stderr[-2000:]

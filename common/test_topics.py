@@ -47,5 +47,7 @@ def test_unsafe_segments_raise(bad):
 def test_zone_segment_rule():
     assert zone_id_from_segment("zn-12") == 12 and zone_id_from_segment("7") == 7
     assert zone_id_from_segment("zn-temp") is None and zone_id_from_segment("zone-a") is None
+    for unicode_or_padded in ("١٢", "zn-١٢", "１２", "12\n", " 12", "zn-12x"):
+        assert zone_id_from_segment(unicode_or_padded) is None
     with pytest.raises(TopicError):
         T.command("gh", 0, "nd", "ch")

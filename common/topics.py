@@ -14,7 +14,7 @@ CHANNEL_KINDS = frozenset({"telemetry", "command", "command_response"})
 TEMP_GH, TEMP_ZONE, TEMP_NODE = "gh-temp", "zn-temp", "node-temp"
 
 _UNSAFE = re.compile(r"[/+#\x00-\x1f\x7f]")
-_ZONE = re.compile(r"^(?:zn-)?(\d{1,18})$")
+_ZONE = re.compile(r"(?:zn-)?([0-9]{1,18})")  # ASCII digits only ("١٢" is not 12), whole segment
 
 
 class TopicError(ValueError):
@@ -40,7 +40,7 @@ def zone_segment(zone_id: int) -> str:
 
 def zone_id_from_segment(segment: str) -> int | None:
     """`zn-3` or `3` → 3; anything else (zn-temp, a uid) → None (use the node's DB zone)."""
-    match = _ZONE.match(segment)
+    match = _ZONE.fullmatch(segment)
     return int(match.group(1)) if match else None
 
 

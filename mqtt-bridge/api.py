@@ -44,7 +44,10 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 
 ZonePath = Annotated[str, Path(description="zone id, `3` or `zn-3`", examples=["3"], max_length=24)]
-NodePath = Annotated[str, Path(description="nodes.uid", examples=["nd-ph-esp32a1b"], max_length=128)]
+# Path segments that could never be stored (control characters, NUL) are a 422 before any query.
+PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+NodePath = Annotated[str, Path(description="nodes.uid", examples=["nd-ph-esp32a1b"], max_length=128,
+                               pattern=PRINTABLE)]
 AsyncFlag = Annotated[bool, Query(alias="async", description="1 → run in the background, answer 202 with a "
                                                            "task id (poll GET /bridge/tasks/{task_id})")]
 
@@ -93,10 +96,12 @@ def build_router(service: "BridgeService") -> APIRouter:
 
     @router.get("/commands/{cmd_id}", summary="A command's lifecycle",
                 responses=ex.responses(ex.COMMAND_STATUS_OK, 401, 404, 422, 503))
-    async def command_status(cmd_id: Annotated[str, Path(max_length=255, examples=[ex.CMD_ID])]) -> Response:
+    async def command_status(cmd_id: Annotated[str, Path(max_length=255, pattern=PRINTABLE,
+                                                         examples=[ex.CMD_ID])]) -> Response:
         """Status `pending → sent → ack | failed | timeout` with its timestamps and the node's error."""
         row = await service.db.fetchrow(
-            "SELECT c.cmd_id, c.cmd, c.status, c.zone_id, n.uid AS node_uid, c.channel, c.params, c.source,"
+            "SELECT c.cmd_id, c.cmd, c.status, c.zone_id, n.uid AS node_uid, c.channel,"
+            " CASE WHEN jsonb_typeof(c.params) = 'object' THEN c.params ELSE '{}'::jsonb END AS params, c.source,"
             " c.error_code, c.error_message, c.created_at, c.sent_at, c.ack_at, c.failed_at, c.updated_at"
             " FROM commands c LEFT JOIN nodes n ON n.id = c.node_id WHERE c.cmd_id = $1", cmd_id)
         if row is None:

@@ -49,7 +49,7 @@ async def bridge(settings):
 @pytest.fixture
 async def world(db):
     """Greenhouse gh-1, a zone, an online irrigation node (pump_in limited to 5 s, fan_A, water_control),
-    a pH node (pump_acid) and a second zone without greenhouse."""
+    a pH node (pump_acid, ph_sensor; types in Laravel's upper case) and a second zone without greenhouse."""
     gh_id = await db.fetchval("INSERT INTO greenhouses (uid, name) VALUES ('gh-1', 'GH') RETURNING id")
     zone = await db.fetchval("INSERT INTO zones (greenhouse_id, name) VALUES ($1, 'A') RETURNING id", gh_id)
     bare_zone = await db.fetchval("INSERT INTO zones (name) VALUES ('no greenhouse') RETURNING id")
@@ -60,9 +60,11 @@ async def world(db):
     await db.fetchval("INSERT INTO nodes (uid, type) VALUES ('nd-loose', 'ph') RETURNING id")
     limits = {"safe_limits": {"max_duration_ms": 5000, "min_off_ms": 3000}}
     channels = {}
-    for node_id, channel, config in ((irr, "pump_in", limits), (irr, "fan_A", None), (irr, "water_control", None),
-                                     (ph, "pump_acid", limits), (ph, "ph_sensor", None)):
+    for node_id, channel, kind, config in (
+            (irr, "pump_in", "actuator", limits), (irr, "fan_A", "actuator", None),
+            (irr, "water_control", "actuator", None), (ph, "pump_acid", "ACTUATOR", limits),
+            (ph, "ph_sensor", "SENSOR", None)):
         channels[channel] = await db.fetchval(
-            "INSERT INTO node_channels (node_id, channel, type, config) VALUES ($1, $2, 'actuator', $3) RETURNING id",
-            node_id, channel, config)
+            "INSERT INTO node_channels (node_id, channel, type, config) VALUES ($1, $2, $3, $4) RETURNING id",
+            node_id, channel, kind, config)
     return SimpleNamespace(gh="gh-1", zone=zone, bare_zone=bare_zone, irr=irr, ph=ph, channels=channels)

@@ -10,6 +10,6 @@ REQUESTS = Counter("bridge_requests_total", "HTTP requests answered by the bridg
 LATENCY = Histogram("bridge_request_duration_seconds", "HTTP request latency by route", ["path"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60, 300))
 REJECTED = Counter("bridge_requests_rejected_total", "Requests refused before reaching a route",
-                   ["reason"])  # unauthorized | no_token_configured | body_too_large
+                   ["reason"])  # unauthorized | no_token_configured | body_too_large | invalid_json | unsafe_json
 ROUTINES = Counter("bridge_routines_total", "fill / drain / calibrate-flow runs by outcome", ["kind", "result"])
 ROUTINES_RUNNING = Gauge("bridge_routines_running", "fill / drain / calibrate-flow runs in progress")

@@ -8,15 +8,23 @@ body is read, then the body is read up to the size limit, then the route validat
 * Wrong or missing token → 401 "Unauthorized: invalid or missing token" (constant-time compare).
 * Body larger than BRIDGE_MAX_BODY_BYTES → 413, decided from Content-Length or while reading
   (never more than the limit is buffered).
+* A body that is not JSON every part of the system can carry → 422 naming the field, before any
+  route: invalid JSON or UTF-8, NaN / Infinity, nesting deeper than 32 levels, NUL characters,
+  integers outside 64 bits (common.schemas.json_problem_at). Nothing reaches a command batch that
+  PostgreSQL or orjson would refuse.
 """
 from __future__ import annotations
 
 import hmac
+import json
 import time
 from typing import Any, Awaitable, Callable
 
 import orjson
 from starlette.routing import Router
+
+from common.http_guard import send_json
+from common.schemas import json_problem_at
 
 import bridge_metrics as bm
 
@@ -59,13 +67,15 @@ class BridgeGuard:
                 refusal = self._refusal(scope)
                 if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
                     try:
-                        receive = await self._buffered(scope, receive)
+                        receive, body = await self._buffered(scope, receive)
                     except BodyTooLarge:
                         bm.REJECTED.labels("body_too_large").inc()
                         refusal = (413, f"request body is larger than {self.max_body} bytes", ())
+                    else:
+                        refusal = _unsafe_json(body)
                 if refusal is not None:
                     code, detail, headers = refusal
-                    await _json(send_and_note, code, {"detail": detail}, headers)
+                    await send_json(send_and_note, code, {"detail": detail}, headers)
                     return
             await self.app(scope, receive, send_and_note)
         finally:
@@ -89,7 +99,7 @@ class BridgeGuard:
             return 401, UNAUTHORIZED, ((b"www-authenticate", b"Bearer"),)
         return None
 
-    async def _buffered(self, scope: Scope, receive: Receive) -> Receive:
+    async def _buffered(self, scope: Scope, receive: Receive) -> tuple[Receive, bytes]:
         """Read the whole body (at most max_body bytes) and hand it on in one message."""
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -121,7 +131,7 @@ class BridgeGuard:
                 delivered = True
                 return first
             return await receive()
-        return replay
+        return replay, first.get("body", b"")
 
     def _template(self, scope: Scope) -> str:
         """The route template of the request (bounded label values), resolved by the router when it ran."""
@@ -145,9 +155,21 @@ def _leaf_routes(routes):
             yield route
 
 
-async def _json(send: Send, status: int, body: dict, headers: tuple = ()) -> None:
-    data = orjson.dumps(body)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            *headers]})
-    await send({"type": "http.response.body", "body": data})
+def _unsafe_json(body: bytes) -> tuple[int, list, tuple] | None:
+    """A 422 in FastAPI's shape for a body no part of the system could carry, else None."""
+    if not body.strip():
+        return None  # an empty body is the route's to judge (missing fields)
+    try:
+        data = orjson.loads(body)  # stricter than the json module: no NaN / Infinity, valid UTF-8
+    except orjson.JSONDecodeError as exc:
+        try:  # the json module reads NaN, Infinity and integers of any size: find the field to name
+            data = json.loads(body, parse_constant=float)
+        except (ValueError, RecursionError):
+            bm.REJECTED.labels("invalid_json").inc()
+            return 422, [{"loc": ["body"], "msg": f"invalid JSON: {str(exc)[:200]}", "type": "json_invalid"}], ()
+    found = json_problem_at(data)
+    if found is None:
+        return None
+    bm.REJECTED.labels("unsafe_json").inc()
+    path, message = found
+    return 422, [{"loc": ["body", *path], "msg": message, "type": "value_error"}], ()

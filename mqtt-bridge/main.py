@@ -15,7 +15,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from common.commands import CommandError, CommandPublishError
+from common.commands import CommandConflict, CommandError, CommandPublishError
 from common.db import CONNECTION_ERRORS, Database
 from common.env import Settings, settings_or_exit
 from common.http_docs import docs_app
@@ -94,14 +94,19 @@ def create_app(service: BridgeService) -> FastAPI:
     async def command_error(request: Request, exc: CommandError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 422)
 
+    @app.exception_handler(CommandConflict)
+    async def command_conflict(request: Request, exc: CommandConflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 409)
+
     @app.exception_handler(CommandPublishError)
     async def publish_error(request: Request, exc: CommandPublishError) -> JSONResponse:
         log.warning("command_not_published", extra={"path": request.url.path, "error": str(exc)})
         return JSONResponse({"detail": str(exc)}, 503, headers=retry)
 
     async def db_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # The cause (with the server's address) goes to the log only, never to the client.
         log.warning("db_unavailable", extra={"path": request.url.path, "error": repr(exc)})
-        return JSONResponse({"detail": f"database unavailable: {exc!r}"}, 503, headers=retry)
+        return JSONResponse({"detail": "database unavailable, retry later"}, 503, headers=retry)
 
     for kind in DB_UNAVAILABLE:
         app.add_exception_handler(kind, db_unavailable)

@@ -38,8 +38,9 @@ from tools.bench import result, roundtrips, schema  # noqa: E402
 from common import testing  # noqa: E402
 
 TOKEN = "bench-token"
-BODY = {"type": "run_pump", "params": {"duration_ms": 1000}, "greenhouse_uid": "gh-bench",
-        "node_uid": "nd-bench-1", "channel": "pump_in"}
+# stop_pump: the same path as any command, and never refused by the pump's min_off_ms when repeated.
+BODY = {"type": "stop_pump", "params": {}, "greenhouse_uid": "gh-bench", "node_uid": "nd-bench-1",
+        "channel": "pump_in"}
 RATIO_TARGET = 0.8
 P99_TARGET_MS = 50.0
 REQUEST_TIMEOUT = 30.0
