@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+import uuid
 
 import httpx
 import orjson
@@ -22,8 +23,8 @@ from common.db import Database
 from tests import stack as stack_module
 from tests.stack import (SERVICES, ServiceStack, create_database, drop_database, drop_redis_keys, free_ports,
                          node_spec, run_with_db, seed_nodes)
-from tools.node_sim import NodeSpec
-from tools.node_sim.layout import hardware_id_for
+from tools.node_sim import NodeSpec, ReservoirParams
+from tools.node_sim.layout import actuator, hardware_id_for, sensor
 
 TOKEN = "e2e-token"
 PH_TARGET = {"min": 5.6, "max": 6.0}  # target 5.8, band 0.2
@@ -35,7 +36,13 @@ SERVICE_ENV = {
     "TELEMETRY_FLUSH_MS": "200",
     "PH_MAX_RATE_PER_MIN": "14",  # the simulated reservoir mixes a dose within seconds
     "PH_COOLDOWN_MIN": "0.2",     # and settles within seconds, so the next correction may follow soon
+    "NODE_OFFLINE_TIMEOUT_SEC": "10",  # simulated nodes are heard from every few seconds
+    "NODE_OFFLINE_SWEEP_SEC": "1",
 }
+# Zone C changes its water as soon as its solution is old (the test ages it), in seconds.
+WATER_CHANGE = {"water_cycle": {"water_change": {
+    "enabled": True, "max_solution_age_days": 1, "trigger_by_ec_drift": False,
+    "drain_target_level": 0.3, "fill_target_level": 0.7, "stabilize_min": 0}}}
 
 
 class Stack(ServiceStack):
@@ -68,22 +75,26 @@ async def _seed(db: Database, irrigation_time: str) -> dict[str, int]:
         recipe, {"ph": PH_TARGET, "ec": {"min": 0.6, "max": 1.6}},
         {"irrigation_schedule": irrigation_time, "irrigation_duration_sec": 2})
     zones = {}
-    for name, caps in (("A", {"ph_control": True}), ("B", None)):
+    for name, caps, settings in (("A", {"ph_control": True}, None), ("B", None, None), ("C", None, WATER_CHANGE)):
         zones[name] = await db.fetchval(
-            "INSERT INTO zones (greenhouse_id, name, status, capabilities) VALUES ($1, $2, 'RUNNING', $3) RETURNING id",
-            gh, name, caps)
-    # Zone B runs the recipe's second phase (its schedule); phases are open-ended (no duration).
-    for name, phase in (("A", 0), ("B", 1)):
+            "INSERT INTO zones (greenhouse_id, name, status, capabilities, settings, solution_started_at)"
+            " VALUES ($1, $2, 'RUNNING', $3, $4, now()) RETURNING id", gh, name, caps, settings)
+    # Zones B and C run the recipe's second phase (its schedule); phases are open-ended (no duration).
+    for name, phase in (("A", 0), ("B", 1), ("C", 1)):
         await db.execute("INSERT INTO zone_recipe_instances (zone_id, recipe_id, current_phase_index, started_at)"
                          " VALUES ($1, $2, $3, now())", zones[name], recipe, phase)
     await seed_nodes(db, _registered_specs(zones) + [_spec("nd-e2e-silent", "irrig", "gh-e2e", zones["B"]),
-                                                     _spec("nd-e2e-burst", "climate", "gh-e2e", zones["B"])])
+                                                     _spec("nd-e2e-burst", "climate", "gh-e2e", zones["B"]),
+                                                     _spec("nd-e2e-quiet", "climate", "gh-e2e", zones["B"])])
     return zones
 
 
 def _registered_specs(zones: dict[str, int]) -> list[NodeSpec]:
+    valves = NodeSpec(uid="nd-e2e-valves", type="irrig", hardware_id=hardware_id_for("nd-e2e-valves"), gh="gh-e2e",
+                      zone_id=zones["C"], channels=[actuator("valve_irrigation"), actuator("valve_fill"),
+                                                    actuator("valve_drain"), sensor("water_level", "WATER_LEVEL", 500)])
     return [_spec("nd-e2e-ph", "ph", "gh-e2e", zones["A"]), _spec("nd-e2e-irr", "irrig", "gh-e2e", zones["B"]),
-            _spec("nd-e2e-clim", "climate", "gh-e2e", zones["B"])]
+            _spec("nd-e2e-clim", "climate", "gh-e2e", zones["B"]), valves]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +113,8 @@ def stack(pg_template):
             s.start(service)
         asyncio.run(s.wait_ready())
         s.start_simulator(_registered_specs(s.zones) + [_spec("nd-e2e-new", "ph", None, None)],
-                          poll_ms=500, heartbeat_sec=5, hello_interval_sec=2, initial_ph=6.3, initial_ec=1.1, seed=7)
+                          poll_ms=500, heartbeat_sec=5, hello_interval_sec=2, initial_ph=6.3, initial_ec=1.1, seed=7,
+                          reservoir=ReservoirParams(valve_flow_l_min=300))  # a valve moves 5 % of the tank a second
         yield s
     finally:
         codes = s.stop()
@@ -236,6 +248,127 @@ async def test_6_node_lost_without_disconnect_raises_and_resolves_an_alert(stack
     node.start()
     await testing.eventually(lambda: alert("RESOLVED"), 30, 0.5, "alert resolved")
     assert await alert("ACTIVE") == 0
+
+
+async def test_6b_a_node_laravel_created_or_marked_offline_by_silence_is_online_when_heard_from(stack, db):
+    """No status message: a heartbeat, then (after silence) telemetry, bring the node back."""
+    zone = stack.zones["B"]
+    node_topic = stack.topics.node_topic("gh-e2e", f"zn-{zone}", "nd-e2e-quiet", "heartbeat")
+    telemetry_topic = stack.topics.channel_topic("gh-e2e", f"zn-{zone}", "nd-e2e-quiet", "temp_air", "telemetry")
+
+    async def node():
+        return await db.fetchrow("SELECT status, last_seen_at FROM nodes WHERE uid = 'nd-e2e-quiet'")
+
+    async def events():
+        return [r["type"] for r in await db.fetch(
+            "SELECT type FROM zone_events WHERE zone_id = $1 AND details->>'node_uid' = 'nd-e2e-quiet' ORDER BY id",
+            zone)]
+
+    assert tuple(await node()) == ("offline", None)  # as Laravel created it
+    testing.publish_sync(stack.settings.mqtt_host, stack.settings.mqtt_port,
+                         [(node_topic, orjson.dumps({"uptime": 35555, "free_heap": 102000, "rssi": -62}), 1, False)])
+    await testing.eventually(lambda: _node_status_is(node, "online"), 20, 0.3, "online after a heartbeat")
+    assert (await node())["last_seen_at"] is not None
+    await testing.eventually(lambda: _node_status_is(node, "offline"), 40, 0.5, "offline after silence")
+    await testing.eventually(lambda: db.fetchval(
+        "SELECT count(*) FROM alerts WHERE type = 'NODE_OFFLINE' AND status = 'ACTIVE'"
+        " AND details->>'node_uid' = 'nd-e2e-quiet'"), 20, 0.3, "NODE_OFFLINE alert")
+    testing.publish_sync(stack.settings.mqtt_host, stack.settings.mqtt_port,
+                         [(telemetry_topic, orjson.dumps({"metric_type": "TEMP_AIR", "value": 21.5}), 1, False)])
+    await testing.eventually(lambda: _node_status_is(node, "online"), 20, 0.3, "online after telemetry")
+    await testing.eventually(lambda: db.fetchval(
+        "SELECT count(*) = 0 FROM alerts WHERE type = 'NODE_OFFLINE' AND status = 'ACTIVE'"
+        " AND details->>'node_uid' = 'nd-e2e-quiet'"), 20, 0.3, "NODE_OFFLINE alert resolved")
+    assert (await events()).count("DEVICE_ONLINE") == 2
+
+
+async def _node_status_is(node, status):
+    return (await node())["status"] == status
+
+
+async def test_6c_laravel_prewritten_zone_command_is_completed_and_force_commands_pass_through(stack, db):
+    """Laravel inserts its row first (zone command: node and channel NULL, empty params as []),
+    then calls the bridge with its own cmd_id, exactly as PythonBridgeService does."""
+    zone = stack.zones["B"]
+    relay_id, force_id = str(uuid.uuid4()), str(uuid.uuid4())
+    await db.execute(
+        "INSERT INTO commands (zone_id, cmd, params, status, cmd_id, created_at, updated_at) VALUES"
+        " ($1, 'set_relay', $2, 'pending', $3, now(), now()),"
+        " ($1, 'FORCE_IRRIGATION', '[]'::jsonb, 'pending', $4, now(), now())",
+        zone, {"state": True}, relay_id, force_id)
+    probe = testing.MqttProbe(stack.settings.mqtt_host, stack.settings.mqtt_port,
+                              f"{stack.settings.mqtt_topic_root}/+/+/+/+/command")
+    # Guzzle's request: PHP-escaped JSON, no Accept header.
+    headers = {"Content-Type": "application/json", "User-Agent": "GuzzleHttp/7", **_auth()}
+    bodies = [
+        b'{"type":"set_relay","params":{"state":true},"greenhouse_uid":"gh-e2e","node_uid":"nd-e2e-clim",'
+        b'"channel":"fan_A","cmd_id":"' + relay_id.encode() + b'"}',
+        b'{"type":"FORCE_IRRIGATION","params":{},"greenhouse_uid":"gh-e2e","node_uid":"nd-e2e-irr",'
+        b'"channel":"pump_in","cmd_id":"' + force_id.encode() + b'"}',
+    ]
+    try:
+        async with httpx.AsyncClient(timeout=10, headers=headers) as client:
+            for body in bodies:
+                answer = await client.post(stack.url("bridge_port", f"/bridge/zones/{zone}/commands"), content=body)
+                assert answer.status_code == 200, answer.text
+        rows = await testing.eventually(lambda: _rows_if(db, [relay_id], "ack"), 20, 0.3, "relay command ack")
+        assert (rows[0]["node"], rows[0]["channel"], rows[0]["sent"]) == ("nd-e2e-clim", "fan_A", True)
+        sent = await probe.wait_for(1, f"{stack.settings.mqtt_topic_root}/+/+/nd-e2e-irr/+/command")
+        forced = [p for p in (orjson.loads(m.payload) for m in sent) if p.get("cmd_id") == force_id]
+        assert len(forced) == 1
+        assert forced[0]["cmd"] == "FORCE_IRRIGATION" and forced[0].get("params", {}) == {}
+        row = await db.fetchrow("SELECT n.uid AS node, c.channel, c.sent_at IS NOT NULL AS sent, c.status"
+                                " FROM commands c LEFT JOIN nodes n ON n.id = c.node_id WHERE c.cmd_id = $1", force_id)
+        assert (row["node"], row["channel"], row["sent"]) == ("nd-e2e-irr", "pump_in", True)
+        assert row["status"] in ("sent", "ack", "failed")  # the firmware answers unknown_command
+    finally:
+        probe.close()
+
+
+async def _rows_if(db, cmd_ids, status):
+    rows = await db.fetch("SELECT n.uid AS node, c.channel, c.sent_at IS NOT NULL AS sent, c.status FROM commands c"
+                          " LEFT JOIN nodes n ON n.id = c.node_id WHERE c.cmd_id = ANY($1::text[])", cmd_ids)
+    return rows if rows and all(r["status"] == status for r in rows) else None
+
+
+async def test_6d_no_valve_stays_open_after_irrigation_water_change_fill_or_drain(stack, db):
+    """The firmware ignores duration_ms on set_relay: whoever opens a valve closes it."""
+    zone, node = stack.zones["C"], stack.sim.node("nd-e2e-valves")
+
+    async def relay_commands():
+        return [(r["channel"], r["state"], r["status"]) for r in await db.fetch(
+            "SELECT channel, params->>'state' AS state, status FROM commands WHERE zone_id = $1 AND cmd = 'set_relay'"
+            " ORDER BY id", zone)]
+
+    async def event_count(kind):
+        return await db.fetchval("SELECT count(*) FROM zone_events WHERE zone_id = $1 AND type = $2", zone, kind)
+
+    # Irrigation through a valve, at the same minute as zone B's (test 4 waited for it).
+    await testing.eventually(lambda: event_count("IRRIGATION_FINISHED"), 150, 0.5, "valve irrigation finished")
+    await testing.eventually(lambda: _closed(node), 20, 0.3, "irrigation valve closed")
+    assert [c[:2] for c in await relay_commands()] == [("valve_irrigation", "true"), ("valve_irrigation", "false")]
+
+    await db.execute("UPDATE zones SET solution_started_at = now() - interval '30 days' WHERE id = $1", zone)
+    await testing.eventually(lambda: event_count("WATER_CHANGE_COMPLETED"), 120, 0.5, "water change completed")
+    await testing.eventually(lambda: _closed(node), 20, 0.3, "water change valves closed")
+
+    async with httpx.AsyncClient(timeout=90, headers=_auth()) as client:
+        for route, body in (("fill", {"target_level": 0.9, "max_duration_sec": 60}),
+                            ("drain", {"target_level": 0.5, "max_duration_sec": 60})):
+            answer = await client.post(stack.url("bridge_port", f"/bridge/zones/{zone}/{route}"), json=body)
+            assert answer.status_code == 200, answer.text
+            await testing.eventually(lambda: _closed(node), 20, 0.3, f"{route} valve closed")
+    async def every_close_acked():
+        commands = await relay_commands()
+        return all(c[2] == "ack" for c in commands if c[1] == "false") and commands
+    commands = await testing.eventually(every_close_acked, 20, 0.3, "every close acknowledged")
+    opened = [c[0] for c in commands if c[1] == "true"]
+    assert set(opened) == {"valve_irrigation", "valve_drain", "valve_fill"}
+    assert sorted(c[0] for c in commands if c[1] == "false") == sorted(opened)  # one close for each opening
+
+
+async def _closed(node):
+    return node.open_relays() == []
 
 
 async def test_7_killed_logger_loses_and_duplicates_nothing(stack, db):
