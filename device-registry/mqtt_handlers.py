@@ -114,7 +114,7 @@ class RegistryHandlers:
             log.warning("config_response_refused", extra={"topic": message.topic, "error": "not a JSON object"})
             return
         rm.CONFIG_RESPONSES.labels("ok" if response.ok else "error").inc()
-        await self.delivery.on_config_response(parsed, response, data)
+        await self.delivery.on_config_response(parsed, response)
 
     # -- status -------------------------------------------------------------------------------
     async def on_status(self, message: Message) -> None:

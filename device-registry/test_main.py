@@ -308,3 +308,49 @@ def test_production_refuses_to_start_without_api_token(settings, capsys):
     with pytest.raises(SystemExit) as info:
         main.build(settings.replace(app_env="production", pg_pass="a-real-secret", py_api_token="changeme"))
     assert info.value.code == 2 and "PY_API_TOKEN" in capsys.readouterr().err
+
+
+async def test_config_response_counts_only_from_the_node_it_was_sent_to(settings, db, registry, node, mqtt_probe):
+    """Another node, another zone or greenhouse, a placeholder topic with nothing pending there, or a
+    version we never published: refused by reason, and nothing is applied, failed or alerted."""
+    zone_id, other_zone = await make_zone(db), await make_zone(db)
+    node.hello(meta={"greenhouse_token": "gh-1", "zone_id": zone_id})
+    uid = (await wait_node(db))["uid"]
+    await mqtt_probe.wait_for(1, f"{settings.mqtt_topic_root}/gh-1/zn-{zone_id}/{uid}/config")
+    intruder = FakeNode(settings, "esp32-0badc0ffee00")
+    intruder.hello(meta={"greenhouse_token": "gh-1", "zone_id": other_zone})
+    intruder_uid = (await wait_node(db, intruder.hardware_id))["uid"]
+    await mqtt_probe.wait_for(1, f"{settings.mqtt_topic_root}/gh-1/zn-{other_zone}/{intruder_uid}/config")
+    await _drain(settings, node)
+
+    cases = [  # (reason, topic segments, payload)
+        ("topic_mismatch", ("gh-1", other_zone, uid), {"status": "ACK"}),           # right node, wrong zone
+        ("topic_mismatch", ("gh-2", zone_id, uid), {"status": "ACK"}),              # wrong greenhouse
+        ("topic_mismatch", ("gh-1", zone_id, intruder_uid), {"status": "ACK", "node_id": uid}),  # not its zone
+        ("unknown_node", ("gh-1", zone_id, "nd-nobody"), {"status": "OK", "node_id": uid}),  # payload names the victim
+        ("unknown_version", ("gh-1", zone_id, uid), {"status": "OK", "version": 7}),
+        ("unknown_version", ("gh-1", zone_id, uid), {"status": "OK", "version": 0}),
+        ("unknown_version", ("gh-1", zone_id, uid), {"status": "ERROR", "error": "x", "version": -2**63}),
+        ("unknown_version", ("gh-1", zone_id, uid), {"status": "OK", "version": 2**63 - 1}),
+        ("invalid_field", ("gh-1", zone_id, uid), {"status": "OK", "version": 2**70}),  # not an integer to us
+        ("topic_mismatch", ("gh-temp", "zn-temp", "node-temp"), {"status": "ERROR", "node_id": intruder_uid}),
+    ]
+    reasons = {r for r, _, _ in cases}
+    before = {r: metric("registry_config_response_invalid_total", reason=r) for r in reasons}
+    # The intruder's own ACK on its real topic counts and ends its gh-temp window.
+    intruder.config_response("gh-1", other_zone, intruder_uid, "ACK")
+    await testing.eventually(lambda: _applied(db, intruder_uid, 1), 15, message="intruder applied its own v1")
+    for _, (gh, zone, who), payload in cases:
+        node.publish(node.node_topic(gh, zone, who, "config_response"), payload)
+    await _drain(settings, node)
+    for reason in reasons:
+        expected = before[reason] + sum(1 for r, _, _ in cases if r == reason)
+        assert metric("registry_config_response_invalid_total", reason=reason) == expected, reason
+    state = await db.fetchrow("SELECT d.* FROM node_config_delivery d JOIN nodes n ON n.id = d.node_id"
+                              " WHERE n.uid = $1", uid)
+    assert (state["applied_version"], state["node_error"]) == (None, None)
+    assert await db.fetchval("SELECT count(*) FROM alerts WHERE type = 'CONFIG_ERROR'") == 0
+
+    # The node itself, on its own topic, about the version it was sent: counts.
+    node.config_response("gh-1", zone_id, uid, "ACK", version=1)
+    await testing.eventually(lambda: _applied(db, uid, 1), 15, message="own response applied")
