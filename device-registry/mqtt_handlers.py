@@ -18,7 +18,8 @@ from common.schemas import ConfigResponse, NodeHello, Status, describe_error
 from common.topics import ParsedTopic, Topics, TopicError
 from delivery import ConfigDelivery, find_node
 from laravel import LaravelForwarder, register_body
-from registration import register_hello
+from refusal_log import RefusalLog
+from registration import NewNodeLimit, register_hello
 
 log = logging.getLogger("device_registry.mqtt")
 
@@ -41,13 +42,16 @@ def _hello_reason(exc: ValidationError) -> str:
 
 class RegistryHandlers:
     def __init__(self, db: Database, mqtt: MqttClient, topics: Topics, delivery: ConfigDelivery,
-                 forwarder: LaravelForwarder | None, spawn: Callable[[Awaitable[Any]], None]):
+                 forwarder: LaravelForwarder | None, spawn: Callable[[Awaitable[Any]], None],
+                 new_node_limit: NewNodeLimit):
         self.db = db
         self.mqtt = mqtt
         self.topics = topics
         self.delivery = delivery
         self.forwarder = forwarder
         self.spawn = spawn
+        self.new_node_limit = new_node_limit
+        self.refusals = RefusalLog(log)
 
     async def subscribe(self) -> None:
         for kind, handler in (("node_hello", self.on_hello), ("config_response", self.on_config_response),
@@ -80,7 +84,13 @@ class RegistryHandlers:
             hello = NodeHello.model_validate(data)
         except ValidationError as exc:
             return self._refuse_hello(message, _hello_reason(exc), describe_error(exc))
-        reg = await register_hello(self.db, hello, topic_gh=parsed.gh, topic_zone=parsed.zone)
+        reg = await register_hello(self.db, hello, topic_gh=parsed.gh, topic_zone=parsed.zone,
+                                   may_create=self.new_node_limit.allow)
+        if reg is None:
+            rm.HELLO_RATE_LIMITED.inc()
+            self.refusals.warning("rate_limited", "node_hello_rate_limited", hardware_id=hello.hardware_id,
+                                  limit_per_min=self.new_node_limit.per_minute)
+            return
         rm.REGISTRATIONS.labels("created" if reg.created else "updated").inc()
         if reg.created:
             rm.HELLO_REGISTERED.inc()
@@ -92,10 +102,9 @@ class RegistryHandlers:
         if reg.zone_id is not None:
             await self.delivery.deliver(reg.uid, "node_hello")
 
-    @staticmethod
-    def _refuse_hello(message: Message, reason: str, detail: str) -> None:
+    def _refuse_hello(self, message: Message, reason: str, detail: str) -> None:
         rm.HELLO_INVALID.labels(reason).inc()
-        log.warning("node_hello_refused", extra={"topic": message.topic, "reason": reason, "error": detail[:300]})
+        self.refusals.warning(f"hello_{reason}", "node_hello_refused", topic=message.topic[:300], error=detail[:300])
 
     # -- config_response ----------------------------------------------------------------------
     async def on_config_response(self, message: Message) -> None:
@@ -107,11 +116,13 @@ class RegistryHandlers:
             response = ConfigResponse.model_validate(data) if data is not None else None
         except ValidationError as exc:
             rm.CONFIG_RESPONSES_INVALID.labels("invalid_field").inc()
-            log.warning("config_response_refused", extra={"topic": message.topic, "error": describe_error(exc)})
+            self.refusals.warning("config_response_invalid_field", "config_response_refused",
+                                  topic=message.topic[:300], error=describe_error(exc)[:300])
             return
         if response is None:
             rm.CONFIG_RESPONSES_INVALID.labels("invalid_json").inc()
-            log.warning("config_response_refused", extra={"topic": message.topic, "error": "not a JSON object"})
+            self.refusals.warning("config_response_invalid_json", "config_response_refused",
+                                  topic=message.topic[:300], error="not a JSON object")
             return
         rm.CONFIG_RESPONSES.labels("ok" if response.ok else "error").inc()
         await self.delivery.on_config_response(parsed, response)

@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from common import testing
-from registry_testkit import (FakeNode, api, make_zone, metric, node, node_row, registry,  # noqa: F401
+from registry_testkit import (FakeNode, api, make_zone, metric, node, node_row, registry, start_registry,  # noqa: F401,E501
                               wait_node)
 
 
@@ -354,3 +354,31 @@ async def test_config_response_counts_only_from_the_node_it_was_sent_to(settings
     # The node itself, on its own topic, about the version it was sent: counts.
     node.config_response("gh-1", zone_id, uid, "ACK", version=1)
     await testing.eventually(lambda: _applied(db, uid, 1), 15, message="own response applied")
+
+
+async def test_new_nodes_are_rate_limited_but_known_ones_are_not(settings, db):
+    """A flood of invented hardware ids creates at most REGISTRY_NEW_NODES_PER_MIN nodes; the excess is
+    counted; a known node re-announcing itself in the middle of the flood is still updated."""
+    service = await start_registry(settings, {"REGISTRY_NEW_NODES_PER_MIN": "3"})
+    try:
+        known = FakeNode(settings, "esp32-known0000001")
+        known.hello()
+        await wait_node(db, known.hardware_id)
+        limited = metric("registry_node_hello_rate_limited_total")
+        flood = [FakeNode(settings, f"esp32-flood{i:07d}") for i in range(10)]
+        messages = [(f"{settings.mqtt_topic_root}/node_hello", orjson.dumps(f.hello_payload()), 1, False)
+                    for f in flood]
+        messages.insert(5, (f"{settings.mqtt_topic_root}/node_hello",
+                            orjson.dumps(known.hello_payload(fw_version="v9.9.9")), 1, False))
+        testing.publish_sync(settings.mqtt_host, settings.mqtt_port, messages)
+        await wait_node(db, known.hardware_id, check=lambda r: r["fw_version"] == "v9.9.9")
+        await testing.eventually(lambda: _metric_at_least("registry_node_hello_rate_limited_total", limited + 8),
+                                 15, message="flood counted")
+        assert await db.fetchval("SELECT count(*) FROM nodes") == 3  # the known node and two new ones
+        assert metric("registry_node_hello_rate_limited_total") == limited + 8
+    finally:
+        await service.stop()
+
+
+async def _metric_at_least(name, value):
+    return metric(name) >= value
