@@ -17,6 +17,7 @@ from common.mqtt import Message, MqttClient
 from common.schemas import ConfigResponse, NodeHello, Status, describe_error
 from common.topics import ParsedTopic, Topics, TopicError
 from delivery import ConfigDelivery, find_node
+from json_checks import json_problem
 from laravel import LaravelForwarder, register_body
 from refusal_log import RefusalLog
 from registration import NewNodeLimit, register_hello
@@ -24,12 +25,18 @@ from registration import NewNodeLimit, register_hello
 log = logging.getLogger("device_registry.mqtt")
 
 
-def _json_object(payload: bytes) -> dict[str, Any] | None:
+def _json_object(payload: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(the payload's JSON object, None), or (None, reason): `invalid_json` (not a JSON object) or
+    `invalid_value` (a NUL character, an integer beyond bigint, nesting too deep: see json_checks)."""
     try:
         value = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
+        return None, "invalid_json"
+    if not isinstance(value, dict):
+        return None, "invalid_json"
+    if json_problem(value, "payload") is not None:
+        return None, "invalid_value"
+    return value, None
 
 
 def _hello_reason(exc: ValidationError) -> str:
@@ -75,9 +82,9 @@ class RegistryHandlers:
         parsed = self._parse(message, "node_hello")
         if parsed is None:
             return
-        data = _json_object(message.payload)
+        data, reason = _json_object(message.payload)
         if data is None:
-            return self._refuse_hello(message, "invalid_json", "payload is not a JSON object")
+            return self._refuse_hello(message, reason, "payload is not a JSON object PostgreSQL can store")
         if data.get("message_type") != "node_hello":
             return self._refuse_hello(message, "message_type", "message_type must be node_hello")
         try:
@@ -111,7 +118,7 @@ class RegistryHandlers:
         parsed = self._parse(message, "config_response")
         if parsed is None:
             return
-        data = _json_object(message.payload)
+        data, reason = _json_object(message.payload)
         try:
             response = ConfigResponse.model_validate(data) if data is not None else None
         except ValidationError as exc:
@@ -120,9 +127,9 @@ class RegistryHandlers:
                                   topic=message.topic[:300], error=describe_error(exc)[:300])
             return
         if response is None:
-            rm.CONFIG_RESPONSES_INVALID.labels("invalid_json").inc()
-            self.refusals.warning("config_response_invalid_json", "config_response_refused",
-                                  topic=message.topic[:300], error="not a JSON object")
+            rm.CONFIG_RESPONSES_INVALID.labels(reason).inc()
+            self.refusals.warning(f"config_response_{reason}", "config_response_refused",
+                                  topic=message.topic[:300], error="not a JSON object PostgreSQL can store")
             return
         rm.CONFIG_RESPONSES.labels("ok" if response.ok else "error").inc()
         await self.delivery.on_config_response(parsed, response)
@@ -132,7 +139,7 @@ class RegistryHandlers:
         parsed = self._parse(message, "status")
         if parsed is None:
             return
-        data = _json_object(message.payload)
+        data, _ = _json_object(message.payload)
         try:
             status = Status.model_validate(data) if data is not None else None
         except ValidationError:
@@ -148,12 +155,17 @@ class RegistryHandlers:
         parsed = self._parse(message, "config_request")
         if parsed is None:
             return
-        data = _json_object(message.payload) or {}
+        data, reason = _json_object(message.payload)
+        if data is None:
+            rm.MESSAGES_IGNORED.labels("config_request", reason).inc()
+            self.refusals.warning(f"config_request_{reason}", "config_request_refused", topic=message.topic[:300])
+            return
         ident = next((data[k] for k in ("node_id", "node_uid", "uid", "hardware_id")
                       if isinstance(data.get(k), str)), None)
         node = await find_node(self.db, ident)
         if node is None:
             rm.MESSAGES_IGNORED.labels("config_request", "unknown_node").inc()
-            log.info("config_request_unknown_node", extra={"topic": message.topic, "node": str(ident)[:128]})
+            self.refusals.warning("config_request_unknown_node", "config_request_unknown_node",
+                                  topic=message.topic[:300], node=str(ident)[:128])
             return
         await self.delivery.deliver(node["uid"], "config_request")

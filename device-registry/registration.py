@@ -20,6 +20,7 @@ import asyncpg
 from common.db import Database
 from common.schemas import NodeHello
 from common.topics import TEMP_GH, zone_id_from_segment
+from json_checks import BIGINT_MAX
 
 UID_PREFIX = {"ph": "ph", "ec": "ec", "climate": "clim", "clim": "clim", "irrig": "irr", "irr": "irr",
               "pump": "irr", "light": "light"}
@@ -39,7 +40,7 @@ def meta_zone_id(value: object) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if value > 0 else None
+        return value if 0 < value <= BIGINT_MAX else None
     if isinstance(value, str):
         return zone_id_from_segment(value.strip())
     return None

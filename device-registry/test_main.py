@@ -382,3 +382,38 @@ async def test_new_nodes_are_rate_limited_but_known_ones_are_not(settings, db):
 
 async def _metric_at_least(name, value):
     return metric(name) >= value
+
+
+async def test_hostile_hello_values_are_refused_and_do_not_stop_the_loop(settings, db, registry, node):
+    """NUL characters, integers beyond bigint and deep nesting are refused by reason before any query;
+    Unicode digits are not a zone id; the valid hello after them registers."""
+    zone_id = await make_zone(db)
+    arabic = str(zone_id).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
+    bad = [
+        ("invalid_value", node.hello_payload(node_type="p\x00h")),
+        ("invalid_value", node.hello_payload(meta={"node_name": "x\x00"})),
+        ("invalid_value", node.hello_payload(capabilities=["ph\x00"])),
+        ("invalid_value", node.hello_payload(meta={"zone_id": 2**63})),
+        ("invalid_value", node.hello_payload(extra=_nested(40))),
+        ("invalid_json", b'{"message_type": "node_hello", "hardware_id": "esp32-nan", "x": NaN}'),
+    ]
+    before = {r: metric("registry_node_hello_invalid_total", reason=r) for r, _ in bad}
+    errors = metric("mqtt_handler_errors_total", filter=f"{settings.mqtt_topic_root}/node_hello")
+    for _, payload in bad:
+        node.publish(f"{settings.mqtt_topic_root}/node_hello", payload)
+    node.hello(topic=f"{settings.mqtt_topic_root}/gh-1/zn-{arabic}/nd-x/node_hello",
+               meta={"greenhouse_token": "gh-1", "zone_id": arabic})
+    row = await wait_node(db)
+    assert row["zone_id"] is None and row["lifecycle_state"] == "REGISTERED_BACKEND"
+    for reason in before:
+        assert metric("registry_node_hello_invalid_total", reason=reason) == \
+            before[reason] + sum(1 for r, _ in bad if r == reason), reason
+    assert metric("mqtt_handler_errors_total", filter=f"{settings.mqtt_topic_root}/node_hello") == errors
+    assert await db.fetchval("SELECT count(*) FROM nodes") == 1
+
+
+def _nested(depth):
+    value = 1
+    for _ in range(depth):
+        value = [value]
+    return value
