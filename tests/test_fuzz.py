@@ -689,6 +689,27 @@ def test_mqtt_config_response(stack):
     assert_alive(stack)
 
 
+@pytest.mark.parametrize("port_field, method, path", [
+    ("bridge_port", "POST", "/bridge/zones/1/commands"),
+    ("registry_port", "PUT", "/nodes/nd-fz-reg/config"),
+    ("history_logger_port", "POST", "/ingest/telemetry"),
+])
+def test_oversized_body_is_refused_before_it_is_read(stack, port_field, method, path):
+    """Content-Length alone decides: 413 while the client has sent no byte of its 60 MB body."""
+    async def ask() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", getattr(stack.settings, port_field))
+        try:
+            writer.write(f"{method} {path} HTTP/1.1\r\nHost: fuzz\r\nAuthorization: Bearer {TOKEN}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 60000000\r\n\r\n".encode())
+            await writer.drain()
+            return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        finally:
+            writer.close()
+    head = asyncio.run(ask())
+    assert head.startswith(b"HTTP/1.1 413"), head[:200]
+    assert_alive(stack)
+
+
 def test_no_handler_failed_and_no_process_died(stack):
     """After all of it: every process runs, no MQTT handler raised, and every service still answers."""
     assert_alive(stack)
