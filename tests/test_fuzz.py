@@ -347,6 +347,15 @@ def bridge_requests(ids: dict[str, int]):
 
     @st.composite
     def request(draw):
+        method, path, body = draw(route_request())
+        query = draw(st.one_of(st.just({}), QUERIES, st.dictionaries(st.just("async"), st.sampled_from(
+            ["1", "١", "yes\x00", str(BIG), ""]), max_size=1)))
+        if query:  # routines keep async=1 first (a later duplicate does not override it): never a long wait
+            path += ("&" if "?" in path else "?") + query_string(query)
+        return method, path, body
+
+    @st.composite
+    def route_request(draw):
         route = draw(st.sampled_from(BRIDGE_ROUTES))
         path_id = draw(st.one_of(st.just(None), PATH_IDS))
         if route in ("zone_command", "node_command"):
@@ -434,16 +443,16 @@ def test_logger_ingest(stack):
         sample = {"node_uid": "nd-fz-tel", "zone_id": stack.ids["Z"], "metric_type": "TEMP_AIR", "value": 21.5}
 
         @FUZZ
-        @given(ingest_bodies(stack.ids["Z"]))
-        @example(dumps({"samples": [{**sample, "value": 1e308}]}))
-        @example(dumps({"samples": [{**sample, "ts": "0001-01-01T00:00:00+14:00"}]}))
-        @example(dumps({"samples": [{**sample, "zone_id": BIG}]}))
-        @example(dumps({"samples": [{**sample, "node_uid": "nd\x00"}]}))
-        @example(dumps({"samples": [{**sample, "zone_id": "١"}]}))
-        @example(dumps({"samples": [{**sample, "metric_type": "PH", "value": -3}]}))
-        @example(dumps({"samples": [{**sample, "raw": _deep(200)}]}))
-        def run(body):
-            seen.hostile("POST", "/ingest/telemetry", body)
+        @given(ingest_bodies(stack.ids["Z"]), st.one_of(st.just({}), QUERIES))
+        @example(dumps({"samples": [{**sample, "value": 1e308}]}), {})
+        @example(dumps({"samples": [{**sample, "ts": "0001-01-01T00:00:00+14:00"}]}), {})
+        @example(dumps({"samples": [{**sample, "zone_id": BIG}]}), {})
+        @example(dumps({"samples": [{**sample, "node_uid": "nd\x00"}]}), {})
+        @example(dumps({"samples": [{**sample, "zone_id": "١"}]}), {})
+        @example(dumps({"samples": [{**sample, "metric_type": "PH", "value": -3}]}), {})
+        @example(dumps({"samples": [{**sample, "raw": _deep(200)}]}), {})
+        def run(body, query):
+            seen.hostile("POST", "/ingest/telemetry" + (f"?{query_string(query)}" if query else ""), body)
             n = next(counter)
             if seen.valid("POST", "/ingest/telemetry", {"samples": [{
                     "node_uid": "nd-fz-hb", "zone_id": stack.ids["Z"], "metric_type": "HUMIDITY",
