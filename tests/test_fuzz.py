@@ -211,14 +211,16 @@ def delta(before: Counter, after: Counter, name: str, **match: str) -> float:
     return total(after, name, **match) - total(before, name, **match)
 
 
-def wait_until(check, timeout: float, message: str):
+def wait_until(check, timeout: float, message: str, explain=None):
+    """Poll `check()` until truthy; on timeout the failure says what `explain()` saw last."""
     deadline = time.monotonic() + timeout
     while True:
         result = check()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"{message} not reached within {timeout}s (last: {result!r})")
+            seen = explain() if explain else result
+            raise AssertionError(f"{message} not reached within {timeout}s (last: {seen!r})")
         time.sleep(0.2)
 
 
@@ -539,9 +541,11 @@ def test_mqtt_telemetry(stack):
     def accounted():
         stored = sql(stack, "SELECT count(*) FROM telemetry_samples") - rows_before
         refused = delta(before, metrics(stack, "history_logger_port"), "telemetry_dropped_total")
-        return stored + refused == pub.sent and (stored, refused)
-    wait_until(accounted, 90, f"{pub.sent} telemetry messages stored or refused by reason")
-    landed = sql(stack, "SELECT count(DISTINCT ts) FROM telemetry_samples WHERE node_id = $1 AND ts = ANY($2::timestamp[])",
+        return stored + refused == pub.sent or f"stored {stored} + refused {refused} of {pub.sent}"
+    wait_until(lambda: accounted() is True, 60, f"{pub.sent} telemetry messages stored or refused by reason",
+               accounted)
+    landed = sql(stack, "SELECT count(DISTINCT ts) FROM telemetry_samples"
+                        " WHERE node_id = $1 AND ts = ANY($2::timestamp[])",
                  stack.ids["nd-fz-tel"], [_utc(ms) for ms in valid])
     assert landed == len(valid)
     absurd = sql(stack, "SELECT count(*) FROM telemetry_samples WHERE node_id = $1 AND abs(value) > 1e6",
@@ -689,7 +693,8 @@ def test_mqtt_config_response(stack):
         assert answer.status_code == 200, answer.text
         version = answer.json()["data"]["version"]
     topic = f"{root}/{GH}/zn-{zone}/nd-fz-cfg/config_response"
-    forged = [f"{root}/{GH}/zn-{stack.ids['E']}/nd-fz-cfg/config_response", f"{root}/gh-x/zn-{zone}/nd-fz-cfg/config_response",
+    forged = [f"{root}/{GH}/zn-{stack.ids['E']}/nd-fz-cfg/config_response",
+              f"{root}/gh-x/zn-{zone}/nd-fz-cfg/config_response",
               f"{root}/gh-temp/zn-temp/node-temp/config_response", f"{root}/{GH}/zn-{zone}/nd-nobody/config_response"]
     before = metrics(stack, "registry_port")
     pub = Publisher(stack)
