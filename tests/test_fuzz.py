@@ -278,6 +278,8 @@ class HttpLog:
         return True
 
     def check(self) -> None:
+        tried = sum(self.statuses.values()) + len(self.failures)
+        assert tried >= EXAMPLES // 2, f"only {tried} hostile requests were generated"  # the fuzzing ran
         assert not self.failures, f"{len(self.failures)} failures:\n" + "\n".join(self.failures[:30])
 
 
@@ -542,6 +544,7 @@ def test_mqtt_telemetry(stack):
         stored = sql(stack, "SELECT count(*) FROM telemetry_samples") - rows_before
         refused = delta(before, metrics(stack, "history_logger_port"), "telemetry_dropped_total")
         return stored + refused == pub.sent or f"stored {stored} + refused {refused} of {pub.sent}"
+    assert pub.sent >= EXAMPLES, pub.sent  # the fuzzing ran
     wait_until(lambda: accounted() is True, 60, f"{pub.sent} telemetry messages stored or refused by reason",
                accounted)
     landed = sql(stack, "SELECT count(DISTINCT ts) FROM telemetry_samples"
