@@ -2,7 +2,7 @@
 
 Property-based (hypothesis): each REST route's body, path and query of the bridge and the registry,
 history-logger's `/ingest/telemetry`, and the payload of every MQTT message kind (telemetry, heartbeat,
-status, lwt, command_response, node_hello, config_response) get generated hostile values — NUL
+status, lwt, command_response, node_hello, config_response, config_request) get generated hostile values — NUL
 characters, integers beyond bigint, NaN/Infinity, ±1e308, over-deep JSON, Unicode digits as ids,
 impossible dates, garbage bytes — mixed into valid traffic. The properties:
 
@@ -684,6 +684,34 @@ def test_mqtt_node_hello(stack):
     assert sql(stack, "SELECT count(*) FROM nodes WHERE hardware_id = ANY($1::text[])", valid) == len(valid)
     after = metrics(stack, "registry_port")
     assert total(after, "mqtt_handler_errors_total") == 0
+    assert_alive(stack)
+
+
+def test_mqtt_config_request(stack):
+    """Every config_request re-sends a config or is ignored by reason; none makes a handler fail."""
+    topic = f"{stack.settings.mqtt_topic_root}/{GH}/config_request"
+    before = metrics(stack, "registry_port")
+    pub = Publisher(stack)
+    try:
+        @FUZZ
+        @given(payloads({"node_id": "nd-fz-cfg"}))
+        @example([dumps({"node_id": "nd\x00"}), dumps({"hardware_id": BIG}), dumps({"uid": _deep(50)})])
+        def run(bad):
+            for payload in bad:
+                pub.publish(topic, payload)
+        run()
+    finally:
+        pub.close()
+    assert pub.sent >= EXAMPLES, pub.sent
+
+    def accounted():
+        after = metrics(stack, "registry_port")
+        return (delta(before, after, "registry_messages_ignored_total", kind="config_request")
+                + delta(before, after, "registry_config_deliveries_total", trigger="config_request")
+                + delta(before, after, "registry_configs_failed_total"))
+    wait_until(lambda: accounted() == pub.sent, 60, f"{pub.sent} config requests answered or ignored by reason",
+               accounted)
+    assert total(metrics(stack, "registry_port"), "mqtt_handler_errors_total") == 0
     assert_alive(stack)
 
 
