@@ -95,6 +95,9 @@ def mutations(template: dict) -> st.SearchStrategy[bytes]:
 
 PATH_IDS = st.one_of(st.sampled_from(HOSTILE_TEXT), st.text(max_size=30), st.integers().map(str),
                      st.sampled_from(["%00", "..", "١٢", "zn-١٢", str(BIG), "-1", "0", "x" * 300]))
+# A wrong credential instead of the token now and then: refused (401) before anything is read, and counted.
+WRONG_AUTH = st.one_of(st.none(), st.none(), st.none(), st.sampled_from(
+    ["Bearer wrong", "Bearer", "Basic " + TOKEN, TOKEN, f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", "bearer x"]))
 QUERIES = st.dictionaries(st.sampled_from(["zone_id", "status", "lifecycle_state", "limit", "offset", "x", "\x00"]),
                           st.one_of(st.sampled_from(HOSTILE_TEXT), st.sampled_from(HOSTILE_NUMBERS).map(str)),
                           max_size=3)
@@ -251,10 +254,12 @@ class HttpLog:
         self.failures: list[str] = []
         self.last = ""
 
-    def hostile(self, method: str, path: str, body: bytes | None) -> None:
-        self.last = what = f"{method} {path[:120]} {(body or b'')[:160]!r}"
+    def hostile(self, method: str, path: str, body: bytes | None, authorization: str | None = None) -> None:
+        self.last = what = f"{method} {path[:120]} {(body or b'')[:160]!r}" + (f" ({authorization!r})"
+                                                                               if authorization else "")
+        headers = {"Authorization": authorization} if authorization else None
         try:
-            response = self.client.request(method, path, content=body)
+            response = self.client.request(method, path, content=body, headers=headers)
         except httpx.TransportError as exc:
             self.failures.append(f"connection lost: {what}: {exc!r}")
             return
@@ -314,14 +319,14 @@ def test_registry_rest(stack):
         seen = HttpLog(client)
 
         @FUZZ
-        @given(registry_requests(stack.ids["Z"]))
-        @example(("PUT", "/nodes/nd-fz-reg/zone", dumps({"zone_id": BIG})))
-        @example(("PATCH", "/nodes/nd-fz-reg", dumps({"name": "a\x00"})))
-        @example(("PUT", "/nodes/nd-fz-reg/config", dumps({"channels": _deep(200)})))
-        @example(("GET", "/nodes?zone_id=%D9%A1", None))
-        @example(("GET", "/nodes/nd%00x/config", None))
-        def run(request):
-            seen.hostile(*request)
+        @given(registry_requests(stack.ids["Z"]), WRONG_AUTH)
+        @example(("PUT", "/nodes/nd-fz-reg/zone", dumps({"zone_id": BIG})), None)
+        @example(("PATCH", "/nodes/nd-fz-reg", dumps({"name": "a\x00"})), None)
+        @example(("PUT", "/nodes/nd-fz-reg/config", dumps({"channels": _deep(200)})), None)
+        @example(("GET", "/nodes?zone_id=%D9%A1", None), None)
+        @example(("GET", "/nodes/nd%00x/config", None), None)
+        def run(request, authorization):
+            seen.hostile(*request, authorization)
             name = f"valid-{next(counter)}"  # valid traffic in between: it lands every time
             if seen.valid("PATCH", "/nodes/nd-fz-act", {"name": name}):
                 renames.append(name)
@@ -333,7 +338,7 @@ def test_registry_rest(stack):
     assert counted[200] >= len(renames)
     for status in (s for s in seen.statuses if s >= 400):
         assert counted[status] == seen.statuses[status], (status, counted, seen.statuses)
-    refusals = sum(seen.statuses[s] for s in (400, 413, 422))
+    refusals = sum(seen.statuses[s] for s in (400, 401, 413, 422))
     assert delta(before, after, "registry_http_refused_total") == refusals, (refusals, seen.statuses)
     assert_alive(stack)
 
@@ -400,17 +405,17 @@ def test_bridge_rest(stack):
                                           "channel": "fan_A"}
 
         @FUZZ
-        @given(bridge_requests(stack.ids))
-        @example(("POST", f"/bridge/zones/{zone}/commands", dumps({**command, "params": {"state": "a\x00"}})))
-        @example(("POST", f"/bridge/zones/{zone}/commands", dumps({**command, "params": {"duration_ms": BIG}})))
-        @example(("POST", f"/bridge/zones/{zone}/commands", dumps({**command, "params": {"x": _deep(200)}})))
-        @example(("POST", "/bridge/nodes/nd-fz-act/commands", dumps({**command, "zone_id": BIG})))
-        @example(("POST", f"/bridge/zones/{zone}/commands", b'{"type": "set_relay", "params": {"x": NaN}}'))
-        @example(("POST", "/bridge/zones/%D9%A1/commands", dumps(command)))  # Unicode digit as the zone id
-        @example(("GET", "/bridge/commands/a%00b", None))
-        @example(("POST", f"/bridge/zones/{stack.ids['E']}/fill?async=1", b'{"target_level": NaN}'))
-        def run(request):
-            seen.hostile(*request)
+        @given(bridge_requests(stack.ids), WRONG_AUTH)
+        @example(("POST", f"/bridge/zones/{zone}/commands", dumps({**command, "params": {"state": "a\x00"}})), None)
+        @example(("POST", f"/bridge/zones/{zone}/commands", dumps({**command, "params": {"duration_ms": BIG}})), None)
+        @example(("POST", f"/bridge/zones/{zone}/commands", dumps({**command, "params": {"x": _deep(200)}})), None)
+        @example(("POST", "/bridge/nodes/nd-fz-act/commands", dumps({**command, "zone_id": BIG})), None)
+        @example(("POST", f"/bridge/zones/{zone}/commands", b'{"type": "set_relay", "params": {"x": NaN}}'), None)
+        @example(("POST", "/bridge/zones/%D9%A1/commands", dumps(command)), None)  # a Unicode digit as zone id
+        @example(("GET", "/bridge/commands/a%00b", None), None)
+        @example(("POST", f"/bridge/zones/{stack.ids['E']}/fill?async=1", b'{"target_level": NaN}'), None)
+        def run(request, authorization):
+            seen.hostile(*request, authorization)
             cmd_id = f"fz-valid-{next(counter)}"  # a valid command right after: recorded and published
             if seen.valid("POST", f"/bridge/zones/{stack.ids['Z']}/commands", {
                     "type": "set_relay", "params": {"state": False}, "greenhouse_uid": GH, "node_uid": "nd-fz-act",
