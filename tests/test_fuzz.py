@@ -539,8 +539,9 @@ def test_mqtt_telemetry(stack):
             for payload in bad:
                 pub.publish(odd_topic or topic, payload)
             n = len(valid)
+            # Told apart by value: a Laravel-built database keeps whole seconds of `ts`.
             pub.publish(topic, orjson.dumps({"metric_type": "TEMP_AIR", "value": 20 + n / 1000, "ts": base_ms + n}))
-            valid.append(base_ms + n)
+            valid.append(20 + n / 1000)
         run()
     finally:
         pub.close()
@@ -552,19 +553,13 @@ def test_mqtt_telemetry(stack):
     assert pub.sent >= EXAMPLES, pub.sent  # the fuzzing ran
     wait_until(lambda: accounted() is True, 30, f"{pub.sent} telemetry messages stored or refused by reason",
                accounted)
-    landed = sql(stack, "SELECT count(DISTINCT ts) FROM telemetry_samples"
-                        " WHERE node_id = $1 AND ts = ANY($2::timestamp[])",
-                 stack.ids["nd-fz-tel"], [_utc(ms) for ms in valid])
+    landed = sql(stack, "SELECT count(DISTINCT value) FROM telemetry_samples"
+                        " WHERE node_id = $1 AND value = ANY($2::float8[])", stack.ids["nd-fz-tel"], valid)
     assert landed == len(valid)
     absurd = sql(stack, "SELECT count(*) FROM telemetry_samples WHERE node_id = $1 AND abs(value) > 1e6",
                  stack.ids["nd-fz-tel"])
     assert absurd == 0, "readings outside any physical range were stored (must be dead-lettered as out_of_range)"
     assert_alive(stack)
-
-
-def _utc(ms: int):
-    import datetime as dt
-    return dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=ms)
 
 
 EVENT_KINDS = {  # kind → (valid template, counter of every message handled)
