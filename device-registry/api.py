@@ -14,10 +14,10 @@ from fastapi.responses import JSONResponse
 from common.db import Database
 from common.http_docs import docs_app
 from common.nodeconfig import ConfigError, NodeConfigFailure, PublishResult
+from common.schemas import BIGINT_MAX
 from common.service import add_ops_routes
 from delivery import ConfigDelivery, config_state
 from http_guard import OPS_PATHS, RegistryGuard, count_refusal
-from json_checks import BIGINT_MAX
 import examples as ex
 import nodes
 
@@ -35,13 +35,13 @@ def publish_data(result: PublishResult) -> dict[str, Any]:
 
 
 def build_app(db: Database, delivery: ConfigDelivery, token: str,
-              ready: Callable[[], Awaitable[dict[str, bool]]], max_body_bytes: int) -> FastAPI:
+              ready: Callable[[], Awaitable[dict[str, bool]]]) -> FastAPI:
     app = docs_app(title="hydro device-registry", version="2.0", protected=lambda path: path not in OPS_PATHS,
                    description="Node registration, zone assignment, versioned NodeConfigs and their delivery.",
                    tags=("nodes", "configs", "ops"))
     add_ops_routes(app, ready)
 
-    app.add_middleware(RegistryGuard, token=token, max_body_bytes=max_body_bytes)
+    app.add_middleware(RegistryGuard, token=token)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,9 +1,9 @@
 """One ASGI middleware in front of every route of the registry.
 
-Order: the bearer token is checked before anything of the request is read (except /health, /ready,
-/metrics and the docs pages); then the path and query are checked for control characters; then the body is read up to
-REGISTRY_MAX_BODY_BYTES (refused from Content-Length alone when it says more) and, when there is one,
-parsed and checked (`json_checks`) before any route sees it. Every refusal is counted by reason in
+Behind common.http_guard (HTTP_MAX_BODY_BYTES: an oversized body is refused before it is read). Order:
+the bearer token is checked before anything of the request is read (except /health, /ready, /metrics and
+the docs pages); then the path and query are checked for control characters; then the body, when there
+is one, is parsed and checked (common.schemas.json_problem_at) before any route sees it. Every refusal is counted by reason in
 `registry_http_refused_total` and logged once per reason per minute; every answer is counted by route
 and status in `registry_http_requests_total`.
 """
@@ -19,7 +19,7 @@ import orjson
 from prometheus_client import Counter
 
 from common.http_docs import is_docs_path
-from json_checks import json_problem
+from common.schemas import json_problem_at
 from refusal_log import RefusalLog
 
 Scope = dict[str, Any]
@@ -45,10 +45,9 @@ class Refusal(Exception):
 
 
 class RegistryGuard:
-    def __init__(self, app, *, token: str, max_body_bytes: int):
+    def __init__(self, app, *, token: str):
         self.app = app
         self.token = token.encode() if token else b""
-        self.max_body = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -116,31 +115,24 @@ class RegistryGuard:
                 raise Refusal(422, "invalid_query", f"{field}: contains a control character", field)
 
     async def _checked_body(self, scope: Scope, receive: Receive) -> Receive:
-        """The whole body (at most max_body bytes), parsed and checked, handed on in one message."""
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if value.isdigit() and int(value) > self.max_body:
-                    raise Refusal(413, "body_too_large", f"request body is larger than {self.max_body} bytes")
-                break
-        chunks, size, more = [], 0, True
+        """The whole body (its size already bounded by common.http_guard), parsed and checked, handed on
+        in one message."""
+        chunks, more = [], True
         while more:
             message = await receive()
             if message["type"] != "http.request":  # the client went away: let the app see it
                 return _replay(message, receive)
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise Refusal(413, "body_too_large", f"request body is larger than {self.max_body} bytes")
-            chunks.append(chunk)
+            chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
         if body.strip():
             try:
-                problem = json_problem(orjson.loads(body))
+                problem = json_problem_at(orjson.loads(body))
             except orjson.JSONDecodeError as exc:
                 raise Refusal(400, "invalid_json", f"body: not valid JSON ({exc})"[:300], "body") from None
             if problem is not None:
-                field, text = problem
+                path, text = problem
+                field = ".".join(["body", *map(str, path)])[:200]
                 raise Refusal(422, "invalid_value", f"{field}: {text}", field)
         return _replay({"type": "http.request", "body": body, "more_body": False}, receive)
 

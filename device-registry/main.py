@@ -40,7 +40,7 @@ class Registry:
                           if rs.forward_hello else None)
         self.handlers = RegistryHandlers(self.db, self.mqtt, self.topics, self.delivery, self.forwarder, self.spawn,
                                          NewNodeLimit(rs.new_nodes_per_min))
-        self.app = build_app(self.db, self.delivery, settings.py_api_token, self.ready, rs.max_body_bytes)
+        self.app = build_app(self.db, self.delivery, settings.py_api_token, self.ready)
         self.http = HttpServer(self.app, settings.http_host, settings.registry_port)
         self._tasks: set[asyncio.Task] = set()
 

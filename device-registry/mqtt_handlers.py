@@ -14,10 +14,9 @@ from pydantic import ValidationError
 import registry_metrics as rm
 from common.db import Database
 from common.mqtt import Message, MqttClient
-from common.schemas import ConfigResponse, NodeHello, Status, describe_error
+from common.schemas import ConfigResponse, NodeHello, Status, describe_error, json_problem_at
 from common.topics import ParsedTopic, Topics, TopicError
 from delivery import ConfigDelivery, find_node
-from json_checks import json_problem
 from laravel import LaravelForwarder, register_body
 from refusal_log import RefusalLog
 from registration import NewNodeLimit, register_hello
@@ -27,14 +26,14 @@ log = logging.getLogger("device_registry.mqtt")
 
 def _json_object(payload: bytes) -> tuple[dict[str, Any] | None, str | None]:
     """(the payload's JSON object, None), or (None, reason): `invalid_json` (not a JSON object) or
-    `invalid_value` (a NUL character, an integer beyond bigint, nesting too deep: see json_checks)."""
+    `invalid_value` (a NUL character, an integer beyond bigint, nesting too deep: json_problem_at)."""
     try:
         value = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None, "invalid_json"
     if not isinstance(value, dict):
         return None, "invalid_json"
-    if json_problem(value, "payload") is not None:
+    if json_problem_at(value) is not None:
         return None, "invalid_value"
     return value, None
 

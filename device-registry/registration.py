@@ -18,9 +18,8 @@ from typing import Callable
 import asyncpg
 
 from common.db import Database
-from common.schemas import NodeHello
+from common.schemas import BIGINT_MAX, NodeHello
 from common.topics import TEMP_GH, zone_id_from_segment
-from json_checks import BIGINT_MAX
 
 UID_PREFIX = {"ph": "ph", "ec": "ec", "climate": "clim", "clim": "clim", "irrig": "irr", "irr": "irr",
               "pump": "irr", "light": "light"}

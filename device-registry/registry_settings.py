@@ -15,7 +15,6 @@ class RegistrySettings:
     laravel_retry_base_sec: float    # first retry delay; doubles each time
     applied_events: bool             # zone_event NODE_CONFIG_APPLIED on a successful config_response
     republish_interval_sec: float    # at most one automatic re-send of the same version per node in this time
-    max_body_bytes: int              # REST request bodies above this are refused (413) before being read
     new_nodes_per_min: int           # node_hello may create at most this many new nodes per minute
     node_wifi_ssid: str
     node_wifi_pass: str
@@ -37,7 +36,6 @@ def load(settings: Settings, environ: Mapping[str, str] | None = None) -> Regist
         laravel_retry_base_sec=env.float("REGISTRY_LARAVEL_RETRY_BASE_SEC", 1.0, 0.0, 60.0),
         applied_events=env.bool("REGISTRY_CONFIG_APPLIED_EVENTS", True),
         republish_interval_sec=env.float("REGISTRY_REPUBLISH_INTERVAL_SEC", 30.0, 0.0, 86_400.0),
-        max_body_bytes=env.int("REGISTRY_MAX_BODY_BYTES", 65_536, 1024, 10_485_760),
         new_nodes_per_min=env.int("REGISTRY_NEW_NODES_PER_MIN", 20, 1, 100_000),
         node_wifi_ssid=env.str("NODE_WIFI_SSID", max_len=64),
         node_wifi_pass=env.str("NODE_WIFI_PASS", max_len=128),

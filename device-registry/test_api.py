@@ -269,8 +269,8 @@ async def test_body_above_the_limit_is_refused_before_it_is_read(registry):
         writer.close()
     async with httpx.AsyncClient() as client:  # a streamed body without Content-Length: refused past the limit
         async def chunks():
-            for _ in range(100):
+            for _ in range(1100):
                 yield b" " * 1024
         response = await client.put(url(registry, "/nodes/nd-x/config"), content=chunks(),
                                     headers={"Authorization": f"Bearer {TOKEN}"})
-        assert response.status_code == 413 and "65536 bytes" in response.json()["detail"]
+        assert response.status_code == 413 and "1048576 bytes" in response.json()["detail"]
