@@ -46,11 +46,6 @@ FUZZ_ENV = {"REGISTRY_NEW_NODES_PER_MIN": "100000",  # hellos with fresh hardwar
             "REGISTRY_REPUBLISH_INTERVAL_SEC": "3600"}
 BIG = 2**63
 GH = "gh-fz"
-# Failures in another area whose fix is on its way to main but not there yet. Strict: once the fix is in,
-# the test passes and the mark fails, so it cannot outlive the bug.
-BRIDGE_GUARD_PENDING = pytest.mark.xfail(strict=True, reason=(
-    "bridge: NUL in a path id or body and NaN / 1e999 bodies answer 500 and close the keep-alive connection; "
-    "/ingest/telemetry has no body limit yet (issue 14.4 / 14.7: the common HTTP guard of the commands branch)"))
 
 # ---------------------------------------------------------------------------------------------
 # Hostile values
@@ -398,7 +393,6 @@ def bridge_requests(ids: dict[str, int]):
     return request()
 
 
-@BRIDGE_GUARD_PENDING
 def test_bridge_rest(stack):
     valid = []
     before = metrics(stack, "bridge_port")
@@ -764,7 +758,7 @@ def test_mqtt_config_response(stack):
 @pytest.mark.parametrize("port_field, method, path", [
     ("bridge_port", "POST", "/bridge/zones/1/commands"),
     ("registry_port", "PUT", "/nodes/nd-fz-reg/config"),
-    pytest.param("history_logger_port", "POST", "/ingest/telemetry", marks=BRIDGE_GUARD_PENDING),
+    ("history_logger_port", "POST", "/ingest/telemetry"),
 ])
 def test_oversized_body_is_refused_before_it_is_read(stack, port_field, method, path):
     """Content-Length alone decides: 413 while the client has sent no byte of its 60 MB body."""
