@@ -5,33 +5,24 @@ Answers: `{"status": "ok", "data": …}`; errors `{"detail": "<message>"}`.
 """
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, Any, Awaitable, Callable
 
 from fastapi import Body, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from common.db import Database
-from common.http_docs import docs_app, is_docs_path
+from common.http_docs import docs_app
 from common.nodeconfig import ConfigError, NodeConfigFailure, PublishResult
+from common.schemas import BIGINT_MAX
 from common.service import add_ops_routes
 from delivery import ConfigDelivery, config_state
+from http_guard import OPS_PATHS, RegistryGuard, count_refusal
 import examples as ex
 import nodes
 
-OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
-NO_TOKEN = "Server misconfiguration: PY_API_TOKEN must be set for security"
-UNAUTHORIZED = "Unauthorized: invalid or missing token"
-Uid = Annotated[str, Path(description="nodes.uid", examples=[ex.UID])]
-
-
-def token_refusal(configured: str, authorization: str | None) -> JSONResponse | None:
-    if not configured:
-        return JSONResponse({"detail": NO_TOKEN}, status_code=500)
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), configured.encode()):
-        return JSONResponse({"detail": UNAUTHORIZED}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-    return None
+# Control characters in the uid are refused by the guard before any route.
+Uid = Annotated[str, Path(description="nodes.uid", examples=[ex.UID], min_length=1, max_length=128)]
 
 
 def ok(data: Any, status_code: int = 200) -> JSONResponse:
@@ -50,19 +41,24 @@ def build_app(db: Database, delivery: ConfigDelivery, token: str,
                    tags=("nodes", "configs", "ops"))
     add_ops_routes(app, ready)
 
-    @app.middleware("http")
-    async def require_token(request: Request, call_next):
-        if request.url.path not in OPS_PATHS and not is_docs_path(request.url.path):
-            refusal = token_refusal(token, request.headers.get("authorization"))
-            if refusal is not None:
-                return refusal
-        return await call_next(request)
+    app.add_middleware(RegistryGuard, token=token)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 naming the first field that is wrong (never echoing the input back)."""
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        detail = f"{field}: {first.get('msg', 'invalid')}"[:500]
+        count_refusal("validation", request.scope, detail)
+        return JSONResponse({"detail": detail, "field": field[:200]}, status_code=422)
 
     @app.exception_handler(NodeConfigFailure)
     async def config_failure(request: Request, exc: NodeConfigFailure) -> JSONResponse:
         body: dict[str, Any] = {"detail": str(exc)}
         if isinstance(exc, ConfigError):
             body["field"] = exc.field
+        if exc.status_code in (400, 422):  # the request cannot be carried out as sent
+            count_refusal(f"config_{exc.reason}", request.scope, str(exc))
         return JSONResponse(body, status_code=exc.status_code)
 
     async def node_or_404(uid: str) -> dict[str, Any]:
@@ -72,9 +68,11 @@ def build_app(db: Database, delivery: ConfigDelivery, token: str,
         return node
 
     @app.get("/nodes", tags=["nodes"], summary="List nodes", responses=ex.responses(ex.LIST_OK, 422))
-    async def list_nodes(zone_id: int | None = Query(None, ge=1), status: str | None = Query(None, max_length=64),
+    async def list_nodes(zone_id: int | None = Query(None, ge=1, le=BIGINT_MAX),
+                         status: str | None = Query(None, max_length=64),
                          lifecycle_state: str | None = Query(None, max_length=32),
-                         limit: int = Query(500, ge=1, le=5000), offset: int = Query(0, ge=0)) -> JSONResponse:
+                         limit: int = Query(500, ge=1, le=5000),
+                         offset: int = Query(0, ge=0, le=BIGINT_MAX)) -> JSONResponse:
         return ok(await nodes.list_nodes(db, zone_id=zone_id, status=status, lifecycle_state=lifecycle_state,
                                          limit=limit, offset=offset))
 

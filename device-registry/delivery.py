@@ -11,20 +11,22 @@ from typing import Any
 import asyncpg
 
 import registry_metrics as rm
+from refusal_log import RefusalLog
 from common.alerts import add_zone_event, ensure_alert, resolve_alerts
 from common.db import Database
 from common.mqtt import MqttClient, MqttError
 from common.nodeconfig import (CONFIGURABLE_STATES, ConfigDefaults, NodeConfigFailure, PublishResult,
                                publish_node_config)
 from common.schemas import ConfigResponse
-from common.topics import TEMP_GH, ParsedTopic, Topics
+from common.topics import TEMP_GH, TEMP_NODE, TEMP_ZONE, ParsedTopic, Topics, TopicError
 
 log = logging.getLogger("device_registry.delivery")
 
 NODE_SQL = """
 SELECT n.id, n.uid, n.hardware_id, n.zone_id, n.lifecycle_state, n.config,
-       d.published_version, d.applied_version, d.node_error_version, d.temp_pending,
-       (SELECT max(version) FROM node_config_versions v WHERE v.node_id = n.id) AS current_version
+       d.published_version, d.published_topic, d.applied_version, d.node_error_version, d.temp_pending,
+       (SELECT max(version) FROM node_config_versions v WHERE v.node_id = n.id) AS current_version,
+       (SELECT g.uid FROM zones z JOIN greenhouses g ON g.id = z.greenhouse_id WHERE z.id = n.zone_id) AS gh_uid
   FROM nodes n LEFT JOIN node_config_delivery d ON d.node_id = n.id
 """
 
@@ -47,6 +49,7 @@ class ConfigDelivery:
         self.republish_interval_sec = republish_interval_sec
         self.applied_events = applied_events
         self._sent: dict[str, tuple[int, float]] = {}  # uid → (version, monotonic time) of the last automatic send
+        self.refusals = RefusalLog(log)
 
     # -- publishing -------------------------------------------------------------------------
     async def publish(self, uid: str, config: dict[str, Any] | None = None) -> PublishResult:
@@ -101,26 +104,67 @@ class ConfigDelivery:
             return None
         return await self.deliver(node["uid"], "status")
 
-    async def on_config_response(self, parsed: ParsedTopic, response: ConfigResponse,
-                                 payload: dict[str, Any]) -> bool:
-        """Record what the node applied (OK / ACK) or the error it reported (ERROR). False: unknown node."""
-        node = await find_node(self.db, parsed.node) or await find_node(self.db, response.node_id)
-        if node is None:
-            rm.CONFIG_RESPONSES_INVALID.labels("unknown_node").inc()
-            log.info("config_response_unknown_node", extra={"topic_node": parsed.node, "node_id": response.node_id})
+    async def on_config_response(self, parsed: ParsedTopic, response: ConfigResponse) -> bool:
+        """Record what the node applied (OK / ACK) or the error it reported (ERROR).
+
+        A response counts only when it comes from the node the config was sent to, on that node's topic
+        (its greenhouse and zone, or the gh-temp topics while a config waits there), and names a version
+        we published; anything else is refused, counted by reason and changes nothing. False: refused."""
+        node, reason = await self._responder(parsed, response)
+        if reason is None:
+            version, reason = await self._published_version(node, response)
+        if reason is not None:
+            rm.CONFIG_RESPONSES_INVALID.labels(reason).inc()
+            self.refusals.warning(reason, "config_response_refused", gh=str(parsed.gh)[:128],
+                                  zone=str(parsed.zone)[:128], node=str(parsed.node)[:128],
+                                  node_id=response.node_id, version=response.version)
             return False
-        stored = node["config"] if isinstance(node["config"], dict) else {}
-        version = response.version or node["published_version"] or stored.get("version")
-        version = version if isinstance(version, int) else None
-        zone_id = node["zone_id"] if node["zone_id"] is not None else parsed.zone_id
+        zone_id = node["zone_id"]
         async with self.db.transaction() as conn:
-            if zone_id is not None and not await conn.fetchval("SELECT 1 FROM zones WHERE id = $1", zone_id):
-                zone_id = None
             if response.ok:
                 await self._applied(conn, node, version, zone_id, parsed)
             else:
                 await self._failed(conn, node, version, zone_id, response)
         return True
+
+    async def _responder(self, parsed: ParsedTopic, response: ConfigResponse) -> tuple[asyncpg.Record | None,
+                                                                                       str | None]:
+        """The node a config_response is from: the node of its topic, on a topic that config went to."""
+        temp = parsed.gh == TEMP_GH
+        if temp and parsed.node == TEMP_NODE:
+            # A node still on the firmware's placeholder ids can only be named by its payload.
+            node = await find_node(self.db, response.node_id)
+        else:
+            node = await find_node(self.db, parsed.node)
+        if node is None:
+            return None, "unknown_node"
+        if temp:
+            # Only while a config of ours is retained on the gh-temp topics for this node.
+            if parsed.zone != TEMP_ZONE or not node["temp_pending"]:
+                return node, "topic_mismatch"
+            return node, None
+        sent_to = {node["published_topic"]}
+        if node["zone_id"] is not None and node["gh_uid"]:
+            try:
+                sent_to.add(self.topics.config(node["gh_uid"], node["zone_id"], node["uid"]))
+            except TopicError:
+                pass
+        if f"{self.topics.root}/{parsed.gh}/{parsed.zone}/{parsed.node}/config" not in sent_to:
+            return node, "topic_mismatch"
+        return node, None
+
+    async def _published_version(self, node: asyncpg.Record, response: ConfigResponse) -> tuple[int | None,
+                                                                                              str | None]:
+        """The version a response is about: its `version`, else the last one published; it must be one
+        of this node's stored versions, no newer than the last one published."""
+        published = node["published_version"]
+        if published is None:
+            return None, "nothing_published"
+        version = response.version if response.version is not None else published
+        if not 1 <= version <= published or not await self.db.fetchval(
+                "SELECT 1 FROM node_config_versions WHERE node_id = $1 AND version = $2", node["id"], version):
+            return None, "unknown_version"
+        return version, None
 
     async def _applied(self, conn: asyncpg.Connection, node: asyncpg.Record, version: int | None,
                        zone_id: int | None, parsed: ParsedTopic) -> None:

@@ -20,6 +20,7 @@ from common.topics import Topics
 from delivery import ConfigDelivery
 from laravel import LaravelForwarder
 from mqtt_handlers import RegistryHandlers
+from registration import NewNodeLimit
 
 log = logging.getLogger("device_registry")
 
@@ -37,7 +38,8 @@ class Registry:
                                        rs.republish_interval_sec, rs.applied_events)
         self.forwarder = (LaravelForwarder(settings, rs.laravel_retries, rs.laravel_retry_base_sec)
                           if rs.forward_hello else None)
-        self.handlers = RegistryHandlers(self.db, self.mqtt, self.topics, self.delivery, self.forwarder, self.spawn)
+        self.handlers = RegistryHandlers(self.db, self.mqtt, self.topics, self.delivery, self.forwarder, self.spawn,
+                                         NewNodeLimit(rs.new_nodes_per_min))
         self.app = build_app(self.db, self.delivery, settings.py_api_token, self.ready)
         self.http = HttpServer(self.app, settings.http_host, settings.registry_port)
         self._tasks: set[asyncio.Task] = set()

@@ -14,21 +14,28 @@ from pydantic import ValidationError
 import registry_metrics as rm
 from common.db import Database
 from common.mqtt import Message, MqttClient
-from common.schemas import ConfigResponse, NodeHello, Status, describe_error
+from common.schemas import ConfigResponse, NodeHello, Status, describe_error, json_problem_at
 from common.topics import ParsedTopic, Topics, TopicError
 from delivery import ConfigDelivery, find_node
 from laravel import LaravelForwarder, register_body
-from registration import register_hello
+from refusal_log import RefusalLog
+from registration import NewNodeLimit, register_hello
 
 log = logging.getLogger("device_registry.mqtt")
 
 
-def _json_object(payload: bytes) -> dict[str, Any] | None:
+def _json_object(payload: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(the payload's JSON object, None), or (None, reason): `invalid_json` (not a JSON object) or
+    `invalid_value` (a NUL character, an integer beyond bigint, nesting too deep: json_problem_at)."""
     try:
         value = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
+        return None, "invalid_json"
+    if not isinstance(value, dict):
+        return None, "invalid_json"
+    if json_problem_at(value) is not None:
+        return None, "invalid_value"
+    return value, None
 
 
 def _hello_reason(exc: ValidationError) -> str:
@@ -41,13 +48,16 @@ def _hello_reason(exc: ValidationError) -> str:
 
 class RegistryHandlers:
     def __init__(self, db: Database, mqtt: MqttClient, topics: Topics, delivery: ConfigDelivery,
-                 forwarder: LaravelForwarder | None, spawn: Callable[[Awaitable[Any]], None]):
+                 forwarder: LaravelForwarder | None, spawn: Callable[[Awaitable[Any]], None],
+                 new_node_limit: NewNodeLimit):
         self.db = db
         self.mqtt = mqtt
         self.topics = topics
         self.delivery = delivery
         self.forwarder = forwarder
         self.spawn = spawn
+        self.new_node_limit = new_node_limit
+        self.refusals = RefusalLog(log)
 
     async def subscribe(self) -> None:
         for kind, handler in (("node_hello", self.on_hello), ("config_response", self.on_config_response),
@@ -71,16 +81,22 @@ class RegistryHandlers:
         parsed = self._parse(message, "node_hello")
         if parsed is None:
             return
-        data = _json_object(message.payload)
+        data, reason = _json_object(message.payload)
         if data is None:
-            return self._refuse_hello(message, "invalid_json", "payload is not a JSON object")
+            return self._refuse_hello(message, reason, "payload is not a JSON object PostgreSQL can store")
         if data.get("message_type") != "node_hello":
             return self._refuse_hello(message, "message_type", "message_type must be node_hello")
         try:
             hello = NodeHello.model_validate(data)
         except ValidationError as exc:
             return self._refuse_hello(message, _hello_reason(exc), describe_error(exc))
-        reg = await register_hello(self.db, hello, topic_gh=parsed.gh, topic_zone=parsed.zone)
+        reg = await register_hello(self.db, hello, topic_gh=parsed.gh, topic_zone=parsed.zone,
+                                   may_create=self.new_node_limit.allow)
+        if reg is None:
+            rm.HELLO_RATE_LIMITED.inc()
+            self.refusals.warning("rate_limited", "node_hello_rate_limited", hardware_id=hello.hardware_id,
+                                  limit_per_min=self.new_node_limit.per_minute)
+            return
         rm.REGISTRATIONS.labels("created" if reg.created else "updated").inc()
         if reg.created:
             rm.HELLO_REGISTERED.inc()
@@ -92,36 +108,37 @@ class RegistryHandlers:
         if reg.zone_id is not None:
             await self.delivery.deliver(reg.uid, "node_hello")
 
-    @staticmethod
-    def _refuse_hello(message: Message, reason: str, detail: str) -> None:
+    def _refuse_hello(self, message: Message, reason: str, detail: str) -> None:
         rm.HELLO_INVALID.labels(reason).inc()
-        log.warning("node_hello_refused", extra={"topic": message.topic, "reason": reason, "error": detail[:300]})
+        self.refusals.warning(f"hello_{reason}", "node_hello_refused", topic=message.topic[:300], error=detail[:300])
 
     # -- config_response ----------------------------------------------------------------------
     async def on_config_response(self, message: Message) -> None:
         parsed = self._parse(message, "config_response")
         if parsed is None:
             return
-        data = _json_object(message.payload)
+        data, reason = _json_object(message.payload)
         try:
             response = ConfigResponse.model_validate(data) if data is not None else None
         except ValidationError as exc:
             rm.CONFIG_RESPONSES_INVALID.labels("invalid_field").inc()
-            log.warning("config_response_refused", extra={"topic": message.topic, "error": describe_error(exc)})
+            self.refusals.warning("config_response_invalid_field", "config_response_refused",
+                                  topic=message.topic[:300], error=describe_error(exc)[:300])
             return
         if response is None:
-            rm.CONFIG_RESPONSES_INVALID.labels("invalid_json").inc()
-            log.warning("config_response_refused", extra={"topic": message.topic, "error": "not a JSON object"})
+            rm.CONFIG_RESPONSES_INVALID.labels(reason).inc()
+            self.refusals.warning(f"config_response_{reason}", "config_response_refused",
+                                  topic=message.topic[:300], error="not a JSON object PostgreSQL can store")
             return
         rm.CONFIG_RESPONSES.labels("ok" if response.ok else "error").inc()
-        await self.delivery.on_config_response(parsed, response, data)
+        await self.delivery.on_config_response(parsed, response)
 
     # -- status -------------------------------------------------------------------------------
     async def on_status(self, message: Message) -> None:
         parsed = self._parse(message, "status")
         if parsed is None:
             return
-        data = _json_object(message.payload)
+        data, _ = _json_object(message.payload)
         try:
             status = Status.model_validate(data) if data is not None else None
         except ValidationError:
@@ -137,12 +154,17 @@ class RegistryHandlers:
         parsed = self._parse(message, "config_request")
         if parsed is None:
             return
-        data = _json_object(message.payload) or {}
+        data, reason = _json_object(message.payload)
+        if data is None:
+            rm.MESSAGES_IGNORED.labels("config_request", reason).inc()
+            self.refusals.warning(f"config_request_{reason}", "config_request_refused", topic=message.topic[:300])
+            return
         ident = next((data[k] for k in ("node_id", "node_uid", "uid", "hardware_id")
                       if isinstance(data.get(k), str)), None)
         node = await find_node(self.db, ident)
         if node is None:
             rm.MESSAGES_IGNORED.labels("config_request", "unknown_node").inc()
-            log.info("config_request_unknown_node", extra={"topic": message.topic, "node": str(ident)[:128]})
+            self.refusals.warning("config_request_unknown_node", "config_request_unknown_node",
+                                  topic=message.topic[:300], node=str(ident)[:128])
             return
         await self.delivery.deliver(node["uid"], "config_request")

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import asyncpg
 
 from common.db import Database
-from common.schemas import NodeHello
+from common.schemas import BIGINT_MAX, NodeHello
 from common.topics import TEMP_GH, zone_id_from_segment
 
 UID_PREFIX = {"ph": "ph", "ec": "ec", "climate": "clim", "clim": "clim", "irrig": "irr", "irr": "irr",
@@ -36,10 +39,31 @@ def meta_zone_id(value: object) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if value > 0 else None
+        return value if 0 < value <= BIGINT_MAX else None
     if isinstance(value, str):
         return zone_id_from_segment(value.strip())
     return None
+
+
+class NewNodeLimit:
+    """At most `per_minute` new nodes in any 60 s (Laravel's own registration route is `throttle:20,1`),
+    so a flood of invented hardware ids cannot create thousands of nodes. Known hardware ids are never
+    limited: a fleet re-announcing itself is not starved by a flood of new ones."""
+
+    WINDOW_SEC = 60.0
+
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self._created: deque[float] = deque()  # monotonic times of the creations in the window
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        while self._created and now - self._created[0] >= self.WINDOW_SEC:
+            self._created.popleft()
+        if len(self._created) >= self.per_minute:
+            return False
+        self._created.append(now)
+        return True
 
 
 @dataclass(frozen=True)
@@ -82,7 +106,10 @@ async def _hello_zone(conn: asyncpg.Connection, hello: NodeHello, topic_gh: str 
 
 
 async def register_hello(db: Database, hello: NodeHello, *, topic_gh: str | None = None,
-                         topic_zone: str | None = None) -> Registration:
+                         topic_zone: str | None = None,
+                         may_create: Callable[[], bool] = lambda: True) -> Registration | None:
+    """The node of this hello, created or updated; None when it would be a new node and `may_create()`
+    says no (nothing is written then)."""
     meta = hello.provisioning_meta
     async with db.transaction() as conn:
         # One registration at a time: uid collisions and same-hardware races are decided in order.
@@ -90,7 +117,10 @@ async def register_hello(db: Database, hello: NodeHello, *, topic_gh: str | None
         zone_id = await _hello_zone(conn, hello, topic_gh, topic_zone)
         node = await conn.fetchrow(
             "SELECT id, uid, zone_id, lifecycle_state FROM nodes WHERE hardware_id = $1", hello.hardware_id)
-        if node is not None and node["lifecycle_state"] == "DECOMMISSIONED":
+        new = node is None or node["lifecycle_state"] == "DECOMMISSIONED"
+        if new and not may_create():
+            return None
+        if node is not None and new:
             await conn.execute("UPDATE nodes SET hardware_id = NULL, updated_at = now() WHERE id = $1", node["id"])
             node = None
         if node is None:

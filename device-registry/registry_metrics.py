@@ -14,3 +14,5 @@ CONFIG_DELIVERIES = Counter("registry_config_deliveries_total", "Automatic confi
 MESSAGES_IGNORED = Counter("registry_messages_ignored_total", "status / config_request messages not acted on",
                            ["kind", "reason"])
 LARAVEL_FORWARDS = Counter("registry_laravel_register_total", "node_hello forwards to Laravel", ["result"])
+HELLO_RATE_LIMITED = Counter("registry_node_hello_rate_limited_total",
+                             "node_hello messages of unknown hardware refused: over REGISTRY_NEW_NODES_PER_MIN")

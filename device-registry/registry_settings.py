@@ -15,6 +15,7 @@ class RegistrySettings:
     laravel_retry_base_sec: float    # first retry delay; doubles each time
     applied_events: bool             # zone_event NODE_CONFIG_APPLIED on a successful config_response
     republish_interval_sec: float    # at most one automatic re-send of the same version per node in this time
+    new_nodes_per_min: int           # node_hello may create at most this many new nodes per minute
     node_wifi_ssid: str
     node_wifi_pass: str
     node_mqtt_host: str
@@ -35,6 +36,7 @@ def load(settings: Settings, environ: Mapping[str, str] | None = None) -> Regist
         laravel_retry_base_sec=env.float("REGISTRY_LARAVEL_RETRY_BASE_SEC", 1.0, 0.0, 60.0),
         applied_events=env.bool("REGISTRY_CONFIG_APPLIED_EVENTS", True),
         republish_interval_sec=env.float("REGISTRY_REPUBLISH_INTERVAL_SEC", 30.0, 0.0, 86_400.0),
+        new_nodes_per_min=env.int("REGISTRY_NEW_NODES_PER_MIN", 20, 1, 100_000),
         node_wifi_ssid=env.str("NODE_WIFI_SSID", max_len=64),
         node_wifi_pass=env.str("NODE_WIFI_PASS", max_len=128),
         node_mqtt_host=env.str("NODE_MQTT_HOST", settings.mqtt_host, max_len=255),

@@ -6,6 +6,7 @@ through the root `mqtt_probe` fixture, subscribed to the whole topic root.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import orjson
@@ -33,7 +34,13 @@ class FakeNode:
         self.node_type = node_type
 
     def publish(self, topic: str, payload, retain: bool = False) -> None:
-        data = payload if isinstance(payload, (bytes, str)) else orjson.dumps(payload)
+        if isinstance(payload, (bytes, str)):
+            data = payload
+        else:
+            try:
+                data = orjson.dumps(payload)
+            except TypeError:  # integers beyond 64 bits, which nodes may send
+                data = json.dumps(payload).encode()
         testing.publish_sync(self.settings.mqtt_host, self.settings.mqtt_port, [(topic, data, 1, retain)])
 
     def hello_payload(self, **changes) -> dict:

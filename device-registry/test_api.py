@@ -1,10 +1,11 @@
 """REST API: token (fail closed), nodes listing and editing, configs (validation errors name the field)."""
+import asyncio
 import re
 
 import httpx
 import pytest
 
-from registry_testkit import (TOKEN, api, make_zone, node, registry, start_registry,  # noqa: F401
+from registry_testkit import (TOKEN, api, make_zone, metric, node, registry, start_registry,  # noqa: F401
                               wait_node)
 
 
@@ -189,3 +190,87 @@ async def test_docs_are_public_offline_and_every_route_has_examples_and_the_bear
             assert "example" in answer["content"]["application/json"], (method, path, code)
         if method in ("put", "patch"):
             assert op["requestBody"]["content"]["application/json"]["examples"], (method, path)
+
+
+ARABIC_DIGITS = str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")
+
+
+async def test_refused_tokens_are_counted_and_logged_once_per_reason(registry, caplog, monkeypatch):
+    import http_guard
+    from refusal_log import RefusalLog
+    monkeypatch.setattr(http_guard, "_REFUSALS", RefusalLog(http_guard.log))  # no line of earlier tests counts
+    before = metric("registry_http_refused_total", reason="unauthorized")
+    caplog.set_level("WARNING", logger="device_registry.http")
+    async with httpx.AsyncClient() as client:
+        for i in range(5):
+            response = await client.get(url(registry, "/nodes"), headers={"Authorization": f"Bearer guess-{i}"})
+            assert response.status_code == 401
+    assert metric("registry_http_refused_total", reason="unauthorized") == before + 5
+    lines = [r for r in caplog.records if r.getMessage() == "http_request_refused" and r.reason == "unauthorized"]
+    assert len(lines) == 1  # logged, and a guessing flood does not flood the log (one line per reason per minute)
+    assert lines[0].path == "/nodes" and "guess-" not in str(vars(lines[0]))  # what was refused, never the token
+
+
+async def test_hostile_values_get_a_4xx_naming_the_field_on_every_route(db, registry, api, node):
+    zone_id = await make_zone(db)
+    node.hello()
+    uid = (await wait_node(db))["uid"]
+    big = 2**63
+    cases = [  # method, path, raw body or None, expected status, expected field
+        ("GET", f"/nodes?zone_id={big}", None, 422, "query.zone_id"),
+        ("GET", f"/nodes?zone_id={str(zone_id).translate(ARABIC_DIGITS)}", None, 422, "query.zone_id"),
+        ("GET", f"/nodes?offset={big}", None, 422, "query.offset"),
+        ("GET", "/nodes?status=on%00line", None, 422, "query.status"),
+        ("GET", "/nodes?lifecycle_state=%01", None, 422, "query.lifecycle_state"),
+        ("GET", "/nodes/nd%00x", None, 422, "path"),
+        ("GET", "/nodes/" + "x" * 300, None, 422, "path.uid"),
+        ("GET", "/nodes/nd%00x/config", None, 422, "path"),
+        ("PATCH", f"/nodes/{uid}", b'{"name": "a\\u0000b"}', 422, "body.name"),
+        ("PATCH", f"/nodes/{uid}", b'{"name": NaN}', 400, "body"),
+        ("PUT", f"/nodes/{uid}/zone", b'{"zone_id": %d}' % big, 422, "body.zone_id"),
+        ("PUT", f"/nodes/{uid}/zone", b'{"zone_id": Infinity}', 400, "body"),
+        ("PUT", f"/nodes/{uid}/zone", b'{"zone_id": 1e999}', 400, "body"),
+        ("PUT", f"/nodes/{uid}/zone", f'{{"zone_id": "{zone_id}"}}'.translate(ARABIC_DIGITS).encode(), 422,
+         "body.zone_id"),
+        ("PUT", f"/nodes/{uid}/config", b'{"channels": [{"name": "p\\u0000"}]}', 422, "body.channels.0.name"),
+        ("PUT", f"/nodes/{uid}/config", b'{"blob": ' + b"[" * 40 + b"]" * 40 + b"}", 422, None),
+        ("PUT", f"/nodes/{uid}/config", b"[" * 5000 + b"]" * 5000, 400, "body"),
+        ("PUT", f"/nodes/{uid}/config", b'{"k\\u0000": 1}', 422, "body"),
+        ("PUT", f"/nodes/{uid}/config", b'{"wifi": {"port": %d}}' % big, 422, "body.wifi.port"),
+        ("POST", f"/nodes/{uid}/config/publish", b'"\\u0000"', 422, "body"),
+        ("DELETE", "/nodes/%7F/zone", None, 422, "path"),
+    ]
+    before = sum(metric("registry_http_refused_total", reason=r) for r in
+                 ("invalid_path", "invalid_query", "invalid_json", "invalid_value", "validation"))
+    for method, path, body, status, field in cases:
+        response = await api.request(method, path, content=body,
+                                     headers={"content-type": "application/json"} if body else {})
+        assert response.status_code == status, (method, path, body[:60] if body else None, response.text)
+        answer = response.json()
+        if field is not None:
+            assert answer["field"] == field, (path, answer)
+            assert answer["detail"].startswith(f"{field}: "), answer
+    after = sum(metric("registry_http_refused_total", reason=r) for r in
+                ("invalid_path", "invalid_query", "invalid_json", "invalid_value", "validation"))
+    assert after == before + len(cases)  # every refusal counted by reason
+    assert (await api.get(f"/nodes/{uid}")).status_code == 200  # and the service goes on
+
+
+async def test_body_above_the_limit_is_refused_before_it_is_read(registry):
+    """Content-Length alone decides: the 413 comes back while the client has sent no byte of the body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", registry.settings.registry_port)
+    try:
+        writer.write(b"PUT /nodes/nd-x/config HTTP/1.1\r\nHost: registry\r\nAuthorization: Bearer "
+                     + TOKEN.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+        assert head.startswith(b"HTTP/1.1 413"), head
+    finally:
+        writer.close()
+    async with httpx.AsyncClient() as client:  # a streamed body without Content-Length: refused past the limit
+        async def chunks():
+            for _ in range(1100):
+                yield b" " * 1024
+        response = await client.put(url(registry, "/nodes/nd-x/config"), content=chunks(),
+                                    headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code == 413 and "1048576 bytes" in response.json()["detail"]

@@ -5,7 +5,7 @@ import pytest
 
 from common import testing
 from registry_testkit import (FakeNode, api, make_zone, metric, node, node_row, registry,  # noqa: F401
-                              wait_node)
+                              start_registry, wait_node)
 
 
 def config_msgs(probe, settings, gh, zone_id, uid):
@@ -308,3 +308,112 @@ def test_production_refuses_to_start_without_api_token(settings, capsys):
     with pytest.raises(SystemExit) as info:
         main.build(settings.replace(app_env="production", pg_pass="a-real-secret", py_api_token="changeme"))
     assert info.value.code == 2 and "PY_API_TOKEN" in capsys.readouterr().err
+
+
+async def test_config_response_counts_only_from_the_node_it_was_sent_to(settings, db, registry, node, mqtt_probe):
+    """Another node, another zone or greenhouse, a placeholder topic with nothing pending there, or a
+    version we never published: refused by reason, and nothing is applied, failed or alerted."""
+    zone_id, other_zone = await make_zone(db), await make_zone(db)
+    node.hello(meta={"greenhouse_token": "gh-1", "zone_id": zone_id})
+    uid = (await wait_node(db))["uid"]
+    await mqtt_probe.wait_for(1, f"{settings.mqtt_topic_root}/gh-1/zn-{zone_id}/{uid}/config")
+    intruder = FakeNode(settings, "esp32-0badc0ffee00")
+    intruder.hello(meta={"greenhouse_token": "gh-1", "zone_id": other_zone})
+    intruder_uid = (await wait_node(db, intruder.hardware_id))["uid"]
+    await mqtt_probe.wait_for(1, f"{settings.mqtt_topic_root}/gh-1/zn-{other_zone}/{intruder_uid}/config")
+    await _drain(settings, node)
+
+    cases = [  # (reason, topic segments, payload)
+        ("topic_mismatch", ("gh-1", other_zone, uid), {"status": "ACK"}),           # right node, wrong zone
+        ("topic_mismatch", ("gh-2", zone_id, uid), {"status": "ACK"}),              # wrong greenhouse
+        ("topic_mismatch", ("gh-1", zone_id, intruder_uid), {"status": "ACK", "node_id": uid}),  # not its zone
+        ("unknown_node", ("gh-1", zone_id, "nd-nobody"), {"status": "OK", "node_id": uid}),  # payload names the victim
+        ("unknown_version", ("gh-1", zone_id, uid), {"status": "OK", "version": 7}),
+        ("unknown_version", ("gh-1", zone_id, uid), {"status": "OK", "version": 0}),
+        ("unknown_version", ("gh-1", zone_id, uid), {"status": "ERROR", "error": "x", "version": -2**63}),
+        ("unknown_version", ("gh-1", zone_id, uid), {"status": "OK", "version": 2**63 - 1}),
+        ("invalid_field", ("gh-1", zone_id, uid), {"status": "OK", "version": 2**70}),  # not an integer to us
+        ("topic_mismatch", ("gh-temp", "zn-temp", "node-temp"), {"status": "ERROR", "node_id": intruder_uid}),
+    ]
+    reasons = {r for r, _, _ in cases}
+    before = {r: metric("registry_config_response_invalid_total", reason=r) for r in reasons}
+    # The intruder's own ACK on its real topic counts and ends its gh-temp window.
+    intruder.config_response("gh-1", other_zone, intruder_uid, "ACK")
+    await testing.eventually(lambda: _applied(db, intruder_uid, 1), 15, message="intruder applied its own v1")
+    for _, (gh, zone, who), payload in cases:
+        node.publish(node.node_topic(gh, zone, who, "config_response"), payload)
+    await _drain(settings, node)
+    for reason in reasons:
+        expected = before[reason] + sum(1 for r, _, _ in cases if r == reason)
+        assert metric("registry_config_response_invalid_total", reason=reason) == expected, reason
+    state = await db.fetchrow("SELECT d.* FROM node_config_delivery d JOIN nodes n ON n.id = d.node_id"
+                              " WHERE n.uid = $1", uid)
+    assert (state["applied_version"], state["node_error"]) == (None, None)
+    assert await db.fetchval("SELECT count(*) FROM alerts WHERE type = 'CONFIG_ERROR'") == 0
+
+    # The node itself, on its own topic, about the version it was sent: counts.
+    node.config_response("gh-1", zone_id, uid, "ACK", version=1)
+    await testing.eventually(lambda: _applied(db, uid, 1), 15, message="own response applied")
+
+
+async def test_new_nodes_are_rate_limited_but_known_ones_are_not(settings, db):
+    """A flood of invented hardware ids creates at most REGISTRY_NEW_NODES_PER_MIN nodes; the excess is
+    counted; a known node re-announcing itself in the middle of the flood is still updated."""
+    service = await start_registry(settings, {"REGISTRY_NEW_NODES_PER_MIN": "3"})
+    try:
+        known = FakeNode(settings, "esp32-known0000001")
+        known.hello()
+        await wait_node(db, known.hardware_id)
+        limited = metric("registry_node_hello_rate_limited_total")
+        flood = [FakeNode(settings, f"esp32-flood{i:07d}") for i in range(10)]
+        messages = [(f"{settings.mqtt_topic_root}/node_hello", orjson.dumps(f.hello_payload()), 1, False)
+                    for f in flood]
+        messages.insert(5, (f"{settings.mqtt_topic_root}/node_hello",
+                            orjson.dumps(known.hello_payload(fw_version="v9.9.9")), 1, False))
+        testing.publish_sync(settings.mqtt_host, settings.mqtt_port, messages)
+        await wait_node(db, known.hardware_id, check=lambda r: r["fw_version"] == "v9.9.9")
+        await testing.eventually(lambda: _metric_at_least("registry_node_hello_rate_limited_total", limited + 8),
+                                 15, message="flood counted")
+        assert await db.fetchval("SELECT count(*) FROM nodes") == 3  # the known node and two new ones
+        assert metric("registry_node_hello_rate_limited_total") == limited + 8
+    finally:
+        await service.stop()
+
+
+async def _metric_at_least(name, value):
+    return metric(name) >= value
+
+
+async def test_hostile_hello_values_are_refused_and_do_not_stop_the_loop(settings, db, registry, node):
+    """NUL characters, integers beyond bigint and deep nesting are refused by reason before any query;
+    Unicode digits are not a zone id; the valid hello after them registers."""
+    zone_id = await make_zone(db)
+    arabic = str(zone_id).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
+    bad = [
+        ("invalid_value", node.hello_payload(node_type="p\x00h")),
+        ("invalid_value", node.hello_payload(meta={"node_name": "x\x00"})),
+        ("invalid_value", node.hello_payload(capabilities=["ph\x00"])),
+        ("invalid_value", node.hello_payload(meta={"zone_id": 2**63})),
+        ("invalid_value", node.hello_payload(extra=_nested(40))),
+        ("invalid_json", b'{"message_type": "node_hello", "hardware_id": "esp32-nan", "x": NaN}'),
+    ]
+    before = {r: metric("registry_node_hello_invalid_total", reason=r) for r, _ in bad}
+    errors = metric("mqtt_handler_errors_total", filter=f"{settings.mqtt_topic_root}/node_hello")
+    for _, payload in bad:
+        node.publish(f"{settings.mqtt_topic_root}/node_hello", payload)
+    node.hello(topic=f"{settings.mqtt_topic_root}/gh-1/zn-{arabic}/nd-x/node_hello",
+               meta={"greenhouse_token": "gh-1", "zone_id": arabic})
+    row = await wait_node(db)
+    assert row["zone_id"] is None and row["lifecycle_state"] == "REGISTERED_BACKEND"
+    for reason in before:
+        assert metric("registry_node_hello_invalid_total", reason=reason) == \
+            before[reason] + sum(1 for r, _ in bad if r == reason), reason
+    assert metric("mqtt_handler_errors_total", filter=f"{settings.mqtt_topic_root}/node_hello") == errors
+    assert await db.fetchval("SELECT count(*) FROM nodes") == 1
+
+
+def _nested(depth):
+    value = 1
+    for _ in range(depth):
+        value = [value]
+    return value
