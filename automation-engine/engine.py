@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import engine_metrics as m
+import gates
 import leases
 from actions import Services, ZoneContext
 from common.alerts import ensure_alert, resolve_alerts
@@ -103,7 +104,8 @@ class Engine:
         try:
             await load_facts(services.db, mine, now, command_window=dt.timedelta(minutes=max(60.0, auto.reassert_min)),
                              fault_window=dt.timedelta(minutes=30),
-                             sample_count=max(4, auto.stuck_min_samples))
+                             sample_count=gates.REFERENCE_SAMPLES + 1,
+                             stuck_window=dt.timedelta(minutes=auto.stuck_min_minutes))
             result.concurrency = self.concurrency(len(mine))
             m.OPTIMAL_CONCURRENCY.set(result.concurrency)
             limit = asyncio.Semaphore(result.concurrency)
@@ -134,6 +136,12 @@ class Engine:
                               timezone=(gh.timezone if gh else None) or zone.timezone)
             ctx.targets = phase.current_targets(ctx)
             result.contexts[zone.id] = ctx
+            if zone.read_error is not None:  # its facts could not be read: nothing to decide on
+                error = zone.read_error
+                m.ZONE_PROCESSING_ERRORS.labels(str(zone.id), f"read:{type(error).__name__}").inc()
+                log.error("zone_read_failed", extra={"zone_id": zone.id, "error": str(error)[:300]})
+                ctx.log.append(f"read_failed:{type(error).__name__}")
+                return False
             if zone.capabilities is None and zone.id not in self._null_capabilities_logged:
                 self._null_capabilities_logged.add(zone.id)
                 log.info("zone_without_capabilities_runs_health_only", extra={"zone_id": zone.id})

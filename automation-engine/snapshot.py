@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.db import Database
+from common.db import CONNECTION_ERRORS, Database
 from targets import Phase
+
+log = logging.getLogger("automation.snapshot")
 
 ELIGIBLE_STATUSES = ["online", "warning", "running"]  # contract §8.10
 TRACKED_EVENTS = ["PH_CORRECTED", "EC_DOSING", "IRRIGATION_STARTED", "RECIRCULATION_CYCLE"]
 PUMP_FAULT_CODES = ["biz_overcurrent", "biz_no_flow", "biz_dry_run", "biz_pump_stuck_on"]
 DOSING_METRICS = ["PH", "EC"]
 HEALTH_WINDOW = dt.timedelta(hours=2)
+# What a sensor of the metric can physically report; statistics and gates ignore anything outside
+# (a reading of 1e308 must not overflow stddev_samp nor fake a jump). The one place to switch to the
+# shared table of physical ranges once common/ has one.
+PHYSICAL_RANGE = {"PH": (0.0, 14.0), "EC": (0.0, 20.0)}
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,15 @@ class AlertRow:
     created_at: dt.datetime
 
 
+@dataclass(frozen=True)
+class FlatSpan:
+    """The samples of one metric in the stuck-sensor window [now − STUCK_MIN_MINUTES, now]."""
+    count: int
+    low: float | None
+    high: float | None
+    covered: bool  # the sensor reported before the window began: the window is fully observed
+
+
 @dataclass
 class ZoneData:
     id: int
@@ -81,6 +97,13 @@ class ZoneData:
     commands: list[CommandRow] = field(default_factory=list)
     samples: dict[str, list[tuple[dt.datetime, float]]] = field(default_factory=dict)  # newest first
     stats: dict[str, tuple[float | None, int, dt.datetime | None]] = field(default_factory=dict)  # (sd, n, first ts)
+    flat: dict[str, FlatSpan] = field(default_factory=dict)
+    read_error: Exception | None = None  # this zone's facts could not be read: it is skipped this cycle
+
+    def clear_facts(self) -> None:
+        for name in ("telemetry", "events", "samples", "stats", "flat"):
+            getattr(self, name).clear()
+        self.nodes, self.alerts, self.commands = [], [], []
 
     def capability(self, name: str) -> bool:
         return bool(self.capabilities and self.capabilities.get(name) is True)
@@ -125,10 +148,42 @@ async def load_zones(db: Database) -> list[ZoneData]:
 
 
 async def load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, command_window: dt.timedelta,
-                     fault_window: dt.timedelta, sample_count: int) -> None:
-    """Fill every zone's telemetry, nodes, events, alerts, commands, samples and stats (one query each)."""
+                     fault_window: dt.timedelta, sample_count: int, stuck_window: dt.timedelta) -> None:
+    """Fill every zone's facts in one batch. When the batch fails (one zone's data PostgreSQL or the
+    decoder refuses), read zone by zone: a zone whose own read fails gets `read_error` and is skipped,
+    the others go on. A lost connection is no zone's fault and is raised."""
+    windows = dict(command_window=command_window, fault_window=fault_window, sample_count=sample_count,
+                   stuck_window=stuck_window)
+    try:
+        await _load_facts(db, zones, now, **windows)
+        return
+    except CONNECTION_ERRORS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - find the zone(s) it came from
+        log.warning("batched_read_failed_reading_zone_by_zone", extra={"error": f"{type(exc).__name__}: {exc}"[:300],
+                                                                       "zones": len(zones)})
+    limit = asyncio.Semaphore(8)
+
+    async def one(zone: ZoneData) -> None:
+        zone.clear_facts()
+        async with limit:
+            try:
+                await _load_facts(db, [zone], now, **windows)
+            except CONNECTION_ERRORS:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this zone only
+                zone.clear_facts()
+                zone.read_error = exc
+    await asyncio.gather(*(one(zone) for zone in zones))
+
+
+async def _load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, command_window: dt.timedelta,
+                      fault_window: dt.timedelta, sample_count: int, stuck_window: dt.timedelta) -> None:
+    """Every zone's telemetry, nodes, events, alerts, commands, samples, stats and flat spans (one query each)."""
     if not zones:
         return
+    ranges = [PHYSICAL_RANGE[m] for m in DOSING_METRICS]
+    lows, highs = [r[0] for r in ranges], [r[1] for r in ranges]
     by_id = {z.id: z for z in zones}
     ids = list(by_id)
     dosing_ids = [z.id for z in zones if z.capability("ph_control") or z.capability("ec_control")]
@@ -189,21 +244,40 @@ async def load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, c
         for r in await db.fetch(
                 """
                 SELECT z.id AS zone_id, m.metric, s.ts, s.value
-                  FROM unnest($1::bigint[]) z(id) CROSS JOIN unnest($2::text[]) m(metric)
+                  FROM unnest($1::bigint[]) z(id) CROSS JOIN unnest($2::text[], $5::float8[], $6::float8[]) m(metric, lo, hi)
                   CROSS JOIN LATERAL (SELECT ts, value FROM telemetry_samples ts_
                                        WHERE ts_.zone_id = z.id AND ts_.metric_type = m.metric
-                                         AND ts_.ts >= $3 AND ts_.value IS NOT NULL
+                                         AND ts_.ts >= $3 AND ts_.value BETWEEN m.lo AND m.hi
                                        ORDER BY ts_.ts DESC LIMIT $4) s
                  ORDER BY 1, 2, s.ts DESC
-                """, dosing_ids, DOSING_METRICS, now - HEALTH_WINDOW, sample_count):
+                """, dosing_ids, DOSING_METRICS, now - HEALTH_WINDOW, sample_count, lows, highs):
             by_id[r["zone_id"]].samples.setdefault(r["metric"], []).append((r["ts"], r["value"]))
 
     async def stats():
         for r in await db.fetch(
-                "SELECT zone_id, metric_type, stddev_samp(value) AS sd, count(value) AS n, min(ts) AS first_ts"
-                " FROM telemetry_samples"
-                " WHERE zone_id = ANY($1::bigint[]) AND metric_type = ANY($2::text[]) AND ts >= $3"
-                " GROUP BY zone_id, metric_type", ids, DOSING_METRICS, now - HEALTH_WINDOW):
+                "SELECT s.zone_id, s.metric_type, stddev_samp(s.value) AS sd, count(s.value) AS n, min(s.ts) AS first_ts"
+                " FROM telemetry_samples s JOIN unnest($2::text[], $4::float8[], $5::float8[]) m(metric, lo, hi)"
+                "   ON s.metric_type = m.metric"
+                " WHERE s.zone_id = ANY($1::bigint[]) AND s.ts >= $3 AND s.value BETWEEN m.lo AND m.hi"
+                " GROUP BY s.zone_id, s.metric_type", ids, DOSING_METRICS, now - HEALTH_WINDOW, lows, highs):
             by_id[r["zone_id"]].stats[r["metric_type"]] = (r["sd"], r["n"], r["first_ts"])
 
-    await asyncio.gather(telemetry(), nodes(), events(), alerts(), commands(), samples(), stats())
+    async def flat():
+        if not dosing_ids:
+            return
+        for r in await db.fetch(
+                """
+                SELECT z.id AS zone_id, m.metric, w.n, w.low, w.high, b.covered
+                  FROM unnest($1::bigint[]) z(id) CROSS JOIN unnest($2::text[], $4::float8[], $5::float8[]) m(metric, lo, hi)
+                  CROSS JOIN LATERAL (SELECT count(*) AS n, min(value) AS low, max(value) AS high
+                                        FROM telemetry_samples s
+                                       WHERE s.zone_id = z.id AND s.metric_type = m.metric AND s.ts >= $3
+                                         AND s.value BETWEEN m.lo AND m.hi) w
+                  CROSS JOIN LATERAL (SELECT EXISTS (SELECT 1 FROM telemetry_samples s
+                                                      WHERE s.zone_id = z.id AND s.metric_type = m.metric
+                                                        AND s.ts < $3 AND s.ts >= $3 - $6::interval
+                                                        AND s.value BETWEEN m.lo AND m.hi) AS covered) b
+                """, dosing_ids, DOSING_METRICS, now - stuck_window, lows, highs, HEALTH_WINDOW):
+            by_id[r["zone_id"]].flat[r["metric"]] = FlatSpan(r["n"], r["low"], r["high"], r["covered"])
+
+    await asyncio.gather(telemetry(), nodes(), events(), alerts(), commands(), samples(), stats(), flat())

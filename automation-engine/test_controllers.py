@@ -227,7 +227,8 @@ async def test_health_score_and_status_are_written(db, make_engine):
     calm = await seed_zone(db, telemetry={"PH": 5.8, "EC": 1.4})
     await add_samples(db, calm.zone_id, "PH", [(5.8, 600), (5.82, 300), (5.81, 100)])
     await add_samples(db, calm.zone_id, "EC", [(1.40, 600), (1.41, 300), (1.40, 100)])
-    troubled = await seed_zone(db, telemetry={"PH": 5.8, "EC": 1.4, "WATER_LEVEL": 0.1}, node_status="offline")
+    troubled = await seed_zone(db, telemetry={"PH": 5.8, "EC": 1.4, "WATER_LEVEL": 0.1}, node_status="offline",
+                               history=-1)  # no samples at all
     for alert_type in ("TEMP_HIGH", "NODE_OFFLINE", "CONFIG_ERROR"):
         await db.execute("INSERT INTO alerts (zone_id, type, details) VALUES ($1, $2, '{}')", troubled.zone_id,
                          alert_type)

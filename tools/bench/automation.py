@@ -104,7 +104,7 @@ async def bare_reads(db: Database, auto: AutomationSettings) -> float:
     await ConfigLoader(db.settings, db)._from_db()
     zones = await load_zones(db)
     await load_facts(db, zones, utcnow(), command_window=dt.timedelta(minutes=60),
-                     fault_window=dt.timedelta(minutes=30), sample_count=max(4, auto.stuck_min_samples))
+                     fault_window=dt.timedelta(minutes=30), sample_count=10, stuck_window=dt.timedelta(minutes=auto.stuck_min_minutes))
     return time.perf_counter() - started
 
 
