@@ -19,3 +19,5 @@ COMMANDS_PUBLISHED = Counter("commands_published_total", "Commands published to 
 COMMANDS_REJECTED = Counter("commands_rejected_total", "Commands refused by validation", ["reason"])
 COMMANDS_FAILED = Counter("commands_failed_total", "Commands whose publish failed or node answered failure",
                           ["stage"])
+COMMANDS_DEADLOCK_RETRIES = Counter("commands_deadlock_retries_total",
+                                    "Batch updates of commands rows chosen as a deadlock victim and retried", ["step"])
