@@ -36,6 +36,7 @@ class AutomationSettings:
     pump_telemetry_max_age_sec: float
     reassert_min: float
     zone_lease_sec: float
+    infra_alert_after_sec: float
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "AutomationSettings":
@@ -62,6 +63,7 @@ class AutomationSettings:
             pump_telemetry_max_age_sec=env.float("PUMP_TELEMETRY_MAX_AGE_SEC", 300.0, 1.0, 86_400),
             reassert_min=env.float("ACTUATOR_REASSERT_MIN", 10.0, 0.1, 1440),
             zone_lease_sec=env.float("ZONE_LEASE_SEC", 120.0, 1.0, 86_400),
+            infra_alert_after_sec=env.float("INFRA_ALERT_AFTER_SEC", 60.0, 1.0, 86_400),
         )
         if settings.min_concurrent_zones > settings.max_concurrent_zones:
             raise SettingsError(f"MIN_CONCURRENT_ZONES={settings.min_concurrent_zones} is larger than "
