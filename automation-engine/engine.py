@@ -22,7 +22,7 @@ import leases
 from actions import Services, ZoneContext
 from common.alerts import ensure_alert, resolve_alerts
 from config_source import ConfigLoader
-from controllers import climate, dosing, health, irrigation, lighting, phase
+from controllers import climate, dosing, health, irrigation, lighting, phase, pump_watch
 from snapshot import ZoneData, load_facts, load_zones
 
 log = logging.getLogger("automation.engine")
@@ -31,6 +31,7 @@ Controller = Callable[[ZoneContext], Awaitable[None]]
 # Order of contract §8.10, except that EC runs before pH (pH waits for a nutrient dose to settle).
 CONTROLLERS: list[tuple[str, Controller]] = [
     ("phase", phase.run),
+    ("pump_watch", pump_watch.run),  # first: a pump stuck on blocks every pump of the zone in this very cycle
     ("light", lighting.run),
     ("climate", climate.run),
     ("irrigation", irrigation.run_irrigation),
@@ -39,7 +40,8 @@ CONTROLLERS: list[tuple[str, Controller]] = [
     ("ph", dosing.run_ph),
     ("health", health.run),
 ]
-ALWAYS = {"health"}  # the only controller of a zone whose capabilities are NULL (contract §8.10: opt-in)
+# The controllers of a zone whose capabilities are NULL (contract §8.10: control is opt-in; these only observe).
+ALWAYS = {"pump_watch", "health"}
 FAILURE_ALERT_MATCH = {"service": "automation-engine", "reason": "zone_failures"}
 
 

@@ -260,7 +260,8 @@ class CountingDatabase(Database):
 
     async def fetch(self, sql, *args, timeout=None):
         # Controller reads only: common.commands batches its own queries per group of commands.
-        if not sql.lstrip().upper().startswith("UPDATE") and "WHERE n.uid = ANY($1::text[])" not in sql:
+        statement = sql.lstrip().upper()
+        if not statement.startswith(("UPDATE", "WITH LOCKED")) and "WHERE n.uid = ANY($1::text[])" not in sql:
             CountingDatabase.fetches += 1
         return await super().fetch(sql, *args, timeout=timeout)
 
