@@ -82,7 +82,7 @@ def can_run_pump(zone: ZoneData, node: Node, channel: str, now: dt.datetime, *, 
 
 
 def reading_problem(zone: ZoneData, metric: str, reading: Reading, now: dt.datetime, *, max_age: dt.timedelta,
-                    max_rate_per_min: float, stuck_min_samples: int) -> str | None:
+                    max_rate_per_min: float, stuck_min_samples: int, settle: dt.timedelta) -> str | None:
     """stale / implausible value / implausible rate (jump) / unconfirmed / stuck sensor, else None."""
     if reading.updated_at is None or now - reading.updated_at > max_age:
         return "stale_reading"
@@ -100,11 +100,20 @@ def reading_problem(zone: ZoneData, metric: str, reading: Reading, now: dt.datet
         return "implausible_rate"
     if abs(reading.value - earlier[0][1]) > CONFIRM_TOLERANCE.get(metric, float("inf")):
         return "unconfirmed_reading"
-    flat = zone.flat.get(metric)
-    if (flat is not None and flat.covered and flat.count >= stuck_min_samples and flat.low is not None
-            and flat.high - flat.low <= STUCK_TOLERANCE.get(metric, 0.0)):
+    tolerance = STUCK_TOLERANCE.get(metric, 0.0)
+    if _flat(zone.flat.get(metric), stuck_min_samples, tolerance):
+        return "stuck_sensor"
+    # A probe that did not move at all through a dose and its settling time is stuck too: this catches a
+    # probe stuck from the start after one dose instead of after STUCK_MIN_MINUTES.
+    dosed = zone.after_dose.get(metric)
+    if dosed is not None and now - dosed.dose_at >= settle and _flat(dosed.span, stuck_min_samples, tolerance):
         return "stuck_sensor"
     return None
+
+
+def _flat(span, min_samples: int, tolerance: float) -> bool:
+    return (span is not None and span.covered and span.count >= min_samples and span.low is not None
+            and span.high - span.low <= tolerance)
 
 
 def improving(zone: ZoneData, metric: str, reading: Reading, target: float) -> bool:

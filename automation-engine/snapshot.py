@@ -23,6 +23,9 @@ HEALTH_WINDOW = dt.timedelta(hours=2)
 # (a reading of 1e308 must not overflow stddev_samp nor fake a jump). The one place to switch to the
 # shared table of physical ranges once common/ has one.
 PHYSICAL_RANGE = {"PH": (0.0, 14.0), "EC": (0.0, 20.0)}
+# What doses a metric: its correction events and its pump channels (controllers/dosing.py's PH / EC).
+DOSE_SOURCES = {"PH": (("PH_CORRECTED",), ("pump_acid", "pump_base")), "EC": (("EC_DOSING",), ("pump_nutrient",))}
+BEFORE_DOSE = dt.timedelta(minutes=5)  # how far back the last reading before a dose may be
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,21 @@ class FlatSpan:
     covered: bool  # the sensor reported before the window began: the window is fully observed
 
 
+@dataclass(frozen=True)
+class AfterDose:
+    """The samples of one metric from the last one before its last dose until now."""
+    dose_at: dt.datetime
+    span: FlatSpan  # covered: there is a sample from before the dose
+
+
+def last_dose(zone: "ZoneData", metric: str) -> dt.datetime | None:
+    """The latest correction event or pump command (any source) of `metric`."""
+    events, channels = DOSE_SOURCES[metric]
+    times = [zone.events[t][0] for t in events if t in zone.events]
+    times += [c.created_at for c in zone.commands if c.channel in channels and c.cmd in ("dose", "run_pump")]
+    return max(times, default=None)
+
+
 @dataclass
 class ZoneData:
     id: int
@@ -98,10 +116,11 @@ class ZoneData:
     samples: dict[str, list[tuple[dt.datetime, float]]] = field(default_factory=dict)  # newest first
     stats: dict[str, tuple[float | None, int, dt.datetime | None]] = field(default_factory=dict)  # (sd, n, first ts)
     flat: dict[str, FlatSpan] = field(default_factory=dict)
+    after_dose: dict[str, AfterDose] = field(default_factory=dict)
     read_error: Exception | None = None  # this zone's facts could not be read: it is skipped this cycle
 
     def clear_facts(self) -> None:
-        for name in ("telemetry", "events", "samples", "stats", "flat"):
+        for name in ("telemetry", "events", "samples", "stats", "flat", "after_dose"):
             getattr(self, name).clear()
         self.nodes, self.alerts, self.commands = [], [], []
 
@@ -281,3 +300,24 @@ async def _load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, 
             by_id[r["zone_id"]].flat[r["metric"]] = FlatSpan(r["n"], r["low"], r["high"], r["covered"])
 
     await asyncio.gather(telemetry(), nodes(), events(), alerts(), commands(), samples(), stats(), flat())
+
+    # Then, for zones dosed in the last 2 h, the readings since just before the dose (needs events + commands).
+    doses = [(z.id, metric, at) for z in zones for metric in DOSING_METRICS
+             if z.id in dosing_ids and (at := last_dose(z, metric)) is not None and now - at <= HEALTH_WINDOW]
+    if doses:
+        for r in await db.fetch(
+                """
+                SELECT d.zone_id, d.metric, d.dose_at, w.n, w.low, w.high, p.pre IS NOT NULL AS covered
+                  FROM unnest($1::bigint[], $2::text[], $3::timestamp[]) d(zone_id, metric, dose_at)
+                  JOIN unnest($4::text[], $5::float8[], $6::float8[]) m(metric, lo, hi) ON m.metric = d.metric
+                  CROSS JOIN LATERAL (SELECT max(ts) AS pre FROM telemetry_samples s
+                                       WHERE s.zone_id = d.zone_id AND s.metric_type = d.metric AND s.ts < d.dose_at
+                                         AND s.ts >= d.dose_at - $7::interval AND s.value BETWEEN m.lo AND m.hi) p
+                  CROSS JOIN LATERAL (SELECT count(*) AS n, min(value) AS low, max(value) AS high
+                                        FROM telemetry_samples s
+                                       WHERE s.zone_id = d.zone_id AND s.metric_type = d.metric
+                                         AND s.ts >= p.pre AND s.value BETWEEN m.lo AND m.hi) w
+                """, [d[0] for d in doses], [d[1] for d in doses], [d[2] for d in doses], DOSING_METRICS, lows, highs,
+                BEFORE_DOSE):
+            by_id[r["zone_id"]].after_dose[r["metric"]] = AfterDose(
+                r["dose_at"], FlatSpan(r["n"], r["low"], r["high"], r["covered"]))

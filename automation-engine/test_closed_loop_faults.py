@@ -3,8 +3,8 @@ process, the engine cycling every second, all on the real PostgreSQL, Redis and 
 
 Five zones, one fault each; the test counts the doses given while a gate should have held:
 
-* stuck      — the pH probe reads 6.6 from the start: no dose once STUCK_MIN_MINUTES have passed;
-* stuck-later— it follows the true pH (in band), then freezes at 6.6: no dose STUCK_MIN_MINUTES after;
+* stuck      — the pH probe reads 6.6 from the start: one dose (nothing shows it stuck before), none after;
+* stuck-later— it follows the true pH (in band), then freezes at 6.6: at most one dose after it froze;
 * jumping    — true pH in band, bursts of two spikes of −1.9 in a row: no dose at all;
 * offline    — the pump node loses its connection (will → offline): no dose until it is back;
 * dropped    — the pump node never answers: no dose while an earlier one is unanswered.
@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import time
 
+import httpx
 import pytest
 
 from common import testing
@@ -87,7 +88,17 @@ async def logger(settings):
     env = dict(testing.settings_env(settings), **LOGGER_ENV, HISTORY_LOGGER_PORT=str(testing.free_port()),
                HISTORY_LOGGER_METRICS_PORT=str(testing.free_port()))
     process = testing.ServiceProcess("history-logger", env).start()
-    testing.wait_port(int(env["HISTORY_LOGGER_PORT"]), 30)
+    url = f"http://127.0.0.1:{env['HISTORY_LOGGER_PORT']}/ready"
+
+    async def ready():
+        try:
+            async with httpx.AsyncClient(timeout=2) as client:
+                return (await client.get(url)).status_code == 200
+        except httpx.HTTPError:
+            return False
+    # ready = subscribed: the nodes' first (not retained) ONLINE reaches it
+    await testing.eventually(ready, 30, 0.2, f"history-logger ready\n{process.log()[-2000:]}")
+    await asyncio.sleep(0.5)
     yield process
     assert process.terminate() == 0, process.log()[-3000:]
 
@@ -145,13 +156,14 @@ async def test_no_dose_while_a_gate_should_hold(db, settings, logger, make_engin
     late = [d for d in doses if d["created_at"] > stuck_since + stuck_window + MARGIN]
     report["stuck"] = (len(doses), len(late))
     assert late == [], report
+    assert len(doses) <= 1, report  # the probe did not move through the first dose: stuck from then on
     assert await _skipped(db, zones["stuck"], "stuck_sensor") >= 1
     # stuck after varying (in band first: no dose; out of band once frozen)
     frozen = _utc_of(faults["later"].stuck_at)
     doses = await _doses(db, zones["later"])
     late = [d for d in doses if d["created_at"] > frozen + stuck_window + MARGIN]
     report["later"] = (len(doses), len(late))
-    assert late == [], report
+    assert late == [] and len(doses) <= 1, report
     assert [d for d in doses if d["created_at"] < frozen] == []
     assert await _skipped(db, zones["later"], "stuck_sensor") >= 1
     # jumping: never a dose, and the spikes were really sent and refused

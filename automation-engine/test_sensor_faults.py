@@ -42,6 +42,22 @@ async def test_a_live_sensor_and_a_young_flat_one_are_not_stuck(db, make_engine)
     assert [c["cmd"] for c in await automation_commands(db, young.zone_id)] == ["dose"]
 
 
+async def test_a_probe_that_does_not_move_through_a_dose_is_stuck_without_waiting_an_hour(db, make_engine):
+    still = await seed_zone(db, name="still", telemetry={"PH": 6.6}, history=0)
+    moving = await seed_zone(db, name="moving", gh_uid="gh-2", telemetry={"PH": 6.6}, history=0)
+    for z, wobble in ((still, 0.0), (moving, 0.01)):
+        await add_samples(db, z.zone_id, "PH", [(6.6 + (wobble if k % 2 else 0.0), 10 + 30 * k) for k in range(24)])
+        await db.execute(  # an acid dose 11 min ago (the settling time is 10 min); 12 min of samples around it
+            "INSERT INTO commands (zone_id, node_id, channel, cmd, params, status, cmd_id, source, created_at)"
+            " VALUES ($1, $2, 'pump_acid', 'dose', '{\"dose_ml\": 2.0}', 'ack', $3, 'automation',"
+            " (now() AT TIME ZONE 'UTC')::timestamp - interval '11 minutes')",
+            z.zone_id, z.nodes[f"nd-ph-{z.zone_id}"], f"dose-{z.zone_id}")
+    result = await make_engine().run_cycle()
+    assert "refused:PH:stuck_sensor" in result.contexts[still.zone_id].log
+    assert [c["cmd_id"] for c in await automation_commands(db, still.zone_id)] == [f"dose-{still.zone_id}"]
+    assert "command:dose:pump_acid" in result.contexts[moving.zone_id].log
+
+
 # -- jumps: judged against the median of the samples before, and confirmed ------------------------
 async def test_two_spikes_in_a_row_do_not_dose(db, make_engine):
     """True pH about 6.7 (in band); two readings of 4.78 in a row must not give a base dose."""
