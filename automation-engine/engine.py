@@ -104,7 +104,7 @@ class Engine:
         mine = [z for z in zones if z.id in claimed]
         result.skipped = len(zones) - len(mine)
         try:
-            await load_facts(services.db, mine, now, command_window=dt.timedelta(minutes=max(60.0, auto.reassert_min)),
+            await load_facts(services.db, [z for z in mine if z.read_error is None], now, command_window=dt.timedelta(minutes=max(60.0, auto.reassert_min)),
                              fault_window=dt.timedelta(minutes=30),
                              sample_count=gates.REFERENCE_SAMPLES + 1,
                              stuck_window=dt.timedelta(minutes=auto.stuck_min_minutes))
@@ -136,7 +136,6 @@ class Engine:
             gh = config.zones.get(zone.id)
             ctx = ZoneContext(zone, self.services, now, gh_uid=gh.uid if gh else (zone.gh_uid or ""),
                               timezone=(gh.timezone if gh else None) or zone.timezone)
-            ctx.targets = phase.current_targets(ctx)
             result.contexts[zone.id] = ctx
             if zone.read_error is not None:  # its facts could not be read: nothing to decide on
                 error = zone.read_error
@@ -144,6 +143,7 @@ class Engine:
                 log.error("zone_read_failed", extra={"zone_id": zone.id, "error": str(error)[:300]})
                 ctx.log.append(f"read_failed:{type(error).__name__}")
                 return False
+            ctx.targets = phase.current_targets(ctx)
             if zone.capabilities is None and zone.id not in self._null_capabilities_logged:
                 self._null_capabilities_logged.add(zone.id)
                 log.info("zone_without_capabilities_runs_health_only", extra={"zone_id": zone.id})

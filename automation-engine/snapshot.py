@@ -9,6 +9,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from common.db import CONNECTION_ERRORS, Database
 from targets import Phase
 
@@ -134,12 +136,23 @@ class ZoneData:
         return next((n for n in self.nodes if n.id == node_id), None)
 
 
+def _json(text: str | None, what: str) -> Any:
+    """A jsonb column read as text, decoded here so one unreadable value fails only its own zone."""
+    if text is None:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"{what} cannot be read: {exc}") from None
+
+
 async def load_zones(db: Database) -> list[ZoneData]:
-    """Eligible zones (recipe instance + status online/warning/running) with their phases."""
+    """Eligible zones (recipe instance + status online/warning/running) with their phases. A zone whose
+    capabilities, settings or phase targets cannot be decoded gets `read_error` (skipped, counted)."""
     rows = await db.fetch(
         """
-        SELECT z.id, z.name, z.status, z.capabilities, z.settings, g.uid AS gh_uid, g.timezone,
-               i.id AS instance_id, i.recipe_id, i.current_phase_index, i.started_at
+        SELECT z.id, z.name, z.status, z.capabilities::text AS capabilities, z.settings::text AS settings,
+               g.uid AS gh_uid, g.timezone, i.id AS instance_id, i.recipe_id, i.current_phase_index, i.started_at
           FROM zones z
           JOIN LATERAL (SELECT * FROM zone_recipe_instances ri WHERE ri.zone_id = z.id
                          ORDER BY ri.id DESC LIMIT 1) i ON true
@@ -147,22 +160,38 @@ async def load_zones(db: Database) -> list[ZoneData]:
          WHERE lower(z.status) = ANY($1::text[])
          ORDER BY z.id
         """, ELIGIBLE_STATUSES)
-    zones = [ZoneData(id=r["id"], name=r["name"], status=r["status"],
-                      capabilities=r["capabilities"] if isinstance(r["capabilities"], dict) else None,
-                      settings=r["settings"] if isinstance(r["settings"], dict) else None,
-                      gh_uid=r["gh_uid"], timezone=r["timezone"], instance_id=r["instance_id"],
-                      recipe_id=r["recipe_id"], current_phase_index=r["current_phase_index"],
-                      started_at=r["started_at"]) for r in rows]
+    zones = []
+    for r in rows:
+        zone = ZoneData(id=r["id"], name=r["name"], status=r["status"], capabilities=None, settings=None,
+                        gh_uid=r["gh_uid"], timezone=r["timezone"], instance_id=r["instance_id"],
+                        recipe_id=r["recipe_id"], current_phase_index=r["current_phase_index"],
+                        started_at=r["started_at"])
+        try:
+            capabilities, settings = _json(r["capabilities"], "zones.capabilities"), _json(r["settings"], "zones.settings")
+        except ValueError as exc:
+            zone.read_error = exc
+        else:
+            zone.capabilities = capabilities if isinstance(capabilities, dict) else None
+            zone.settings = settings if isinstance(settings, dict) else None
+        zones.append(zone)
     recipe_ids = sorted({z.recipe_id for z in zones})
     if recipe_ids:
         phases: dict[int, list[Phase]] = defaultdict(list)
+        unreadable: dict[int, ValueError] = {}
         for r in await db.fetch(
-                "SELECT recipe_id, phase_index, name, duration_hours, targets FROM recipe_phases"
+                "SELECT recipe_id, phase_index, name, duration_hours, targets::text AS targets FROM recipe_phases"
                 " WHERE recipe_id = ANY($1::bigint[]) ORDER BY recipe_id, phase_index, id", recipe_ids):
+            try:
+                targets = _json(r["targets"], f"recipe_phases.targets of recipe {r['recipe_id']}")
+            except ValueError as exc:
+                unreadable[r["recipe_id"]] = exc
+                continue
             phases[r["recipe_id"]].append(Phase(r["phase_index"], r["name"], r["duration_hours"],
-                                                r["targets"] if isinstance(r["targets"], dict) else {}))
+                                                targets if isinstance(targets, dict) else {}))
         for zone in zones:
             zone.phases = phases.get(zone.recipe_id, [])
+            if zone.recipe_id in unreadable and zone.read_error is None:
+                zone.read_error = unreadable[zone.recipe_id]
     return zones
 
 

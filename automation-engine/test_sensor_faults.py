@@ -119,3 +119,18 @@ async def test_a_zone_whose_data_cannot_be_read_fails_alone(db, make_engine):
                         error_type="read:JSONDecodeError") == before + 1
     assert [c["cmd"] for c in await automation_commands(db, healthy.zone_id)] == ["dose"]
     assert await automation_commands(db, poisoned.zone_id) == []
+
+
+async def test_a_zone_whose_recipe_or_settings_cannot_be_read_fails_alone(db, make_engine):
+    bad_recipe = await seed_zone(db, name="bad recipe", telemetry={"PH": 6.3})
+    await db.execute("UPDATE recipe_phases SET targets = '{\"ph\": 5.8, \"ec\": 1e400}'::jsonb WHERE recipe_id = $1",
+                     bad_recipe.recipe_id)
+    bad_settings = await seed_zone(db, name="bad settings", gh_uid="gh-2", telemetry={"PH": 6.3})
+    await db.execute("UPDATE zones SET settings = '{\"water_cycle\": {\"x\": -1e999}}'::jsonb WHERE id = $1",
+                     bad_settings.zone_id)
+    healthy = await seed_zone(db, name="healthy", gh_uid="gh-3", telemetry={"PH": 6.3})
+    result = await make_engine().run_cycle()
+    assert (result.processed, result.failed) == (3, 2)
+    assert result.contexts[bad_recipe.zone_id].log == ["read_failed:ValueError"]
+    assert result.contexts[bad_settings.zone_id].log == ["read_failed:ValueError"]
+    assert [c["cmd"] for c in await automation_commands(db, healthy.zone_id)] == ["dose"]
