@@ -22,8 +22,9 @@ PUMP_FAULT_CODES = ["biz_overcurrent", "biz_no_flow", "biz_dry_run", "biz_pump_s
 DOSING_METRICS = ["PH", "EC"]
 HEALTH_WINDOW = dt.timedelta(hours=2)
 # What a sensor of the metric can physically report; statistics and gates ignore anything outside
-# (a reading of 1e308 must not overflow stddev_samp nor fake a jump). The one place to switch to the
-# shared table of physical ranges once common/ has one.
+# (a reading of 1e308 must not overflow stddev_samp nor fake a jump). The same bounds as the shared
+# table `common.metric_ranges.RANGES` (the history-logger refuses readings outside it): once that
+# module is on this branch, this line becomes `PHYSICAL_RANGE = {m: RANGES[m] for m in DOSING_METRICS}`.
 PHYSICAL_RANGE = {"PH": (0.0, 14.0), "EC": (0.0, 20.0)}
 # What doses a metric: its correction events and its pump channels (controllers/dosing.py's PH / EC).
 DOSE_SOURCES = {"PH": (("PH_CORRECTED",), ("pump_acid", "pump_base")), "EC": (("EC_DOSING",), ("pump_nutrient",))}
