@@ -319,3 +319,16 @@ async def test_sensor_faults_change_only_what_the_channel_reports(env):
     spikes = [v for v in fresh if v == pytest.approx(4.3, abs=0.02)]
     assert spikes and len(spikes) <= len(fresh) // 2 + 1
     assert all(v == pytest.approx(6.3, abs=0.02) or v == pytest.approx(4.3, abs=0.02) for v in fresh)
+
+
+def test_sensor_fault_command_line_forms():
+    from tools.node_sim import SensorFault
+    node, channel, fault = SensorFault.parse("nd-1/ph_sensor=stuck:6.6@60")
+    assert (node, channel, fault.mode, fault.value, fault.after_sec) == ("nd-1", "ph_sensor", "stuck", 6.6, 60.0)
+    assert SensorFault.parse("nd-1/ph_sensor=stuck")[2].value is None
+    assert SensorFault.parse("nd-1/ph_sensor=stuck@30")[2].after_sec == 30.0
+    spikes = SensorFault.parse("nd-1/ec_sensor=spikes:-0.5/6")[2]
+    assert (spikes.mode, spikes.offset, spikes.every, spikes.burst) == ("spikes", -0.5, 6, 2)
+    for bad in ("nd-1=stuck", "nd-1/ph_sensor=melted", "nd-1/ph_sensor=stuck:high", "nd-1/ph_sensor=spikes"):
+        with pytest.raises(ValueError, match="sensor fault"):
+            SensorFault.parse(bad)

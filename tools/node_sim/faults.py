@@ -5,6 +5,8 @@
     node.sensor_faults["ph_sensor"] = SensorFault.spikes(-1.9, every=10)    # two spikes in a row every 10 readings
 
 A fault only changes the value a channel publishes; the reservoir, and so the other channels, go on.
+On the command line (`--sensor-fault`, repeatable): `NODE/CHANNEL=stuck[:VALUE][@AFTER_SEC]` or
+`NODE/CHANNEL=spikes:OFFSET[/EVERY]`, e.g. `nd-sim-ph-z1-1/ph_sensor=stuck:6.6@60`.
 """
 from __future__ import annotations
 
@@ -34,6 +36,26 @@ class SensorFault:
     @classmethod
     def spikes(cls, offset: float, every: int = 10, burst: int = 2) -> "SensorFault":
         return cls("spikes", offset=offset, every=max(every, burst + 1), burst=burst)
+
+    @classmethod
+    def parse(cls, text: str) -> tuple[str, str, "SensorFault"]:
+        """(node, channel, fault) from the command-line form; ValueError naming what is wrong."""
+        target, _, spec = text.partition("=")
+        node, _, channel = target.partition("/")
+        if not node or not channel or not spec:
+            raise ValueError(f"sensor fault {text!r}: expected NODE/CHANNEL=stuck[:VALUE][@SEC] or "
+                             "NODE/CHANNEL=spikes:OFFSET[/EVERY]")
+        spec, _, after = spec.partition("@")
+        mode, _, rest = spec.partition(":")
+        try:
+            if mode == "stuck":
+                return node, channel, cls.stuck(float(rest) if rest else None, float(after) if after else 0.0)
+            if mode == "spikes" and rest and not after:
+                offset, _, every = rest.partition("/")
+                return node, channel, cls.spikes(float(offset), int(every) if every else 10)
+        except ValueError:
+            pass
+        raise ValueError(f"sensor fault {text!r}: expected stuck[:VALUE][@SEC] or spikes:OFFSET[/EVERY] after '='")
 
     def apply(self, true_value: float, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
