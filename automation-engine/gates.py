@@ -15,7 +15,7 @@ FAULTS_IN_WINDOW = 3      # overcurrent / no-flow / dry-run alerts per pump chan
 # MIN_REFERENCE samples there is nothing to judge it by, and it is not acted on.
 REFERENCE_SAMPLES = 9
 MIN_REFERENCE = 3
-REFERENCE_WINDOW = dt.timedelta(minutes=5)
+REFERENCE_WINDOW = dt.timedelta(minutes=15)  # a probe polled every 5 minutes still has its 3 samples
 # A reading is confirmed when the sample before it agrees within this much.
 CONFIRM_TOLERANCE = {"PH": 0.1, "EC": 0.1}
 # A sensor whose readings stay within this much of each other for STUCK_MIN_MINUTES is stuck (a live
