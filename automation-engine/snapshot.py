@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from common.db import CONNECTION_ERRORS, Database
+from common.metric_ranges import RANGES
 from targets import Phase
 
 log = logging.getLogger("automation.snapshot")
@@ -21,11 +22,10 @@ TRACKED_EVENTS = ["PH_CORRECTED", "EC_DOSING", "IRRIGATION_STARTED", "RECIRCULAT
 PUMP_FAULT_CODES = ["biz_overcurrent", "biz_no_flow", "biz_dry_run", "biz_pump_stuck_on"]
 DOSING_METRICS = ["PH", "EC"]
 HEALTH_WINDOW = dt.timedelta(hours=2)
-# What a sensor of the metric can physically report; statistics and gates ignore anything outside
-# (a reading of 1e308 must not overflow stddev_samp nor fake a jump). The same bounds as the shared
-# table `common.metric_ranges.RANGES` (the history-logger refuses readings outside it): once that
-# module is on this branch, this line becomes `PHYSICAL_RANGE = {m: RANGES[m] for m in DOSING_METRICS}`.
-PHYSICAL_RANGE = {"PH": (0.0, 14.0), "EC": (0.0, 20.0)}
+# What a sensor of the metric can physically report (the shared table the history-logger refuses
+# readings by); statistics and gates ignore anything outside, so a value that reached the database
+# anyway (written before, or by someone else) cannot overflow stddev_samp nor fake a jump.
+PHYSICAL_RANGE = {metric: RANGES[metric] for metric in DOSING_METRICS}
 # What doses a metric: its correction events and its pump channels (controllers/dosing.py's PH / EC).
 DOSE_SOURCES = {"PH": (("PH_CORRECTED",), ("pump_acid", "pump_base")), "EC": (("EC_DOSING",), ("pump_nutrient",))}
 BEFORE_DOSE = dt.timedelta(minutes=5)  # how far back the last reading before a dose may be
