@@ -28,7 +28,8 @@ log = logging.getLogger("automation.actions")
 
 # Refusals that mean "something is wrong" when they last several cycles (alert DOSING_BLOCKED);
 # the others (settling, waiting for EC, improving trend) are the normal rhythm of dosing.
-PERSISTENT_REASONS = {"stale_reading", "implausible_value", "implausible_rate", "stuck_sensor", "no_actuator",
+PERSISTENT_REASONS = {"stale_reading", "implausible_value", "implausible_rate", "unconfirmed_reading", "stuck_sensor",
+                      "no_actuator",
                       "node_offline", "node_silent", "water_level_low", "dry_run", "pump_fault_alert",
                       "pump_fault_count", "pending_command", "hourly_cap", "safe_limit", "command_rejected",
                       "publish_failed"}

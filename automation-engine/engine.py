@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import engine_metrics as m
+import gates
 import leases
 from actions import Services, ZoneContext
 from common.alerts import ensure_alert, resolve_alerts
 from config_source import ConfigLoader
-from controllers import climate, dosing, health, irrigation, lighting, phase
+from controllers import climate, dosing, health, irrigation, lighting, phase, pump_watch
 from snapshot import ZoneData, load_facts, load_zones
 
 log = logging.getLogger("automation.engine")
@@ -30,6 +31,7 @@ Controller = Callable[[ZoneContext], Awaitable[None]]
 # Order of contract §8.10, except that EC runs before pH (pH waits for a nutrient dose to settle).
 CONTROLLERS: list[tuple[str, Controller]] = [
     ("phase", phase.run),
+    ("pump_watch", pump_watch.run),  # first: a pump stuck on blocks every pump of the zone in this very cycle
     ("light", lighting.run),
     ("climate", climate.run),
     ("irrigation", irrigation.run_irrigation),
@@ -38,7 +40,8 @@ CONTROLLERS: list[tuple[str, Controller]] = [
     ("ph", dosing.run_ph),
     ("health", health.run),
 ]
-ALWAYS = {"health"}  # the only controller of a zone whose capabilities are NULL (contract §8.10: opt-in)
+# The controllers of a zone whose capabilities are NULL (contract §8.10: control is opt-in; these only observe).
+ALWAYS = {"pump_watch", "health"}
 FAILURE_ALERT_MATCH = {"service": "automation-engine", "reason": "zone_failures"}
 
 
@@ -101,9 +104,10 @@ class Engine:
         mine = [z for z in zones if z.id in claimed]
         result.skipped = len(zones) - len(mine)
         try:
-            await load_facts(services.db, mine, now, command_window=dt.timedelta(minutes=max(60.0, auto.reassert_min)),
+            await load_facts(services.db, [z for z in mine if z.read_error is None], now, command_window=dt.timedelta(minutes=max(60.0, auto.reassert_min)),
                              fault_window=dt.timedelta(minutes=30),
-                             sample_count=max(4, auto.stuck_min_samples))
+                             sample_count=gates.REFERENCE_SAMPLES + 1,
+                             stuck_window=dt.timedelta(minutes=auto.stuck_min_minutes))
             result.concurrency = self.concurrency(len(mine))
             m.OPTIMAL_CONCURRENCY.set(result.concurrency)
             limit = asyncio.Semaphore(result.concurrency)
@@ -132,8 +136,14 @@ class Engine:
             gh = config.zones.get(zone.id)
             ctx = ZoneContext(zone, self.services, now, gh_uid=gh.uid if gh else (zone.gh_uid or ""),
                               timezone=(gh.timezone if gh else None) or zone.timezone)
-            ctx.targets = phase.current_targets(ctx)
             result.contexts[zone.id] = ctx
+            if zone.read_error is not None:  # its facts could not be read: nothing to decide on
+                error = zone.read_error
+                m.ZONE_PROCESSING_ERRORS.labels(str(zone.id), f"read:{type(error).__name__}").inc()
+                log.error("zone_read_failed", extra={"zone_id": zone.id, "error": str(error)[:300]})
+                ctx.log.append(f"read_failed:{type(error).__name__}")
+                return False
+            ctx.targets = phase.current_targets(ctx)
             if zone.capabilities is None and zone.id not in self._null_capabilities_logged:
                 self._null_capabilities_logged.add(zone.id)
                 log.info("zone_without_capabilities_runs_health_only", extra={"zone_id": zone.id})

@@ -3,13 +3,24 @@ and the sensor checks in front of every correction. Each returns a refusal reaso
 from __future__ import annotations
 
 import datetime as dt
+import statistics
 
-from snapshot import PUMP_FAULT_CODES, Node, Reading, ZoneData
+from snapshot import PHYSICAL_RANGE, PUMP_FAULT_CODES, Node, Reading, ZoneData
 
 WATER_LEVEL_OK = 0.2      # below: no dosing / irrigation (alert WATER_LEVEL_LOW)
 WATER_LEVEL_DRY = 0.15    # below: no pump at all (can_run_pump)
 FAULTS_IN_WINDOW = 3      # overcurrent / no-flow / dry-run alerts per pump channel in 30 min
-PLAUSIBLE = {"PH": (0.0, 14.0), "EC": (0.0, 20.0)}
+# A reading is judged against the median of the samples before it (at most REFERENCE_SAMPLES of the
+# last REFERENCE_WINDOW): a spike, or two in a row, cannot move a median of several. With fewer than
+# MIN_REFERENCE samples there is nothing to judge it by, and it is not acted on.
+REFERENCE_SAMPLES = 9
+MIN_REFERENCE = 3
+REFERENCE_WINDOW = dt.timedelta(minutes=15)  # a probe polled every 5 minutes still has its 3 samples
+# A reading is confirmed when the sample before it agrees within this much.
+CONFIRM_TOLERANCE = {"PH": 0.1, "EC": 0.1}
+# A sensor whose readings stay within this much of each other for STUCK_MIN_MINUTES is stuck (a live
+# probe's noise is larger; a frozen one repeats one value).
+STUCK_TOLERANCE = {"PH": 0.005, "EC": 0.005}
 OPEN_STATUSES = ("pending", "sent")
 
 
@@ -71,30 +82,45 @@ def can_run_pump(zone: ZoneData, node: Node, channel: str, now: dt.datetime, *, 
 
 
 def reading_problem(zone: ZoneData, metric: str, reading: Reading, now: dt.datetime, *, max_age: dt.timedelta,
-                    max_rate_per_min: float, stuck_min_samples: int, stuck_min_minutes: float) -> str | None:
-    """stale / implausible value / implausible rate (jump) / stuck sensor, else None."""
+                    max_rate_per_min: float, stuck_min_samples: int, settle: dt.timedelta) -> str | None:
+    """stale / implausible value / implausible rate (jump) / unconfirmed / stuck sensor, else None."""
     if reading.updated_at is None or now - reading.updated_at > max_age:
         return "stale_reading"
-    lo, hi = PLAUSIBLE.get(metric, (float("-inf"), float("inf")))
+    lo, hi = PHYSICAL_RANGE.get(metric, (float("-inf"), float("inf")))
     if not lo < reading.value < hi:
         return "implausible_value"
     earlier = [(ts, v) for ts, v in zone.samples.get(metric, [])
-               if ts < reading.updated_at - dt.timedelta(seconds=1)]
-    if earlier:
-        ts, value = earlier[0]
-        minutes = max((reading.updated_at - ts).total_seconds() / 60.0, 1.0)
-        if abs(reading.value - value) / minutes > max_rate_per_min:
-            return "implausible_rate"
-    sd, count, first_ts = zone.stats.get(metric, (None, 0, None))
-    if (sd is not None and sd == 0 and count >= stuck_min_samples and first_ts is not None
-            and (reading.updated_at - first_ts).total_seconds() / 60.0 >= stuck_min_minutes):
+               if reading.updated_at - REFERENCE_WINDOW <= ts < reading.updated_at][:REFERENCE_SAMPLES]
+    if len(earlier) < MIN_REFERENCE:
+        return "unconfirmed_reading"
+    reference = statistics.median_low([v for _, v in earlier])
+    reference_ts = sorted(ts for ts, _ in earlier)[(len(earlier) - 1) // 2]
+    minutes = max((reading.updated_at - reference_ts).total_seconds() / 60.0, 1.0)
+    if abs(reading.value - reference) / minutes > max_rate_per_min:
+        return "implausible_rate"
+    if abs(reading.value - earlier[0][1]) > CONFIRM_TOLERANCE.get(metric, float("inf")):
+        return "unconfirmed_reading"
+    tolerance = STUCK_TOLERANCE.get(metric, 0.0)
+    if _flat(zone.flat.get(metric), stuck_min_samples, tolerance):
+        return "stuck_sensor"
+    # A probe that did not move at all through a dose and its settling time is stuck too: this catches a
+    # probe stuck from the start after one dose instead of after STUCK_MIN_MINUTES.
+    dosed = zone.after_dose.get(metric)
+    if dosed is not None and now - dosed.dose_at >= settle and _flat(dosed.span, stuck_min_samples, tolerance):
         return "stuck_sensor"
     return None
 
 
-def improving(zone: ZoneData, metric: str, current: float, target: float) -> bool:
-    """The original trend rule: with ≥3 samples in 2 h, the deviation from target shrinks by > 0.05."""
-    history = zone.samples.get(metric, [])[:3]
+def _flat(span, min_samples: int, tolerance: float) -> bool:
+    return (span is not None and span.covered and span.count >= min_samples and span.low is not None
+            and span.high - span.low <= tolerance)
+
+
+def improving(zone: ZoneData, metric: str, reading: Reading, target: float) -> bool:
+    """The original trend rule: with ≥3 samples in 2 h before the reading, the deviation from target
+    shrinks by > 0.05."""
+    current = reading.value
+    history = [s for s in zone.samples.get(metric, []) if reading.updated_at is None or s[0] < reading.updated_at][:3]
     if len(history) < 3:
         return False
     values = [v for _, v in reversed(history)] + [current]

@@ -32,6 +32,10 @@ async def claim(db: Database, zone_ids: list[int], owner: str, now: dt.datetime,
 
 
 async def release(db: Database, zone_ids: list[int], owner: str) -> None:
+    """Rows are locked in zone order, as the claim takes them, so a release and another engine's claim
+    never wait for each other in a circle."""
     if zone_ids:
-        await db.execute("UPDATE automation_zone_runs SET held_until = NULL WHERE owner = $1 AND zone_id = ANY($2)",
-                         owner, sorted(zone_ids))
+        await db.execute("WITH locked AS (SELECT zone_id FROM automation_zone_runs WHERE owner = $1"
+                         "                  AND zone_id = ANY($2) ORDER BY zone_id FOR UPDATE)"
+                         " UPDATE automation_zone_runs r SET held_until = NULL FROM locked"
+                         " WHERE r.zone_id = locked.zone_id AND r.owner = $1", owner, sorted(zone_ids))

@@ -15,6 +15,7 @@ import time
 
 from common.db import Database
 from common.env import Settings, settings_or_exit
+from common.infra_watch import ConnectionWatch
 from common.mqtt import MqttClient
 from common.redis_client import CONFIG_CHANGED_CHANNEL, key, redis_client
 from common.service import HttpServer, ops_app, run_service
@@ -43,6 +44,8 @@ class AutomationService:
         self._stopping = False
         self._loop_task: asyncio.Task | None = None
         self._listen_task: asyncio.Task | None = None
+        self.watch = ConnectionWatch("automation-engine", self.db, self.mqtt, after_sec=auto.infra_alert_after_sec)
+        self._watch_task: asyncio.Task | None = None
         self._cycles_ok = 0
 
     async def ready(self) -> dict[str, bool]:
@@ -56,6 +59,7 @@ class AutomationService:
         self.redis = redis_client(self.settings)
         self._listen_task = asyncio.create_task(self._listen(), name="automation-config-signal")
         self._loop_task = asyncio.create_task(self._loop(), name="automation-loop")
+        self._watch_task = asyncio.create_task(self.watch.run(), name="automation-connection-watch")
 
     async def stop(self) -> None:
         """Let the running cycle finish (in-flight commands and writes), then close everything."""
@@ -64,10 +68,11 @@ class AutomationService:
         if self._loop_task:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        if self._listen_task:
-            self._listen_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listen_task
+        for task in (self._listen_task, self._watch_task):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self.redis is not None:
             await self.redis.aclose()
         await self.config.close()

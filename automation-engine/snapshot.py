@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.db import Database
+import orjson
+
+from common.db import CONNECTION_ERRORS, Database
+from common.metric_ranges import RANGES
 from targets import Phase
+
+log = logging.getLogger("automation.snapshot")
 
 ELIGIBLE_STATUSES = ["online", "warning", "running"]  # contract §8.10
 TRACKED_EVENTS = ["PH_CORRECTED", "EC_DOSING", "IRRIGATION_STARTED", "RECIRCULATION_CYCLE"]
 PUMP_FAULT_CODES = ["biz_overcurrent", "biz_no_flow", "biz_dry_run", "biz_pump_stuck_on"]
 DOSING_METRICS = ["PH", "EC"]
 HEALTH_WINDOW = dt.timedelta(hours=2)
+# What a sensor of the metric can physically report (the shared table the history-logger refuses
+# readings by); statistics and gates ignore anything outside, so a value that reached the database
+# anyway (written before, or by someone else) cannot overflow stddev_samp nor fake a jump.
+PHYSICAL_RANGE = {metric: RANGES[metric] for metric in DOSING_METRICS}
+# What doses a metric: its correction events and its pump channels (controllers/dosing.py's PH / EC).
+DOSE_SOURCES = {"PH": (("PH_CORRECTED",), ("pump_acid", "pump_base")), "EC": (("EC_DOSING",), ("pump_nutrient",))}
+BEFORE_DOSE = dt.timedelta(minutes=5)  # how far back the last reading before a dose may be
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,30 @@ class AlertRow:
     created_at: dt.datetime
 
 
+@dataclass(frozen=True)
+class FlatSpan:
+    """The samples of one metric in the stuck-sensor window [now − STUCK_MIN_MINUTES, now]."""
+    count: int
+    low: float | None
+    high: float | None
+    covered: bool  # the sensor reported before the window began: the window is fully observed
+
+
+@dataclass(frozen=True)
+class AfterDose:
+    """The samples of one metric from the last one before its last dose until now."""
+    dose_at: dt.datetime
+    span: FlatSpan  # covered: there is a sample from before the dose
+
+
+def last_dose(zone: "ZoneData", metric: str) -> dt.datetime | None:
+    """The latest correction event or pump command (any source) of `metric`."""
+    events, channels = DOSE_SOURCES[metric]
+    times = [zone.events[t][0] for t in events if t in zone.events]
+    times += [c.created_at for c in zone.commands if c.channel in channels and c.cmd in ("dose", "run_pump")]
+    return max(times, default=None)
+
+
 @dataclass
 class ZoneData:
     id: int
@@ -81,6 +118,14 @@ class ZoneData:
     commands: list[CommandRow] = field(default_factory=list)
     samples: dict[str, list[tuple[dt.datetime, float]]] = field(default_factory=dict)  # newest first
     stats: dict[str, tuple[float | None, int, dt.datetime | None]] = field(default_factory=dict)  # (sd, n, first ts)
+    flat: dict[str, FlatSpan] = field(default_factory=dict)
+    after_dose: dict[str, AfterDose] = field(default_factory=dict)
+    read_error: Exception | None = None  # this zone's facts could not be read: it is skipped this cycle
+
+    def clear_facts(self) -> None:
+        for name in ("telemetry", "events", "samples", "stats", "flat", "after_dose"):
+            getattr(self, name).clear()
+        self.nodes, self.alerts, self.commands = [], [], []
 
     def capability(self, name: str) -> bool:
         return bool(self.capabilities and self.capabilities.get(name) is True)
@@ -92,12 +137,23 @@ class ZoneData:
         return next((n for n in self.nodes if n.id == node_id), None)
 
 
+def _json(text: str | None, what: str) -> Any:
+    """A jsonb column read as text, decoded here so one unreadable value fails only its own zone."""
+    if text is None:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"{what} cannot be read: {exc}") from None
+
+
 async def load_zones(db: Database) -> list[ZoneData]:
-    """Eligible zones (recipe instance + status online/warning/running) with their phases."""
+    """Eligible zones (recipe instance + status online/warning/running) with their phases. A zone whose
+    capabilities, settings or phase targets cannot be decoded gets `read_error` (skipped, counted)."""
     rows = await db.fetch(
         """
-        SELECT z.id, z.name, z.status, z.capabilities, z.settings, g.uid AS gh_uid, g.timezone,
-               i.id AS instance_id, i.recipe_id, i.current_phase_index, i.started_at
+        SELECT z.id, z.name, z.status, z.capabilities::text AS capabilities, z.settings::text AS settings,
+               g.uid AS gh_uid, g.timezone, i.id AS instance_id, i.recipe_id, i.current_phase_index, i.started_at
           FROM zones z
           JOIN LATERAL (SELECT * FROM zone_recipe_instances ri WHERE ri.zone_id = z.id
                          ORDER BY ri.id DESC LIMIT 1) i ON true
@@ -105,30 +161,78 @@ async def load_zones(db: Database) -> list[ZoneData]:
          WHERE lower(z.status) = ANY($1::text[])
          ORDER BY z.id
         """, ELIGIBLE_STATUSES)
-    zones = [ZoneData(id=r["id"], name=r["name"], status=r["status"],
-                      capabilities=r["capabilities"] if isinstance(r["capabilities"], dict) else None,
-                      settings=r["settings"] if isinstance(r["settings"], dict) else None,
-                      gh_uid=r["gh_uid"], timezone=r["timezone"], instance_id=r["instance_id"],
-                      recipe_id=r["recipe_id"], current_phase_index=r["current_phase_index"],
-                      started_at=r["started_at"]) for r in rows]
+    zones = []
+    for r in rows:
+        zone = ZoneData(id=r["id"], name=r["name"], status=r["status"], capabilities=None, settings=None,
+                        gh_uid=r["gh_uid"], timezone=r["timezone"], instance_id=r["instance_id"],
+                        recipe_id=r["recipe_id"], current_phase_index=r["current_phase_index"],
+                        started_at=r["started_at"])
+        try:
+            capabilities, settings = _json(r["capabilities"], "zones.capabilities"), _json(r["settings"], "zones.settings")
+        except ValueError as exc:
+            zone.read_error = exc
+        else:
+            zone.capabilities = capabilities if isinstance(capabilities, dict) else None
+            zone.settings = settings if isinstance(settings, dict) else None
+        zones.append(zone)
     recipe_ids = sorted({z.recipe_id for z in zones})
     if recipe_ids:
         phases: dict[int, list[Phase]] = defaultdict(list)
+        unreadable: dict[int, ValueError] = {}
         for r in await db.fetch(
-                "SELECT recipe_id, phase_index, name, duration_hours, targets FROM recipe_phases"
+                "SELECT recipe_id, phase_index, name, duration_hours, targets::text AS targets FROM recipe_phases"
                 " WHERE recipe_id = ANY($1::bigint[]) ORDER BY recipe_id, phase_index, id", recipe_ids):
+            try:
+                targets = _json(r["targets"], f"recipe_phases.targets of recipe {r['recipe_id']}")
+            except ValueError as exc:
+                unreadable[r["recipe_id"]] = exc
+                continue
             phases[r["recipe_id"]].append(Phase(r["phase_index"], r["name"], r["duration_hours"],
-                                                r["targets"] if isinstance(r["targets"], dict) else {}))
+                                                targets if isinstance(targets, dict) else {}))
         for zone in zones:
             zone.phases = phases.get(zone.recipe_id, [])
+            if zone.recipe_id in unreadable and zone.read_error is None:
+                zone.read_error = unreadable[zone.recipe_id]
     return zones
 
 
 async def load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, command_window: dt.timedelta,
-                     fault_window: dt.timedelta, sample_count: int) -> None:
-    """Fill every zone's telemetry, nodes, events, alerts, commands, samples and stats (one query each)."""
+                     fault_window: dt.timedelta, sample_count: int, stuck_window: dt.timedelta) -> None:
+    """Fill every zone's facts in one batch. When the batch fails (one zone's data PostgreSQL or the
+    decoder refuses), read zone by zone: a zone whose own read fails gets `read_error` and is skipped,
+    the others go on. A lost connection is no zone's fault and is raised."""
+    windows = dict(command_window=command_window, fault_window=fault_window, sample_count=sample_count,
+                   stuck_window=stuck_window)
+    try:
+        await _load_facts(db, zones, now, **windows)
+        return
+    except CONNECTION_ERRORS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - find the zone(s) it came from
+        log.warning("batched_read_failed_reading_zone_by_zone", extra={"error": f"{type(exc).__name__}: {exc}"[:300],
+                                                                       "zones": len(zones)})
+    limit = asyncio.Semaphore(8)
+
+    async def one(zone: ZoneData) -> None:
+        zone.clear_facts()
+        async with limit:
+            try:
+                await _load_facts(db, [zone], now, **windows)
+            except CONNECTION_ERRORS:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this zone only
+                zone.clear_facts()
+                zone.read_error = exc
+    await asyncio.gather(*(one(zone) for zone in zones))
+
+
+async def _load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, command_window: dt.timedelta,
+                      fault_window: dt.timedelta, sample_count: int, stuck_window: dt.timedelta) -> None:
+    """Every zone's telemetry, nodes, events, alerts, commands, samples, stats and flat spans (one query each)."""
     if not zones:
         return
+    ranges = [PHYSICAL_RANGE[m] for m in DOSING_METRICS]
+    lows, highs = [r[0] for r in ranges], [r[1] for r in ranges]
     by_id = {z.id: z for z in zones}
     ids = list(by_id)
     dosing_ids = [z.id for z in zones if z.capability("ph_control") or z.capability("ec_control")]
@@ -189,21 +293,61 @@ async def load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, c
         for r in await db.fetch(
                 """
                 SELECT z.id AS zone_id, m.metric, s.ts, s.value
-                  FROM unnest($1::bigint[]) z(id) CROSS JOIN unnest($2::text[]) m(metric)
+                  FROM unnest($1::bigint[]) z(id) CROSS JOIN unnest($2::text[], $5::float8[], $6::float8[]) m(metric, lo, hi)
                   CROSS JOIN LATERAL (SELECT ts, value FROM telemetry_samples ts_
                                        WHERE ts_.zone_id = z.id AND ts_.metric_type = m.metric
-                                         AND ts_.ts >= $3 AND ts_.value IS NOT NULL
+                                         AND ts_.ts >= $3 AND ts_.value BETWEEN m.lo AND m.hi
                                        ORDER BY ts_.ts DESC LIMIT $4) s
                  ORDER BY 1, 2, s.ts DESC
-                """, dosing_ids, DOSING_METRICS, now - HEALTH_WINDOW, sample_count):
+                """, dosing_ids, DOSING_METRICS, now - HEALTH_WINDOW, sample_count, lows, highs):
             by_id[r["zone_id"]].samples.setdefault(r["metric"], []).append((r["ts"], r["value"]))
 
     async def stats():
         for r in await db.fetch(
-                "SELECT zone_id, metric_type, stddev_samp(value) AS sd, count(value) AS n, min(ts) AS first_ts"
-                " FROM telemetry_samples"
-                " WHERE zone_id = ANY($1::bigint[]) AND metric_type = ANY($2::text[]) AND ts >= $3"
-                " GROUP BY zone_id, metric_type", ids, DOSING_METRICS, now - HEALTH_WINDOW):
+                "SELECT s.zone_id, s.metric_type, stddev_samp(s.value) AS sd, count(s.value) AS n, min(s.ts) AS first_ts"
+                " FROM telemetry_samples s JOIN unnest($2::text[], $4::float8[], $5::float8[]) m(metric, lo, hi)"
+                "   ON s.metric_type = m.metric"
+                " WHERE s.zone_id = ANY($1::bigint[]) AND s.ts >= $3 AND s.value BETWEEN m.lo AND m.hi"
+                " GROUP BY s.zone_id, s.metric_type", ids, DOSING_METRICS, now - HEALTH_WINDOW, lows, highs):
             by_id[r["zone_id"]].stats[r["metric_type"]] = (r["sd"], r["n"], r["first_ts"])
 
-    await asyncio.gather(telemetry(), nodes(), events(), alerts(), commands(), samples(), stats())
+    async def flat():
+        if not dosing_ids:
+            return
+        for r in await db.fetch(
+                """
+                SELECT z.id AS zone_id, m.metric, w.n, w.low, w.high, b.covered
+                  FROM unnest($1::bigint[]) z(id) CROSS JOIN unnest($2::text[], $4::float8[], $5::float8[]) m(metric, lo, hi)
+                  CROSS JOIN LATERAL (SELECT count(*) AS n, min(value) AS low, max(value) AS high
+                                        FROM telemetry_samples s
+                                       WHERE s.zone_id = z.id AND s.metric_type = m.metric AND s.ts >= $3
+                                         AND s.value BETWEEN m.lo AND m.hi) w
+                  CROSS JOIN LATERAL (SELECT EXISTS (SELECT 1 FROM telemetry_samples s
+                                                      WHERE s.zone_id = z.id AND s.metric_type = m.metric
+                                                        AND s.ts < $3 AND s.ts >= $3 - $6::interval
+                                                        AND s.value BETWEEN m.lo AND m.hi) AS covered) b
+                """, dosing_ids, DOSING_METRICS, now - stuck_window, lows, highs, HEALTH_WINDOW):
+            by_id[r["zone_id"]].flat[r["metric"]] = FlatSpan(r["n"], r["low"], r["high"], r["covered"])
+
+    await asyncio.gather(telemetry(), nodes(), events(), alerts(), commands(), samples(), stats(), flat())
+
+    # Then, for zones dosed in the last 2 h, the readings since just before the dose (needs events + commands).
+    doses = [(z.id, metric, at) for z in zones for metric in DOSING_METRICS
+             if z.id in dosing_ids and (at := last_dose(z, metric)) is not None and now - at <= HEALTH_WINDOW]
+    if doses:
+        for r in await db.fetch(
+                """
+                SELECT d.zone_id, d.metric, d.dose_at, w.n, w.low, w.high, p.pre IS NOT NULL AS covered
+                  FROM unnest($1::bigint[], $2::text[], $3::timestamp[]) d(zone_id, metric, dose_at)
+                  JOIN unnest($4::text[], $5::float8[], $6::float8[]) m(metric, lo, hi) ON m.metric = d.metric
+                  CROSS JOIN LATERAL (SELECT max(ts) AS pre FROM telemetry_samples s
+                                       WHERE s.zone_id = d.zone_id AND s.metric_type = d.metric AND s.ts < d.dose_at
+                                         AND s.ts >= d.dose_at - $7::interval AND s.value BETWEEN m.lo AND m.hi) p
+                  CROSS JOIN LATERAL (SELECT count(*) AS n, min(value) AS low, max(value) AS high
+                                        FROM telemetry_samples s
+                                       WHERE s.zone_id = d.zone_id AND s.metric_type = d.metric
+                                         AND s.ts >= p.pre AND s.value BETWEEN m.lo AND m.hi) w
+                """, [d[0] for d in doses], [d[1] for d in doses], [d[2] for d in doses], DOSING_METRICS, lows, highs,
+                BEFORE_DOSE):
+            by_id[r["zone_id"]].after_dose[r["metric"]] = AfterDose(
+                r["dose_at"], FlatSpan(r["n"], r["low"], r["high"], r["covered"]))

@@ -227,7 +227,8 @@ async def test_health_score_and_status_are_written(db, make_engine):
     calm = await seed_zone(db, telemetry={"PH": 5.8, "EC": 1.4})
     await add_samples(db, calm.zone_id, "PH", [(5.8, 600), (5.82, 300), (5.81, 100)])
     await add_samples(db, calm.zone_id, "EC", [(1.40, 600), (1.41, 300), (1.40, 100)])
-    troubled = await seed_zone(db, telemetry={"PH": 5.8, "EC": 1.4, "WATER_LEVEL": 0.1}, node_status="offline")
+    troubled = await seed_zone(db, telemetry={"PH": 5.8, "EC": 1.4, "WATER_LEVEL": 0.1}, node_status="offline",
+                               history=-1)  # no samples at all
     for alert_type in ("TEMP_HIGH", "NODE_OFFLINE", "CONFIG_ERROR"):
         await db.execute("INSERT INTO alerts (zone_id, type, details) VALUES ($1, $2, '{}')", troubled.zone_id,
                          alert_type)
@@ -259,7 +260,8 @@ class CountingDatabase(Database):
 
     async def fetch(self, sql, *args, timeout=None):
         # Controller reads only: common.commands batches its own queries per group of commands.
-        if not sql.lstrip().upper().startswith("UPDATE") and "WHERE n.uid = ANY($1::text[])" not in sql:
+        statement = sql.lstrip().upper()
+        if not statement.startswith(("UPDATE", "WITH LOCKED")) and "WHERE n.uid = ANY($1::text[])" not in sql:
             CountingDatabase.fetches += 1
         return await super().fetch(sql, *args, timeout=timeout)
 
@@ -280,14 +282,16 @@ async def test_a_zone_with_every_capability_runs_every_controller_in_order_from_
         engine.config.db = counting
         CountingDatabase.fetches = 0
         result = await engine.run_cycle()
-        reads_for_one = CountingDatabase.fetches
         order = [entry.split(":")[2] for entry in result.contexts[z.zone_id].log if entry.startswith("command:")]
         assert order == ["white_light", "heater_1", "fan_A", "fan_A", "pump_in", "recirculation_pump", "pump_nutrient"]
         assert result.contexts[z.zone_id].health is not None
+        CountingDatabase.fetches = 0
+        await engine.run_cycle(later(seconds=15))  # now with a recent dose: its after-dose read too
+        reads_for_one = CountingDatabase.fetches
         for i in (1, 2, 3):
             await full_zone(i)
         CountingDatabase.fetches = 0
-        result = await engine.run_cycle(later(seconds=15))
+        result = await engine.run_cycle(later(seconds=30))
         assert result.processed == 4 and result.failed == 0
         assert CountingDatabase.fetches == reads_for_one  # the same queries, whatever the number of zones
     finally:

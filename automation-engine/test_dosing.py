@@ -89,7 +89,7 @@ async def test_ec_high_has_no_actuator_and_raises_an_alert_once(db, make_engine)
     [alert] = await alerts(db, "EC_HIGH", z.zone_id)
     assert alert["code"] == "biz_high_ec" and alert["details"]["current_ec"] == 2.0
     assert len(await events(db, z.zone_id, "ALERT_CREATED")) == 1
-    await set_telemetry(db, z.zone_id, "EC", 1.45, node_id=z.nodes[f"nd-ph-{z.zone_id}"])
+    await set_telemetry(db, z.zone_id, "EC", 1.45, age_sec=-20, node_id=z.nodes[f"nd-ph-{z.zone_id}"])
     await engine.run_cycle(later(seconds=40))
     assert await alerts(db, "EC_HIGH", z.zone_id) == []
     assert len(await events(db, z.zone_id, "ALERT_RESOLVED")) == 1
@@ -112,8 +112,8 @@ async def test_ec_is_corrected_first_and_ph_waits_for_the_nutrient_to_settle(db,
 
 
 async def test_trend_improving_skips_the_correction(db, make_engine):
-    z = await seed_zone(db, telemetry={"PH": 6.1})
-    await add_samples(db, z.zone_id, "PH", [(6.6, 300), (6.4, 200), (6.25, 100)])
+    z = await seed_zone(db, telemetry={"PH": 6.1}, history=0)
+    await add_samples(db, z.zone_id, "PH", [(6.4, 300), (6.25, 200), (6.15, 100)])
     await make_engine().run_cycle()
     assert await automation_commands(db) == []
     [skipped] = await events(db, z.zone_id, "PH_CORRECTION_SKIPPED")

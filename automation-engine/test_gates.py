@@ -34,6 +34,7 @@ async def node_offline(db, z):
 async def node_silent(db, z):
     await db.execute("UPDATE nodes SET last_seen_at = now() - interval '10 minutes'")
     await db.execute("UPDATE telemetry_last SET updated_at = updated_at - interval '400 seconds'")
+    await db.execute("UPDATE telemetry_samples SET ts = ts - interval '400 seconds'")
 
 
 async def pending_command(db, z):

@@ -40,7 +40,7 @@ async def seed_zone(db, *, gh_uid: str = "gh-1", name: str = "Z", capabilities: 
                     targets: dict | None = None, telemetry: dict[str, float] | None = None,
                     age_sec: float = 0, status: str = "RUNNING", nodes: dict[str, tuple[str, dict]] | None = None,
                     node_status: str = "online", timezone: str | None = None, started_hours_ago: float = 1,
-                    phases: list[tuple[int | None, dict]] | None = None) -> Seeded:
+                    phases: list[tuple[int | None, dict]] | None = None, history: int = 3) -> Seeded:
     """A zone with a recipe instance; `nodes` maps uid → (type, {channel: config}); telemetry rows of the
     first node that has a sensor for the metric (or the first node) updated `age_sec` ago."""
     gh_id = await db.fetchval(
@@ -71,24 +71,30 @@ async def seed_zone(db, *, gh_uid: str = "gh-1", name: str = "Z", capabilities: 
                              node_id, channel, "sensor" if "sensor" in channel else "actuator", config)
     first_node = next(iter(seeded.nodes.values()), -1)
     for metric, value in (telemetry or {}).items():
-        await set_telemetry(db, zone_id, metric, value, age_sec=age_sec, node_id=first_node)
+        await set_telemetry(db, zone_id, metric, value, age_sec=age_sec, node_id=first_node, history=history)
     return seeded
 
 
-async def set_telemetry(db, zone_id: int, metric: str, value: float, *, age_sec: float = 0, node_id: int = -1):
+async def set_telemetry(db, zone_id: int, metric: str, value: float, *, age_sec: float = 0, node_id: int = -1,
+                        history: int = 3):
+    """The zone's latest reading, stored like the logger does (a sample and telemetry_last with the same
+    ts), after `history` earlier samples of the same value 5 s apart (the sensor has been reading it: a
+    confirmed reading); history=-1: telemetry_last only."""
+    at = await db.fetchval("SELECT (now() AT TIME ZONE 'UTC')::timestamp - make_interval(secs => $1)", float(age_sec))
+    await add_samples(db, zone_id, metric, [(value, 5.0 * k) for k in range(history, -1, -1)], at=at)
     await db.execute(
-        "INSERT INTO telemetry_last (zone_id, node_id, metric_type, value, updated_at)"
-        " VALUES ($1, $2, $3, $4, (now() AT TIME ZONE 'UTC')::timestamp - make_interval(secs => $5))"
+        "INSERT INTO telemetry_last (zone_id, node_id, metric_type, value, updated_at) VALUES ($1, $2, $3, $4, $5)"
         " ON CONFLICT (zone_id, node_id, metric_type) DO UPDATE SET value = EXCLUDED.value,"
-        " updated_at = EXCLUDED.updated_at", zone_id, node_id, metric, value, float(age_sec))
+        " updated_at = EXCLUDED.updated_at", zone_id, node_id, metric, value, at)
 
 
-async def add_samples(db, zone_id: int, metric: str, values_ages: list[tuple[float, float]]):
-    """Samples as (value, seconds ago)."""
+async def add_samples(db, zone_id: int, metric: str, values_ages: list[tuple[float, float]], at=None):
+    """Samples as (value, seconds before `at`, by default the database's now)."""
+    if at is None:
+        at = await db.fetchval("SELECT (now() AT TIME ZONE 'UTC')::timestamp")
     await db.executemany(
-        "INSERT INTO telemetry_samples (zone_id, metric_type, value, ts)"
-        " VALUES ($1, $2, $3, (now() AT TIME ZONE 'UTC')::timestamp - make_interval(secs => $4))",
-        [(zone_id, metric, v, float(age)) for v, age in values_ages])
+        "INSERT INTO telemetry_samples (zone_id, metric_type, value, ts) VALUES ($1, $2, $3, $4)",
+        [(zone_id, metric, v, at - dt.timedelta(seconds=age)) for v, age in values_ages])
 
 
 async def automation_commands(db, zone_id: int | None = None) -> list:

@@ -34,6 +34,7 @@ from .schemas import BIGINT_MAX, CommandResponse, as_number, json_problem
 from .topics import Topics, TopicError, check_segment
 
 OPEN_STATUSES = ("pending", "sent")
+DEADLOCK_ATTEMPTS = 4
 log = logging.getLogger("common.commands")
 
 
@@ -502,11 +503,8 @@ class _Issuer:
             [r.cmd for r in batch], [r.params_json for r in batch], ids, [r.source for r in batch])
         # Claim every row still to be published: ours just inserted, Laravel's pre-written ones, ones a
         # failed publish left, and stale claims of a process that died while publishing.
-        claimed = {row["cmd_id"]: row for row in await self.db.fetch(
-            "UPDATE commands SET sent_at = now(), updated_at = now()"
-            " WHERE cmd_id = ANY($1::text[]) AND status = 'pending'"
-            " AND (sent_at IS NULL OR sent_at < now() - make_interval(secs => $2))"
-            " RETURNING cmd_id, zone_id, node_id, channel, cmd, params", ids, float(CLAIM_LEASE_SEC))}
+        claimed = {row["cmd_id"]: row for row in await _update_in_order(
+            self.db, "claim", _CLAIM, ids, float(CLAIM_LEASE_SEC))}
         mine: list[_Request] = []
         for request in batch:
             row = claimed.get(request.cmd_id)
@@ -521,8 +519,7 @@ class _Issuer:
                 mine.append(request)
         unclaim = [r.cmd_id for r in batch if r.cmd_id in claimed and r.cmd_id in outcomes]
         if unclaim:
-            await self.db.execute("UPDATE commands SET sent_at = NULL WHERE cmd_id = ANY($1::text[])"
-                                  " AND status = 'pending'", unclaim)
+            await _update_in_order(self.db, "unclaim", _UNCLAIM_CONFLICT, unclaim)
         repeats = [r for r in batch if r.cmd_id not in claimed]
         if repeats:
             await self._settle_repeats(repeats, node_ids, outcomes)
@@ -534,22 +531,12 @@ class _Issuer:
         sent = [r for r, result in zip(mine, results) if result is None]
         failed = [(r, result) for r, result in zip(mine, results) if result is not None]
         if failed:
-            await self.db.execute("UPDATE commands SET sent_at = NULL, updated_at = now()"
-                                  " WHERE cmd_id = ANY($1::text[]) AND status = 'pending'",
-                                  [r.cmd_id for r, _ in failed])
+            await _update_in_order(self.db, "unclaim", _UNCLAIM, [r.cmd_id for r, _ in failed])
         if sent:
             try:  # the row gets what was sent: Laravel's zone rows lack node and channel, its params may be []
-                await self.db.execute(
-                    """
-                    UPDATE commands c SET status = 'sent', sent_at = now(), updated_at = now(), params = t.params::jsonb,
-                           zone_id = coalesce(c.zone_id, (SELECT id FROM zones WHERE id = t.zone_id)),
-                           node_id = coalesce(c.node_id, t.node_id), channel = coalesce(c.channel, t.channel)
-                      FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[])
-                           AS t(cmd_id, zone_id, node_id, channel, params)
-                     WHERE c.cmd_id = t.cmd_id AND c.status = 'pending'
-                    """,
-                    [r.cmd_id for r in sent], [r.zone_id for r in sent], [node_ids.get(r.node_uid) for r in sent],
-                    [r.channel for r in sent], [r.params_json for r in sent])
+                await _update_in_order(self.db, "sent", _MARK_SENT, [r.cmd_id for r in sent], [r.zone_id for r in sent],
+                                       [node_ids.get(r.node_uid) for r in sent], [r.channel for r in sent],
+                                       [r.params_json for r in sent])
             except Exception as exc:  # noqa: BLE001 - the broker has them: the callers hear "sent" all the same
                 # The rows stay pending with their claim; a node's response still settles them.
                 log.warning("command_mark_sent_failed", extra={"count": len(sent), "error": repr(exc)})
@@ -587,6 +574,46 @@ class _Issuer:
                 never = " and was never sent" if row["sent_at"] is None else ""
                 outcomes[request.cmd_id] = CommandConflict(
                     f"command {request.cmd_id!r} is already {row['status']}{never}; send it again with a new cmd_id")
+
+
+# Batch updates lock their rows in id order first (SELECT … ORDER BY id FOR UPDATE): two batches, or a
+# batch and a transaction that locks rows in the same order, never wait for each other in a circle.
+# A transaction that locks in another order (e.g. responses applied in arrival order) can still form
+# one; the batch chosen as the victim is simply run again. $1 is always the cmd_id array.
+def _locked(condition: str) -> str:
+    return f"WITH locked AS (SELECT id FROM commands WHERE cmd_id = ANY($1::text[]) AND {condition}" \
+           " ORDER BY id FOR UPDATE) "
+
+
+_CLAIM = _locked("status = 'pending' AND (sent_at IS NULL OR sent_at < now() - make_interval(secs => $2))") + \
+    "UPDATE commands c SET sent_at = now(), updated_at = now() FROM locked WHERE c.id = locked.id" \
+    " RETURNING c.cmd_id, c.zone_id, c.node_id, c.channel, c.cmd, c.params"
+_UNCLAIM_CONFLICT = _locked("status = 'pending'") + \
+    "UPDATE commands c SET sent_at = NULL FROM locked WHERE c.id = locked.id RETURNING c.cmd_id"
+_UNCLAIM = _locked("status = 'pending'") + \
+    "UPDATE commands c SET sent_at = NULL, updated_at = now() FROM locked WHERE c.id = locked.id RETURNING c.cmd_id"
+# the row gets what was sent: Laravel's zone rows lack node and channel, its params may be []
+_MARK_SENT = _locked("status = 'pending'") + """
+UPDATE commands c SET status = 'sent', sent_at = now(), updated_at = now(), params = t.params::jsonb,
+       zone_id = coalesce(c.zone_id, (SELECT id FROM zones WHERE id = t.zone_id)),
+       node_id = coalesce(c.node_id, t.node_id), channel = coalesce(c.channel, t.channel)
+  FROM locked, unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[])
+       AS t(cmd_id, zone_id, node_id, channel, params)
+ WHERE c.id = locked.id AND c.cmd_id = t.cmd_id AND c.status = 'pending'
+RETURNING c.cmd_id"""
+
+
+async def _update_in_order(db: Database, step: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    """Run one of the batch updates; a deadlock victim is retried (the statement was rolled back whole)."""
+    for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+        try:
+            return await db.fetch(sql, *args)
+        except asyncpg.exceptions.DeadlockDetectedError:
+            if attempt == DEADLOCK_ATTEMPTS:
+                raise
+            metrics.COMMANDS_DEADLOCK_RETRIES.labels(step).inc()
+            await asyncio.sleep(0.02 * attempt)
+    raise AssertionError("unreachable")
 
 
 def _difference(row: Any, request: _Request, node_id: int | None) -> str | None:
@@ -633,12 +660,15 @@ async def record_response(conn: asyncpg.Connection | Database, response: Command
         response.cmd_id, status, response.error_code, response.error_message, payload)
 
 
+_SWEEP = """
+WITH locked AS (SELECT id FROM commands WHERE status IN ('pending', 'sent')
+                   AND coalesce(sent_at, created_at) < now() - make_interval(secs => $1)
+                 ORDER BY id FOR UPDATE)
+UPDATE commands c SET status = 'timeout', updated_at = now() FROM locked WHERE c.id = locked.id RETURNING c.id
+"""
+
+
 async def sweep_timeouts(db: Database, timeout_sec: int) -> int:
-    """Mark commands with no answer after `timeout_sec` as `timeout`; returns how many."""
-    result = await db.execute(
-        """
-        UPDATE commands SET status = 'timeout', updated_at = now()
-         WHERE status IN ('pending', 'sent')
-           AND coalesce(sent_at, created_at) < now() - make_interval(secs => $1)
-        """, float(timeout_sec))
-    return int(result.split()[-1])
+    """Mark commands with no answer after `timeout_sec` as `timeout` (rows locked in id order, like the
+    batch updates); returns how many."""
+    return len(await _update_in_order(db, "sweep", _SWEEP, float(timeout_sec)))

@@ -8,6 +8,7 @@ from prometheus_client import Counter, Gauge
 MQTT_CONNECTED = Gauge("mqtt_connected", "1 while the MQTT client is connected", ["client_id"])
 MQTT_PUBLISH_ERRORS = Counter("mqtt_publish_errors_total", "MQTT publishes that failed", ["reason"])
 MQTT_HANDLER_ERRORS = Counter("mqtt_handler_errors_total", "MQTT message handlers that raised", ["filter"])
+DB_REACHABLE = Gauge("db_reachable", "1 while the service's database answers (common.infra_watch)")
 MQTT_UNROUTED = Counter("mqtt_unrouted_messages_total", "Messages that matched no subscription")
 MQTT_DROPPED = Counter("mqtt_messages_dropped_total",
                        "Messages acknowledged without being handled (manual-ack clients), by reason", ["reason"])
@@ -19,3 +20,5 @@ COMMANDS_PUBLISHED = Counter("commands_published_total", "Commands published to 
 COMMANDS_REJECTED = Counter("commands_rejected_total", "Commands refused by validation", ["reason"])
 COMMANDS_FAILED = Counter("commands_failed_total", "Commands whose publish failed or node answered failure",
                           ["stage"])
+COMMANDS_DEADLOCK_RETRIES = Counter("commands_deadlock_retries_total",
+                                    "Batch updates of commands rows chosen as a deadlock victim and retried", ["step"])

@@ -297,3 +297,38 @@ async def test_commands_are_as_strict_as_the_firmware(env):
     assert res.snapshot()["light_level"] == pytest.approx(1.0)
     assert (await answer("light", "white_light", "set_pwm", value=-5))["error_code"] == "invalid_parameter"
     assert (await answer("climate", "heater_1", "set_pwm", value=50))["error_code"] == "pwm_failed"
+
+
+async def test_sensor_faults_change_only_what_the_channel_reports(env):
+    from tools.node_sim import SensorFault
+    settings, probe, make = env
+    sim = make()
+    node = sim.node(PH_NODE)
+    node.sensor_faults["ph_sensor"] = SensorFault.stuck(7.7, after_sec=1.0)
+    topic = f"{settings.mqtt_topic_root}/gh-1/zn-1/{PH_NODE}/ph_sensor/telemetry"
+    await eventually(lambda: _async(len([p for p in probe.payloads(topic) if p["value"] == 7.7]) >= 3), 15,
+                     message="the probe freezes at 7.7")
+    values = [p["value"] for p in probe.payloads(topic)]
+    assert values[0] == pytest.approx(6.3, abs=0.01)  # it followed the truth first
+    frozen = values[values.index(7.7):]
+    assert set(frozen) == {7.7} and sim.reservoir(1).snapshot()["ph"] == pytest.approx(6.3, abs=0.01)
+    node.sensor_faults["ph_sensor"] = SensorFault.spikes(-2.0, every=4, burst=2)
+    seen = len(probe.payloads(topic))
+    await eventually(lambda: _async(len(probe.payloads(topic)) >= seen + 8), 15)
+    fresh = [p["value"] for p in probe.payloads(topic)[seen:]]
+    spikes = [v for v in fresh if v == pytest.approx(4.3, abs=0.02)]
+    assert spikes and len(spikes) <= len(fresh) // 2 + 1
+    assert all(v == pytest.approx(6.3, abs=0.02) or v == pytest.approx(4.3, abs=0.02) for v in fresh)
+
+
+def test_sensor_fault_command_line_forms():
+    from tools.node_sim import SensorFault
+    node, channel, fault = SensorFault.parse("nd-1/ph_sensor=stuck:6.6@60")
+    assert (node, channel, fault.mode, fault.value, fault.after_sec) == ("nd-1", "ph_sensor", "stuck", 6.6, 60.0)
+    assert SensorFault.parse("nd-1/ph_sensor=stuck")[2].value is None
+    assert SensorFault.parse("nd-1/ph_sensor=stuck@30")[2].after_sec == 30.0
+    spikes = SensorFault.parse("nd-1/ec_sensor=spikes:-0.5/6")[2]
+    assert (spikes.mode, spikes.offset, spikes.every, spikes.burst) == ("spikes", -0.5, 6, 2)
+    for bad in ("nd-1=stuck", "nd-1/ph_sensor=melted", "nd-1/ph_sensor=stuck:high", "nd-1/ph_sensor=spikes"):
+        with pytest.raises(ValueError, match="sensor fault"):
+            SensorFault.parse(bad)

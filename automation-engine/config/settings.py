@@ -36,6 +36,7 @@ class AutomationSettings:
     pump_telemetry_max_age_sec: float
     reassert_min: float
     zone_lease_sec: float
+    infra_alert_after_sec: float
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "AutomationSettings":
@@ -58,10 +59,11 @@ class AutomationSettings:
             ph_max_rate_per_min=env.float("PH_MAX_RATE_PER_MIN", 1.0, 0.001, 14),
             ec_max_rate_per_min=env.float("EC_MAX_RATE_PER_MIN", 1.0, 0.001, 100),
             stuck_min_samples=env.int("STUCK_MIN_SAMPLES", 6, 2, 100),
-            stuck_min_minutes=env.float("STUCK_MIN_MINUTES", 60.0, 1.0, 10_080),
+            stuck_min_minutes=env.float("STUCK_MIN_MINUTES", 60.0, 0.1, 10_080),
             pump_telemetry_max_age_sec=env.float("PUMP_TELEMETRY_MAX_AGE_SEC", 300.0, 1.0, 86_400),
             reassert_min=env.float("ACTUATOR_REASSERT_MIN", 10.0, 0.1, 1440),
             zone_lease_sec=env.float("ZONE_LEASE_SEC", 120.0, 1.0, 86_400),
+            infra_alert_after_sec=env.float("INFRA_ALERT_AFTER_SEC", 60.0, 1.0, 86_400),
         )
         if settings.min_concurrent_zones > settings.max_concurrent_zones:
             raise SettingsError(f"MIN_CONCURRENT_ZONES={settings.min_concurrent_zones} is larger than "

@@ -94,7 +94,8 @@ async def correct(ctx: ZoneContext, spec: Spec) -> None:
     problem = gates.reading_problem(
         zone, spec.metric, reading, now, max_age=dt.timedelta(minutes=ctx.services.settings.telemetry_max_age_min),
         max_rate_per_min=auto.ph_max_rate_per_min if spec is PH else auto.ec_max_rate_per_min,
-        stuck_min_samples=auto.stuck_min_samples, stuck_min_minutes=auto.stuck_min_minutes)
+        stuck_min_samples=auto.stuck_min_samples,
+        settle=dt.timedelta(minutes=auto.ph_cooldown_min if spec is PH else auto.ec_cooldown_min))
     if problem:
         await _refuse(ctx, spec, problem, details)
         return
@@ -163,7 +164,7 @@ async def correct(ctx: ZoneContext, spec: Spec) -> None:
         await _refuse(ctx, spec, "hourly_cap", {**details, "doses_last_hour": count, "ml_last_hour": round(ml_hour, 3),
                                                 "cap_ml": cap_ml})
         return
-    if gates.improving(zone, spec.metric, current, tgt.value):
+    if gates.improving(zone, spec.metric, reading, tgt.value):
         await _refuse(ctx, spec, "trend_improving", details)
         return
 

@@ -6,7 +6,8 @@
 For each size in --zones, seeds a throwaway database (on the local PostgreSQL) with N zones
 (pH + EC control), each with
 a pH node (ph_sensor, pump_acid, pump_base) and an EC node (ec_sensor, pump_nutrient),
-telemetry_last rows (PH, EC, WATER_LEVEL) and a few PH/EC samples per zone in the last 2 h.
+telemetry_last rows (PH, EC, WATER_LEVEL) and a few PH/EC samples per zone, 30 s apart, with a little
+noise (a live sensor: the jump, confirmation and stuck gates pass).
 A tenth of the zones read pH 6.3 against 5.8, so one cycle publishes that many `dose` commands
 (to the local Mosquitto under a private topic root) with their events.
 
@@ -92,8 +93,8 @@ async def seed(conn: asyncpg.Connection, zones: int, out_of_band: float, samples
     await conn.execute(
         "INSERT INTO telemetry_samples (zone_id, node_id, metric_type, value, ts)"
         " SELECT z.id, NULL, m, CASE WHEN m = 'EC' THEN 1.4 + (k % 3) * 0.01"
-        "                            WHEN z.id % $2 = 0 THEN 6.3 ELSE 5.8 + (k % 3) * 0.01 END,"
-        "        now() - make_interval(secs => k * 600)"
+        "                            WHEN z.id % $2 = 0 THEN 6.3 + (k % 3) * 0.01 ELSE 5.8 + (k % 3) * 0.01 END,"
+        "        now() - make_interval(secs => k * 30)"
         " FROM zones z CROSS JOIN unnest(ARRAY['PH','EC']) m CROSS JOIN generate_series(1, $1) k", samples, every)
     await conn.execute("ANALYZE")
     return await conn.fetchval("SELECT count(*) FROM zones WHERE id % $1 = 0", every)
@@ -104,7 +105,8 @@ async def bare_reads(db: Database, auto: AutomationSettings) -> float:
     await ConfigLoader(db.settings, db)._from_db()
     zones = await load_zones(db)
     await load_facts(db, zones, utcnow(), command_window=dt.timedelta(minutes=60),
-                     fault_window=dt.timedelta(minutes=30), sample_count=max(4, auto.stuck_min_samples))
+                     fault_window=dt.timedelta(minutes=30), sample_count=10,
+                     stuck_window=dt.timedelta(minutes=auto.stuck_min_minutes))
     return time.perf_counter() - started
 
 
@@ -171,7 +173,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--zones", default="1000,10000", help="comma-separated sizes, smallest first")
     parser.add_argument("--out-of-band", type=float, default=0.1)
-    parser.add_argument("--samples", type=int, default=12, help="PH and EC samples per zone in the last 2 h")
+    parser.add_argument("--samples", type=int, default=12, help="PH and EC samples per zone, 30 s apart")
     parser.add_argument("--repeat", type=int, default=5, help="baseline repetitions (median)")
     parser.add_argument("--profile", help="cProfile the first cycle of each size to FILE.<zones> and print the top")
     parser.add_argument("--schema", choices=schema.SCHEMAS, default=schema.default(), help="database schema")

@@ -17,6 +17,7 @@ import time
 from common.env import settings_or_exit
 from common.logs import setup_logging
 
+from .faults import SensorFault
 from .fleet import SimOptions, Simulator
 from .layout import NODE_TYPES, layout_from_db, synthetic_layout
 from .reservoir import ReservoirParams
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--malformed", type=float, default=0.0, metavar="P", help="send a garbage payload with probability P")
     g.add_argument("--offline-every", type=float, default=0.0, metavar="SEC", help="drop a random node's connection this often")
     g.add_argument("--offline-for", type=float, default=20.0, metavar="SEC", help="... and bring it back after this long")
+    g.add_argument("--sensor-fault", action="append", default=[], metavar="NODE/CHANNEL=MODE",
+                   help="a broken probe (repeatable): stuck[:VALUE][@AFTER_SEC] (frozen, at VALUE or at the reading "
+                        "when it freezes) or spikes:OFFSET[/EVERY] (two readings in a row off by OFFSET every EVERY)")
     p.add_argument("--for", dest="run_for", type=float, default=0.0, metavar="SEC", help="stop after SEC seconds")
     p.add_argument("--status-every", type=float, default=10.0, metavar="SEC", help="print a status line (0: never)")
     p.add_argument("--alive-file", metavar="PATH",
@@ -82,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         initial_ph=args.initial_ph, initial_ec=args.initial_ec,
         reservoir=ReservoirParams(ph_drift_per_min=args.ph_drift))
     sim = Simulator(options, layout)
+    try:
+        for text in args.sensor_fault:
+            node, channel, fault = SensorFault.parse(text)
+            sim.node(node).sensor_faults[channel] = fault
+    except (ValueError, KeyError) as exc:
+        print(f"node-sim: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from common.schemas import NodeConfig, describe_error
 from common.topics import TEMP_GH, TEMP_ZONE, Topics
 
+from .faults import SensorFault
 from .layout import ChannelSpec, NodeSpec
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class SimNode:
         self.connected = threading.Event()  # set once subscribed (SUBACK): commands and configs reach it
         self.online = False           # False while taken offline on purpose
         self.drop_responses = 0       # answer nothing to the next N commands
+        self.sensor_faults: dict[str, SensorFault] = {}  # channel → what it reports instead of the truth
         self.responses: collections.deque[dict] = collections.deque(maxlen=500)  # recent answers sent
         self._cmd_ids: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.relays: dict[str, bool] = {}   # relay channel → state last set (firmware keeps it until told)
@@ -269,6 +271,9 @@ class SimNode:
         value = self.reservoir.reading(ch.metric)
         if value is None:
             value = round(self._random.uniform(0, 100), 2)
+        fault = self.sensor_faults.get(ch.name)
+        if fault is not None:
+            value = fault.apply(value)
         payload = {"node_id": self.uid, "channel": ch.name, "metric_type": ch.metric.upper(), "value": value,
                    "raw": int(value * 1000), "ts": round(time.time(), 3), "stable": True}
         data = self._maybe_malformed(orjson.dumps(payload))
