@@ -60,7 +60,7 @@ class GuardedApp:
         first, fitted = await _read_all(receive, self.max_body)
         if not fitted:
             raise BodyTooLarge
-        return _replay(first, receive)
+        return replay(first, receive)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -142,16 +142,17 @@ async def internal_error(request, exc: Exception):
     return JSONResponse({"detail": "internal error"}, 500)
 
 
-def _replay(first: dict, receive: Receive) -> Receive:
+def replay(first: dict, receive: Receive) -> Receive:
+    """A receive that hands out `first` (a body already read) once, then the client's own."""
     delivered = False
 
-    async def replay() -> dict:
+    async def next_message() -> dict:
         nonlocal delivered
         if not delivered:
             delivered = True
             return first
         return await receive()
-    return replay
+    return next_message
 
 
 def declared_length(scope: Scope) -> int | None:

@@ -19,6 +19,7 @@ import orjson
 from prometheus_client import Counter
 
 from common.http_docs import is_docs_path
+from common.http_guard import replay
 from common.schemas import json_problem_at
 from refusal_log import RefusalLog
 
@@ -121,7 +122,7 @@ class RegistryGuard:
         while more:
             message = await receive()
             if message["type"] != "http.request":  # the client went away: let the app see it
-                return _replay(message, receive)
+                return replay(message, receive)
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
@@ -134,22 +135,10 @@ class RegistryGuard:
                 path, text = problem
                 field = ".".join(["body", *map(str, path)])[:200]
                 raise Refusal(422, "invalid_value", f"{field}: {text}", field)
-        return _replay({"type": "http.request", "body": body, "more_body": False}, receive)
+        return replay({"type": "http.request", "body": body, "more_body": False}, receive)
 
 
 def count_refusal(reason: str, scope: Scope, detail: str) -> None:
     REFUSED.labels(reason).inc()
     _REFUSALS.warning(reason, "http_request_refused", method=scope.get("method"), path=str(scope.get("path"))[:200],
                      detail=detail[:300])
-
-
-def _replay(first: dict, receive: Receive) -> Receive:
-    delivered = False
-
-    async def replay() -> dict:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return first
-        return await receive()
-    return replay

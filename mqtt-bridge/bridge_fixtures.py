@@ -68,3 +68,12 @@ async def world(db):
             "INSERT INTO node_channels (node_id, channel, type, config) VALUES ($1, $2, $3, $4) RETURNING id",
             node_id, channel, kind, config)
     return SimpleNamespace(gh="gh-1", zone=zone, bare_zone=bare_zone, irr=irr, ph=ph, channels=channels)
+
+
+@pytest.fixture
+async def valves(world, db):
+    """world's irrigation node also drives a fill and a drain valve."""
+    for channel in ("valve_fill", "valve_drain"):
+        await db.execute("INSERT INTO node_channels (node_id, channel, type) VALUES ($1, $2, 'actuator')",
+                         world.irr, channel)
+    return world

@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from starlette.routing import Router
 
-from common.http_guard import send_json
+from common.http_guard import replay, send_json
 from common.schemas import json_problem_at
 
 import bridge_metrics as bm
@@ -123,15 +123,7 @@ class BridgeGuard:
             more = message.get("more_body", False)
         else:
             first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        delivered = False
-
-        async def replay() -> dict:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return first
-            return await receive()
-        return replay, first.get("body", b"")
+        return replay(first, receive), first.get("body", b"")
 
     def _template(self, scope: Scope) -> str:
         """The route template of the request (bounded label values), resolved by the router when it ran."""

@@ -11,7 +11,7 @@ import pytest
 from common import testing
 from common.commands import sweep_timeouts
 
-from bridge_fixtures import TOKEN, FAST, bridge, running_bridge, world  # noqa: F401 - fixtures
+from bridge_fixtures import TOKEN, FAST, bridge, running_bridge, valves, world  # noqa: F401 - fixtures
 
 LARAVEL_HEADERS = {"Content-Type": "application/json", "User-Agent": "GuzzleHttp/7",
                    "Authorization": f"Bearer {TOKEN}"}
@@ -126,8 +126,8 @@ async def test_non_numeric_strings_are_a_clear_422(bridge, world, db, params, wo
     ("fill", {"target_level": "0.8", "max_duration_sec": "1"}),
     ("drain", {"target_level": "0.2", "max_duration_sec": "1"}),
 ])
-async def test_routines_accept_numeric_strings(bridge, world, path, body):
-    response = await bridge.http.post(f"/bridge/zones/{world.zone}/{path}?async=1", json=body)
+async def test_routines_accept_numeric_strings(bridge, valves, path, body):
+    response = await bridge.http.post(f"/bridge/zones/{valves.zone}/{path}?async=1", json=body)
     assert response.status_code == 202, response.text
 
 

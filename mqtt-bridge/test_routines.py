@@ -12,7 +12,7 @@ from common import testing
 from tools.node_sim import SimOptions, Simulator
 from tools.node_sim.layout import NodeSpec, actuator, hardware_id_for
 
-from bridge_fixtures import TOKEN, bridge, running_bridge, world  # noqa: F401 - fixtures
+from bridge_fixtures import TOKEN, bridge, running_bridge, valves, world  # noqa: F401 - fixtures
 
 
 async def set_level(db, zone: int, node: int, value: float) -> None:
@@ -32,15 +32,6 @@ async def finished_task(bridge, task_id: str, timeout: float = 20) -> dict:
         data = (await bridge.http.get(f"/bridge/tasks/{task_id}")).json()["data"]
         return data if data["state"] != "running" else None
     return await testing.eventually(done, timeout, interval=0.1, message=f"task {task_id} finished")
-
-
-@pytest.fixture
-async def valves(world, db):
-    """world's irrigation node also drives a fill and a drain valve."""
-    for channel in ("valve_fill", "valve_drain"):
-        await db.execute("INSERT INTO node_channels (node_id, channel, type) VALUES ($1, $2, 'actuator')",
-                         world.irr, channel)
-    return world
 
 
 def relay_commands(probe, root: str) -> list[tuple[str, str, bool]]:

@@ -20,7 +20,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from common import testing
 from common.db import Database
-from tests import stack as stack_module
 from tests.stack import (SERVICES, ServiceStack, create_database, drop_database, drop_redis_keys, free_ports,
                          node_spec, run_with_db, seed_nodes)
 from tools.node_sim import NodeSpec, ReservoirParams
@@ -55,15 +54,6 @@ class Stack(ServiceStack):
 
 
 _spec = node_spec
-
-
-# Names other cross-service test modules import from here (kept until they use tests/stack.py).
-_create_database = stack_module._create_database
-_drop_database = stack_module._drop_database
-
-
-async def _wait_ready(s: ServiceStack) -> None:
-    await s.wait_ready()
 
 
 async def _seed(db: Database, irrigation_time: str) -> dict[str, int]:

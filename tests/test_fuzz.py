@@ -36,7 +36,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common import testing
 from common.db import Database
-from tests.test_e2e import SERVICE_ENV, SERVICES, TOKEN, Stack, _create_database, _drop_database, _spec, _wait_ready
+from tests.stack import (SERVICES, ServiceStack, create_database, drop_database, drop_redis_keys, free_ports,
+                         node_spec, run_with_db, seed_nodes)
+from tests.test_e2e import SERVICE_ENV, TOKEN
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "50"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
@@ -114,64 +116,40 @@ def query_string(params: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # The stack: the five services as processes (the end-to-end machinery), a private broker
 # ---------------------------------------------------------------------------------------------
-class FuzzStack(Stack):
-    def start(self, name: str) -> None:
-        env = dict(testing.settings_env(self.settings), **SERVICE_ENV, **FUZZ_ENV)
-        self.processes[name] = testing.ServiceProcess(name, env).start()
-
-
 async def _seed(db: Database) -> dict[str, int]:
     """A greenhouse with a zone of nodes (as Laravel writes them) and an empty zone."""
     gh = await db.fetchval("INSERT INTO greenhouses (uid, name, timezone) VALUES ($1, 'Fuzz', 'UTC') RETURNING id", GH)
     ids = {name: await db.fetchval("INSERT INTO zones (greenhouse_id, name, status) VALUES ($1, $2, 'RUNNING')"
                                    " RETURNING id", gh, name) for name in ("Z", "E")}
-    for uid, node_type in (("nd-fz-tel", "climate"), ("nd-fz-hb", "climate"), ("nd-fz-act", "climate"),
-                           ("nd-fz-reg", "ph"), ("nd-fz-cfg", "ph")):
-        spec = _spec(uid, node_type, GH, ids["Z"])
-        node_id = await db.fetchval(
-            "INSERT INTO nodes (uid, hardware_id, zone_id, type, status, lifecycle_state, validated)"
-            " VALUES ($1, $2, $3, $4, 'offline', 'ACTIVE', true) RETURNING id",
-            spec.uid, spec.hardware_id, spec.zone_id, spec.type)
-        for ch in spec.channels:
-            config = None if ch.type == "SENSOR" else {"safe_limits": ch.safe_limits}
-            await db.execute("INSERT INTO node_channels (node_id, channel, type, metric, config)"
-                             " VALUES ($1, $2, $3, $4, $5)", node_id, ch.name, ch.type.lower(), ch.metric, config)
-        ids[uid] = node_id
+    nodes = (("nd-fz-tel", "climate"), ("nd-fz-hb", "climate"), ("nd-fz-act", "climate"), ("nd-fz-reg", "ph"),
+             ("nd-fz-cfg", "ph"))
+    await seed_nodes(db, [node_spec(uid, node_type, GH, ids["Z"]) for uid, node_type in nodes])
+    for uid, _ in nodes:
+        ids[uid] = await db.fetchval("SELECT id FROM nodes WHERE uid = $1", uid)
     return ids
 
 
 @pytest.fixture(scope="module")
 def stack(pg_template):
-    name = f"hydro_t_{os.getpid()}_{testing.unique_id('')}"
-    asyncio.run(_create_database(name, pg_template))
+    name = create_database(pg_template)
     broker = testing.PrivateMosquitto.like_deploy().start()
-    ports = {f: str(testing.free_port()) for f in ("BRIDGE_PORT", "HISTORY_LOGGER_PORT", "HISTORY_LOGGER_METRICS_PORT",
-                                                   "AUTOMATION_PORT", "SCHEDULER_PORT", "REGISTRY_PORT")}
-    s = FuzzStack(testing.isolated_settings(PG_DB=name, PY_API_TOKEN=TOKEN, MQTT_PORT=str(broker.port),
-                                            LARAVEL_API_URL=f"http://127.0.0.1:{testing.free_port()}", **ports),
-                  {}, "00:00")
-    s.ids = asyncio.run(_with_db(s.settings, _seed))
+    s = ServiceStack(testing.isolated_settings(PG_DB=name, PY_API_TOKEN=TOKEN, MQTT_PORT=str(broker.port),
+                                               LARAVEL_API_URL=f"http://127.0.0.1:{testing.free_port()}",
+                                               **free_ports()), {**SERVICE_ENV, **FUZZ_ENV})
+    s.ids = asyncio.run(run_with_db(s.settings, _seed))
     s.sql = Sql(s.settings)
     try:
         for service in SERVICES:
             s.start(service)
-        asyncio.run(_wait_ready(s))
+        asyncio.run(s.wait_ready())
         yield s
     finally:
         s.sql.close()
-        codes = {n: p.terminate() for n, p in s.processes.items()}
-        asyncio.run(_drop_database(name))
+        codes = s.stop()
+        drop_database(name)
+        drop_redis_keys(s.settings)
         broker.close()
     assert codes == {n: 0 for n in codes}, f"services did not stop cleanly: {codes}\n{s.logs()}"
-
-
-async def _with_db(settings_, work):
-    db = Database(settings_)
-    await db.connect()
-    try:
-        return await work(db)
-    finally:
-        await db.close()
 
 
 class Sql:
@@ -783,5 +761,5 @@ def test_no_handler_failed_and_no_process_died(stack):
         values = metrics(stack, field)
         assert total(values, "mqtt_handler_errors_total") == 0, (field, {k: v for k, v in values.items()
                                                                          if k[0] == "mqtt_handler_errors_total"})
-    asyncio.run(_wait_ready(stack))
+    asyncio.run(stack.wait_ready())
     assert math.isfinite(sql(stack, "SELECT coalesce(max(value), 0) FROM telemetry_last"))
