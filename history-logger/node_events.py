@@ -209,6 +209,10 @@ class NodeEvents:
             await self._guarded(conn, list(signs.values()), dead, lambda: self._life_signs(conn, signs))
         if heartbeats:
             await self._guarded(conn, [ev for ev, _ in heartbeats], dead, lambda: self._heartbeats(conn, heartbeats))
+        cmd_ids = [arg[0].cmd_id for _, handler, arg in ordered if handler == self._command_response]
+        if cmd_ids:  # every writer of `commands` locks its rows in id order: no deadlock between them
+            await conn.execute("SELECT id FROM commands WHERE cmd_id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+                               cmd_ids)
         for ev, handler, arg in ordered:
             later = signs.get(ev.topic.node)
             superseded = later is not None and later.index > ev.index
