@@ -53,6 +53,7 @@ KNOWN_STATUSES = {"online", "offline"}
 
 # Nodes heard from: locked in id order (as the offline sweep does), then online with last_seen_at
 # moved forward only.
+_LOCK_COMMANDS = "SELECT id FROM commands WHERE cmd_id = ANY($1::text[]) ORDER BY id FOR UPDATE"
 _LOCK_NODES = "SELECT id, uid, zone_id, status FROM nodes WHERE uid = ANY($1::text[]) ORDER BY id FOR UPDATE"
 _LIFE_SIGNS = """
 UPDATE nodes n SET status = 'online', last_seen_at = greatest(coalesce(n.last_seen_at, u.at), u.at),
@@ -211,8 +212,13 @@ class NodeEvents:
             await self._guarded(conn, [ev for ev, _ in heartbeats], dead, lambda: self._heartbeats(conn, heartbeats))
         cmd_ids = [arg[0].cmd_id for _, handler, arg in ordered if handler == self._command_response]
         if cmd_ids:  # every writer of `commands` locks its rows in id order: no deadlock between them
-            await conn.execute("SELECT id FROM commands WHERE cmd_id = ANY($1::text[]) ORDER BY id FOR UPDATE",
-                               cmd_ids)
+            try:
+                async with conn.transaction():
+                    await conn.execute(_LOCK_COMMANDS, cmd_ids)
+            except PG_TRANSIENT:
+                raise
+            except (asyncpg.PostgresError, UnicodeError):
+                pass  # an id PostgreSQL cannot hold (NUL, …): its own handler refuses it below
         for ev, handler, arg in ordered:
             later = signs.get(ev.topic.node)
             superseded = later is not None and later.index > ev.index
