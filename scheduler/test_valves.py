@@ -6,10 +6,14 @@ import datetime as dt
 
 import pytest
 
+import irrigation
+import water_cycle
 from common import testing
-from runs import command_statuses
+from runs import claim, command_statuses
+from schedules import load_schedules
 from scheduler_testkit import Clock, add_node, events, local, make_scheduler, make_zone, node_answers, set_metric
 from tools.node_sim import SimOptions, Simulator
+from test_water_cycle import state, water_zone
 from tools.node_sim.layout import NodeSpec, actuator, hardware_id_for, sensor
 
 TZ = "Europe/Berlin"
@@ -139,8 +143,6 @@ async def test_a_run_never_answered_is_judged_after_the_command_timeout(settings
 
 async def test_no_valve_is_left_open_by_a_water_change_even_when_the_scheduler_dies_at_a_step(
         settings, db, mqtt, monkeypatch):
-    import water_cycle
-    from test_water_cycle import state, water_zone
     zone = await water_zone(db)
     gh_uid = await db.fetchval("SELECT g.uid FROM zones z JOIN greenhouses g ON g.id = z.greenhouse_id"
                                " WHERE z.id = $1", zone)
@@ -183,7 +185,6 @@ async def test_no_valve_is_left_open_by_a_water_change_even_when_the_scheduler_d
 
 
 async def test_a_run_whose_scheduler_died_while_starting_it_is_still_judged(settings, db, mqtt, monkeypatch):
-    import irrigation
     zone = await make_zone(db, targets={"irrigation_schedule": "08:00", "irrigation_duration_sec": 20})
     await add_node(db, zone, f"nd-irr-{zone}", "irrig", [("pump_in", "actuator", None)])
     clock = Clock(local(TZ, 2026, 6, 1, 8, 0, 30))
@@ -210,9 +211,7 @@ async def test_a_run_whose_scheduler_died_while_starting_it_is_still_judged(sett
 
 async def _claimed(settings, db, mqtt, clock):
     """The firing a tick would claim, claimed but not executed (the scheduler dies next)."""
-    from runs import claim
     sched = make_scheduler(settings, db, mqtt, clock)
-    from schedules import load_schedules
     zones = await load_schedules(db, 60)
     [firing] = await claim(db, sched.due(zones, clock.now - dt.timedelta(minutes=1), clock.now), clock.now)
     return firing, clock.now
