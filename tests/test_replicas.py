@@ -248,6 +248,15 @@ async def test_bridge_replica_death_publishes_each_command_once(stack, db):
                     "type": "set_relay", "params": {"state": state}, "greenhouse_uid": "gh-rep",
                     "node_uid": "nd-rep-clim", "channel": "fan_A", "cmd_id": cmd_id})
 
+            async def post_until_answered(name: str, cmd_id: str, state: bool) -> httpx.Response:
+                """A 503 says the other replica is publishing this cmd_id right now: retry, as Retry-After asks."""
+                for _ in range(40):
+                    answer = await post(name, cmd_id, state)
+                    if answer.status_code != 503:
+                        break
+                    await asyncio.sleep(0.25)
+                return answer
+
             async def post_with_retry(cmd_id: str, state: bool) -> None:
                 """Both replicas behind one address: a refused connection is retried on the next."""
                 for name in replicas("mqtt-bridge"):
@@ -263,7 +272,8 @@ async def test_bridge_replica_death_publishes_each_command_once(stack, db):
                 for i in range(3):  # both alive: the same cmd_id to both replicas at once
                     cmd_id = f"rep-both-{round_}-{i}"
                     cmd_ids.append(cmd_id)
-                    answers = await asyncio.gather(*(post(n, cmd_id, i % 2 == 0) for n in replicas("mqtt-bridge")))
+                    answers = await asyncio.gather(*(post_until_answered(n, cmd_id, i % 2 == 0)
+                                                     for n in replicas("mqtt-bridge")))
                     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
                 stack.kill(victim)
                 for i in range(3):  # one dead: every post still lands once
