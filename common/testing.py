@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
+import random
 import shutil
 import signal
 import socket
@@ -53,10 +54,35 @@ def isolated_settings(**env: str) -> Settings:
     return Settings.from_env(values)
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port for a server to listen on. Never the same one twice in a process (a port just
+    closed is free again, so two calls could both get it), and outside the kernel's ephemeral range:
+    a port from that range can be taken by any outgoing connection before the server binds it."""
+    low, high = _ephemeral_ports()
+    candidates = range(10000, low) if low > 11000 else range(high + 1, 65536)
+    for _ in range(500):
+        port = random.choice(candidates)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {candidates.start}-{candidates.stop - 1}")
 
 
 def wait_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -85,33 +84,8 @@ def drop_redis_keys(settings) -> None:
     asyncio.run(_drop_redis_keys(settings))
 
 
-def _ephemeral_ports() -> tuple[int, int]:
-    try:
-        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def listen_port() -> int:
-    """A free port for a service to listen on, outside the kernel's ephemeral range: a port from
-    that range can be taken by any outgoing connection (ten services open many) before the
-    service binds it."""
-    low, high = _ephemeral_ports()
-    candidates = range(10000, low) if low > 11000 else range(high + 1, 65536)
-    for _ in range(200):
-        port = random.choice(candidates)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    return testing.free_port()
-
-
 def free_ports(fields=ALL_PORT_FIELDS) -> dict[str, str]:
-    return {field: str(listen_port()) for field in fields}
+    return {field: str(testing.free_port()) for field in fields}
 
 
 async def run_with_db(settings, work):
