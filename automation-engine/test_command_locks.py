@@ -34,10 +34,11 @@ async def _scenario(db, mqtt, settings, cmd_ids: list[str], logger_in_id_order: 
         return await publish(*args, **kwargs)
     mqtt.publish_json = held_publish
     topics = Topics(settings.mqtt_topic_root)
+    # one pump each: a second dose on the same pump at the same moment is refused by its min_off
     issued = [asyncio.create_task(issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=z.zone_id, node_uid=node_uid,
-                                                channel="pump_acid", cmd="dose", params={"dose_ml": 0.5},
+                                                channel=channel, cmd="dose", params={"dose_ml": 0.5},
                                                 cmd_id=cmd_id, source="automation"))
-              for cmd_id in cmd_ids]
+              for cmd_id, channel in zip(cmd_ids, ("pump_acid", "pump_base"))]
     await testing.eventually(lambda: db.fetchval(
         "SELECT count(*) = $1 FROM commands WHERE cmd_id = ANY($2::text[]) AND sent_at IS NOT NULL",
         len(cmd_ids), cmd_ids), 10, message="batch claimed")

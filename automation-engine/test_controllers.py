@@ -160,6 +160,7 @@ async def test_interval_irrigation_fires_at_once_then_every_interval(db, make_en
     assert len(await automation_commands(db)) == 1
     await heartbeat(db, minutes_ahead=16)
     await set_telemetry(db, z.zone_id, "WATER_LEVEL", 0.8, age_sec=-16 * 60, node_id=z.nodes["nd-irr"])
+    await db.execute("UPDATE commands SET sent_at = sent_at - interval '16 minutes'")  # the pump's min_off, in the same time
     await engine.run_cycle(later(minutes=16))
     assert len(await automation_commands(db)) == 2
     assert (await events(db, z.zone_id, "IRRIGATION_STARTED"))[1]["details"]["elapsed_sec"] >= 900

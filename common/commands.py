@@ -30,7 +30,7 @@ import orjson
 from . import metrics
 from .db import CONNECTION_ERRORS, Database
 from .mqtt import MqttClient
-from .schemas import BIGINT_MAX, CommandResponse, as_number, json_problem
+from .schemas import BIGINT_MAX, DEFAULT_SAFE_LIMITS, CommandResponse, as_number, json_problem
 from .topics import Topics, TopicError, check_segment
 
 OPEN_STATUSES = ("pending", "sent")
@@ -94,15 +94,12 @@ def channel_kind(name: str, db_type: str | None, config: Any) -> str:
     return UNKNOWN
 
 
-DEFAULT_SAFE_LIMITS = {"max_duration_ms": 5000, "min_off_ms": 3000}  # contract §4.3: what NodeConfig carries
-
-
 def safe_limits(config: Any) -> dict[str, int]:
     """The limits the channel's config states (`safe_limits.max_duration_ms` / `min_off_ms`).
 
-    A channel without them is not given the §4.3 defaults here: the node applies the defaults its
-    NodeConfig carries itself (answering `pump_busy` / an error), and our own services size runs by
-    the channel's stated limits."""
+    Which §4.3 default applies where a limit is not stated is the checker's choice: min_off always
+    (the node holds it too), max_duration only for `set_state`, since a backend `run_pump` may run
+    1–60 s unless the channel says less (§4.3)."""
     given = config.get("safe_limits") if isinstance(config, dict) else None
     limits: dict[str, int] = {}
     if isinstance(given, dict):
@@ -113,10 +110,6 @@ def safe_limits(config: Any) -> dict[str, int]:
     return limits
 
 
-# Sources whose requests come from people (Laravel's UI): the backend holds a pump's min_off_ms for
-# them. automation-engine and the scheduler pace their own runs (settling times, hourly caps,
-# schedules) and the node refuses a run inside min_off (`pump_busy`) for every source.
-MIN_OFF_SOURCES = ("bridge",)
 
 
 # ---------------------------------------------------------------------------------------
@@ -468,9 +461,10 @@ class _Issuer:
         if problem:
             metrics.COMMANDS_REJECTED.labels("safe_limits").inc()
             raise CommandError(problem)
-        min_off = safe_limits(config).get("min_off_ms")
-        if kind != PUMP or min_off is None or request.source not in MIN_OFF_SOURCES \
-                or run_ms(request.cmd, request.params, config) is None:
+        # Every source: the node refuses a run inside min_off (`pump_busy`) with the §4.3 default when
+        # its NodeConfig states none, so a run we cannot pace would only come back as a failure.
+        min_off = safe_limits(config).get("min_off_ms", DEFAULT_SAFE_LIMITS["min_off_ms"])
+        if kind != PUMP or run_ms(request.cmd, request.params, config) is None:
             return
         key = (request.node_uid, request.channel)
         if key in moving:

@@ -53,12 +53,11 @@ from pydantic import ValidationError
 from .db import Database
 from .env import Settings
 from .mqtt import MqttClient, MqttError
-from .schemas import CHANNEL_TYPES, MAX_CONFIG_BYTES, NodeConfig
+from .schemas import CHANNEL_TYPES, DEFAULT_SAFE_LIMITS, MAX_CONFIG_BYTES, NodeConfig
 from .topics import Topics, TopicError, zone_segment
 
 log = logging.getLogger("common.nodeconfig")
 
-DEFAULT_SAFE_LIMITS = {"max_duration_ms": 5000, "min_off_ms": 3000}  # contract §4.3
 DEFAULT_POLL_INTERVAL_MS = 3000
 DEFAULT_STORED_VERSION = 0  # no version stored yet → the first one published is 1
 # Lifecycle states that may receive a config (contract §5.3); the caller decides whether to enforce it.

@@ -334,6 +334,10 @@ class CommandPayload(Payload):
 CHANNEL_TYPES = {"sensor": "SENSOR", "s": "SENSOR", "actuator": "ACTUATOR", "a": "ACTUATOR"}
 
 
+# Contract §4.3: what NodeConfig carries for an actuator channel that states no limits of its own.
+DEFAULT_SAFE_LIMITS = {"max_duration_ms": 5000, "min_off_ms": 3000}
+
+
 class SafeLimits(Payload):
     max_duration_ms: StrictInt = Field(ge=1, le=300_000)
     min_off_ms: StrictInt = Field(ge=0, le=3_600_000)

@@ -224,3 +224,28 @@ async def test_a_caller_cancelled_while_batched_does_not_fail_the_batch(settings
                                 cmd="stop_pump", cmd_id="cx-after")
     assert after.status == "sent"
     assert await db.fetchval("SELECT count(*) FROM commands WHERE status = 'sent' AND cmd_id <> 'cx-4'") == 10
+
+
+@pytest.mark.parametrize("source", ["bridge", "automation", "scheduler"])
+async def test_min_off_holds_a_pump_for_every_source_and_by_default(settings, db, mqtt, zone, source):
+    """A pump that just ran is refused a second run by every source, with the §4.3 default min_off
+    (3000 ms) when its channel states no limits; one that states min_off_ms 0 runs again once its run is over."""
+    topics = Topics(settings.mqtt_topic_root)
+    node_id = await db.fetchval("SELECT id FROM nodes WHERE uid = 'nd-1'")
+    await db.execute("INSERT INTO node_channels (node_id, channel, type, config) VALUES"
+                     " ($1, 'pump_bare', 'actuator', '{}'), ($1, 'pump_free', 'actuator', $2)",
+                     node_id, {"safe_limits": {"max_duration_ms": 5000, "min_off_ms": 0}})
+
+    def run(channel):
+        return issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd-1", channel=channel,
+                             cmd="run_pump", params={"duration_ms": 1}, source=source)
+
+    for channel, limit in (("pump_in", 3000), ("pump_bare", 3000)):
+        await run(channel)
+        with pytest.raises(CommandError, match=f"resting after its last run \\(safe_limits.min_off_ms={limit}\\)"):
+            await run(channel)
+    assert (await run("pump_free")).published
+    await asyncio.sleep(1.0)  # Laravel's sent_at is timestamp(0): rounded, it can lie up to 0.5 s ahead
+    assert (await run("pump_free")).published
+    refused = await db.fetchval("SELECT count(*) FROM commands WHERE channel IN ('pump_in', 'pump_bare')")
+    assert refused == 2  # a refusal records no row

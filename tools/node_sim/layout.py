@@ -12,8 +12,9 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.schemas import DEFAULT_SAFE_LIMITS
+
 DEFAULT_POLL_MS = 3000
-DEFAULT_SAFE_LIMITS = {"max_duration_ms": 5000, "min_off_ms": 3000}
 NODE_TYPES = ("ph", "ec", "climate", "irrig", "light")
 
 
