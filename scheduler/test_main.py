@@ -277,13 +277,13 @@ async def test_inactive_zones_are_not_scheduled(settings, db, mqtt, mqtt_probe):
 async def test_one_zone_failing_does_not_stop_the_others(settings, db, mqtt, mqtt_probe):
     broken, fine = await irrigated_zone(db), await irrigated_zone(db)
     sched = make_scheduler(settings, db, mqtt)
-    real = sched._executors["irrigation"]
+    real = sched.planners["irrigation"]
 
-    async def explode_for_one(s, firing, now):
+    def explode_for_one(s, firing, facts, now):
         if firing.zone.zone_id == broken:
             raise RuntimeError("boom")
-        return await real(s, firing, now)
-    sched._executors["irrigation"] = explode_for_one
+        return real(s, firing, facts, now)
+    sched.planners["irrigation"] = explode_for_one
     await sched.tick(local(TZ, 2026, 6, 1, 8, 0, 30))
     await mqtt_probe.wait_for(1, f"{settings.mqtt_topic_root}/+/zn-{fine}/+/pump_in/command")
     runs = {r["zone_id"]: r for r in await db.fetch("SELECT zone_id, status, details FROM scheduler_runs")}
