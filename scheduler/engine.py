@@ -179,13 +179,14 @@ class Scheduler:
                                               "outcome": plan.outcome, "run_id": firing.run_id,
                                               "scheduled_local": firing.occurrence.local.isoformat()})
 
-    async def _write(self, planned: list[tuple[Firing, Plan]], writes: Callable[[Plan], Writes],
+    async def _write(self, planned: list[tuple[Firing, Plan]], writes: Callable[[Plan], Writes | None],
                      now: dt.datetime) -> list[tuple[Firing, Plan]]:
         """One stage's records of every firing in one transaction; should that fail, firing by firing,
         so that only the firings whose own records fail are lost. Returns the firings recorded."""
         merged = Writes(now)
         for _, plan in planned:
-            merged.extend(writes(plan))
+            if writes(plan):
+                merged.extend(writes(plan))
         try:
             await merged.flush(self.db)
             return planned
@@ -199,7 +200,8 @@ class Scheduler:
         kept = []
         for firing, plan in planned:
             try:
-                await writes(plan).flush(self.db)
+                if writes(plan):
+                    await writes(plan).flush(self.db)
                 kept.append((firing, plan))
             except asyncio.CancelledError:
                 raise

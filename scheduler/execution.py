@@ -41,7 +41,7 @@ class Plan:
     orders: list[Order] = field(default_factory=list)
     after: Callable[[list[Sent], Writes], str] | None = None   # records the sends; returns the outcome
     outcome: str | None = None   # known without sending anything
-    later: Writes = field(default_factory=Writes)
+    later: Writes | None = None   # what `after` recorded
     sent: list[Sent] = field(default_factory=list)
     error: BaseException | None = None
 

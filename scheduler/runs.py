@@ -122,8 +122,8 @@ def _json(value: Any) -> str:
 class Writes:
     """Run records of one or many firings, written together: one statement per table, so a tick's
     stage costs the same few round trips for one firing or thousands. Rows are written in the
-    order they were added; `run()` of one run merges (details) and the last follow-up wins; a
-    finish clears the follow-up."""
+    order they were added; the changes of one run merge (details), its last follow-up wins and a
+    finish clears its follow-up."""
 
     def __init__(self, now: dt.datetime | None = None):
         self.now = now
