@@ -43,11 +43,6 @@ def plan(sched: "Scheduler", firing: Firing, facts: Facts, now: dt.datetime) -> 
                  firing.occurrence.local, facts.channels.get(zone.zone_id, []), now, first=True)
 
 
-async def fire(sched: "Scheduler", firing: Firing, now: dt.datetime) -> str:
-    """One edge applied on its own (the tick applies all of its edges together)."""
-    return await execution.fire_one(sched, firing, now)
-
-
 async def retry(sched: "Scheduler", run, now: dt.datetime) -> str:
     """Follow-up of an edge that found no light online (or whose commands failed): try again
     every interval until it succeeds or a newer edge of the zone supersedes it."""
