@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from common.channels import DRAIN_CHANNELS, FILL_CHANNELS, is_valve
 from common.commands import RUN_PUMP_MAX_MS, CommandError, CommandPublishError, issue_command, new_cmd_id
@@ -23,11 +23,11 @@ from runs import link_command
 log = logging.getLogger("scheduler.actuators")
 
 CHANNELS_SQL = """
-SELECT n.uid, lower(coalesce(n.type, '')) AS node_type, nc.channel, lower(coalesce(nc.type, '')) AS channel_type,
-       nc.config
+SELECT n.zone_id, n.uid, lower(coalesce(n.type, '')) AS node_type, nc.channel,
+       lower(coalesce(nc.type, '')) AS channel_type, nc.config
   FROM nodes n JOIN node_channels nc ON nc.node_id = n.id
- WHERE n.zone_id = $1 AND lower(n.status) = 'online'
- ORDER BY n.id, nc.id
+ WHERE n.zone_id = ANY($1::bigint[]) AND lower(n.status) = 'online'
+ ORDER BY n.zone_id, n.id, nc.id
 """
 
 IRRIGATION_NODE_TYPES = ("irrig", "pump", "irrigation")
@@ -56,8 +56,16 @@ class Target:
         return max(1, min(wanted_ms, ceiling))
 
 
+async def zones_channels(db: Database, zone_ids: list[int]) -> dict[int, list[Any]]:
+    """The online node channels of each zone (one query for all of them)."""
+    by_zone: dict[int, list[Any]] = {}
+    for row in await db.fetch(CHANNELS_SQL, zone_ids):
+        by_zone.setdefault(row["zone_id"], []).append(row)
+    return by_zone
+
+
 async def zone_channels(db: Database, zone_id: int) -> list[Any]:
-    return await db.fetch(CHANNELS_SQL, zone_id)
+    return (await zones_channels(db, [zone_id])).get(zone_id, [])
 
 
 def _is_actuator(row) -> bool:
@@ -95,6 +103,18 @@ def named_targets(rows: list[Any], names: tuple[str, ...]) -> list[Target]:
             if _is_actuator(r) and r["channel"].lower() in names]
 
 
+class Order(NamedTuple):
+    """A command with its cmd_id chosen up front, so that it is linked to its run before it goes out."""
+    target: Target
+    cmd: str
+    params: dict
+    cmd_id: str
+
+
+def new_order(target: Target, cmd: str, params: dict) -> Order:
+    return Order(target, cmd, params, new_cmd_id())
+
+
 @dataclass(frozen=True, slots=True)
 class Sent:
     target: Target
@@ -123,6 +143,11 @@ class CommandSender:
         cmd_id = new_cmd_id()
         if run_id is not None:
             await link_command(self.db, run_id, cmd_id, target.node_uid, target.channel, cmd)
+        return await self.issue(run_id, gh_uid, zone_id, Order(target, cmd, params, cmd_id))
+
+    async def issue(self, run_id: int | None, gh_uid: str, zone_id: int, order: "Order") -> Sent:
+        """Issue an order whose cmd_id is already linked to its run."""
+        target, cmd, params, cmd_id = order
         try:
             await issue_command(self.db, self.mqtt, self.topics, gh_uid=gh_uid, zone_id=zone_id,
                                 node_uid=target.node_uid, channel=target.channel, cmd=cmd, params=params,
@@ -138,8 +163,17 @@ class CommandSender:
         return [await self.send(run_id, gh_uid, zone_id, target, cmd, params) for target, cmd, params in orders]
 
 
+async def freshest_metrics(db: Database, zone_ids: list[int], metric: str,
+                           not_before: dt.datetime) -> dict[int, float]:
+    """Each zone's newest telemetry_last value of `metric` updated at or after `not_before` (zones
+    without one are left out)."""
+    rows = await db.fetch(
+        "SELECT DISTINCT ON (zone_id) zone_id, value FROM telemetry_last"
+        " WHERE zone_id = ANY($1::bigint[]) AND upper(metric_type) = $2 AND value IS NOT NULL AND updated_at >= $3"
+        " ORDER BY zone_id, updated_at DESC", zone_ids, metric, not_before)
+    return {row["zone_id"]: row["value"] for row in rows}
+
+
 async def freshest_metric(db: Database, zone_id: int, metric: str, not_before: dt.datetime) -> float | None:
     """The zone's newest telemetry_last value of `metric` updated at or after `not_before`, else None."""
-    return await db.fetchval(
-        "SELECT value FROM telemetry_last WHERE zone_id = $1 AND upper(metric_type) = $2 AND value IS NOT NULL"
-        " AND updated_at >= $3 ORDER BY updated_at DESC LIMIT 1", zone_id, metric, not_before)
+    return (await freshest_metrics(db, [zone_id], metric, not_before)).get(zone_id)

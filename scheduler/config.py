@@ -14,7 +14,7 @@ class SchedulerConfig:
     followup_poll_sec: float = 1.0      # SCHEDULER_FOLLOWUP_POLL_SEC: how often due follow-ups are looked for
     dry_run_check_sec: float = 3.0      # SCHEDULER_DRY_RUN_CHECK_SEC: flow check this long after a pump start
     irrigation_duration_sec: int = 60   # SCHEDULER_IRRIGATION_DURATION_SEC: when the phase has no duration
-    concurrency: int = 8                # SCHEDULER_CONCURRENCY: zones executed at once within a tick
+    concurrency: int = 200              # SCHEDULER_CONCURRENCY: zones whose commands are in flight at once
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "SchedulerConfig":
@@ -25,5 +25,5 @@ class SchedulerConfig:
             followup_poll_sec=env.float("SCHEDULER_FOLLOWUP_POLL_SEC", 1.0, 0.05, 60),
             dry_run_check_sec=env.float("SCHEDULER_DRY_RUN_CHECK_SEC", 3.0, 0, 600),
             irrigation_duration_sec=env.int("SCHEDULER_IRRIGATION_DURATION_SEC", 60, 1, 3600),
-            concurrency=env.int("SCHEDULER_CONCURRENCY", 8, 1, 200),
+            concurrency=env.int("SCHEDULER_CONCURRENCY", 200, 1, 200),
         )

@@ -14,8 +14,9 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from typing import Awaitable, Callable
+from typing import Callable
 
+import execution
 import irrigation
 import lighting
 import scheduler_metrics as m
@@ -26,7 +27,8 @@ from common.alerts import add_zone_event
 from common.db import Database
 from common.env import Settings
 from config import SchedulerConfig
-from runs import Firing, claim, finish, last_completed_tick, record_tick, take_due_followups
+from execution import Plan
+from runs import Firing, Writes, claim, finish, last_completed_tick, record_tick, take_due_followups
 from schedules import ZoneSchedule, load_schedules
 from common.timespec import UTC, next_instant, occurrences
 
@@ -49,8 +51,8 @@ class Scheduler:
         self._reported: set[tuple] = set()         # bad specs already reported
         self._next_due: dict[tuple, tuple] = {}    # (kind, zone) → (spec, evaluated at, next instant due)
         self.water_notes: set[tuple] = set()       # water-change problems already logged
-        self._executors: dict[str, Callable[..., Awaitable[str]]] = {
-            "irrigation": irrigation.fire, "lighting": lighting.fire}
+        # kind → plan(scheduler, firing, facts, now) -> Plan (execution.py)
+        self.planners: dict[str, Callable[..., Plan]] = {"irrigation": irrigation.plan, "lighting": lighting.plan}
         self._followups = {"dry_run_check": irrigation.dry_run_check, "finish": irrigation.finish_run,
                            "lighting_retry": lighting.retry}
 
@@ -148,39 +150,91 @@ class Scheduler:
                                                       "run_id": firing.run_id})
 
     async def _execute(self, firings: list[Firing], now: dt.datetime) -> None:
+        """Every claimed firing, stage by stage (execution.py); one firing's failure never stops the others."""
         if not firings:
             return
-        gate = asyncio.Semaphore(self.config.concurrency)
-        # One zone's firings run in order (e.g. lights off before irrigation); zones run side by side.
-        by_zone: dict[int, list[Firing]] = {}
+        facts = await execution.read_facts(self, firings, now)
+        planned: list[tuple[Firing, Plan]] = []
         for firing in firings:
-            by_zone.setdefault(firing.zone.zone_id, []).append(firing)
+            try:
+                planned.append((firing, self.planners[firing.kind](self, firing, facts, now)))
+            except Exception as exc:  # noqa: BLE001
+                await self._failed(firing, exc, now)
+        planned = await self._write(planned, lambda plan: plan.before, now)
+        await self._send([plan for _, plan in planned if plan.outcome is None])
+        recorded = []
+        for firing, plan in planned:
+            try:
+                if plan.error is not None:
+                    raise plan.error
+                if plan.outcome is None:
+                    execution.record_sent(plan, now)
+                recorded.append((firing, plan))
+            except Exception as exc:  # noqa: BLE001
+                await self._failed(firing, exc, now)
+        for firing, plan in await self._write(recorded, lambda plan: plan.later, now):
+            m.FIRINGS.labels(firing.kind, plan.outcome).inc()
+            m.SCHEDULE_EXECUTIONS.labels(str(firing.zone.zone_id), firing.kind).inc()
+            log.info("schedule_fired", extra={"zone_id": firing.zone.zone_id, "item": firing.item,
+                                              "outcome": plan.outcome, "run_id": firing.run_id,
+                                              "scheduled_local": firing.occurrence.local.isoformat()})
 
-        async def run_zone(items: list[Firing]) -> None:
+    async def _write(self, planned: list[tuple[Firing, Plan]], writes: Callable[[Plan], Writes | None],
+                     now: dt.datetime) -> list[tuple[Firing, Plan]]:
+        """One stage's records of every firing in one transaction; should that fail, firing by firing,
+        so that only the firings whose own records fail are lost. Returns the firings recorded."""
+        merged = Writes(now)
+        for _, plan in planned:
+            if writes(plan):
+                merged.extend(writes(plan))
+        try:
+            await merged.flush(self.db)
+            return planned
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if len(planned) == 1:
+                await self._failed(planned[0][0], exc, now)
+                return []
+            log.warning("scheduler_batch_write_failed", exc_info=True, extra={"firings": len(planned)})
+        kept = []
+        for firing, plan in planned:
+            try:
+                if writes(plan):
+                    await writes(plan).flush(self.db)
+                kept.append((firing, plan))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await self._failed(firing, exc, now)
+        return kept
+
+    async def _send(self, plans: list[Plan]) -> None:
+        """Every command at once, so that issue_command batches them; one zone's in order (e.g. lights
+        off before irrigation), SCHEDULER_CONCURRENCY zones side by side."""
+        gate = asyncio.Semaphore(self.config.concurrency)
+        by_zone: dict[int, list[Plan]] = {}
+        for plan in plans:
+            by_zone.setdefault(plan.zone_id, []).append(plan)
+
+        async def run_zone(items: list[Plan]) -> None:
             async with gate:
-                for firing in items:
-                    await self._execute_one(firing, now)
+                for plan in items:
+                    try:
+                        await execution.send(self, plan)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - recorded as this firing's failure
+                        plan.error = exc
 
         await asyncio.gather(*(run_zone(items) for items in by_zone.values()))
 
-    async def _execute_one(self, firing: Firing, now: dt.datetime) -> None:
-        try:
-            outcome = await self._executors[firing.kind](self, firing, now)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one zone's failure never stops the others
-            m.ZONE_ERRORS.labels(firing.kind).inc()
-            log.exception("schedule_firing_failed", extra={"zone_id": firing.zone.zone_id, "item": firing.item,
-                                                           "run_id": firing.run_id})
-            with contextlib.suppress(Exception):  # the run says why it stopped, when the database lets it
-                await finish(self.db, firing.run_id, "failed", {"error": "internal", "message": str(exc)[:500]},
-                             now)
-            return
-        m.FIRINGS.labels(firing.kind, outcome).inc()
-        m.SCHEDULE_EXECUTIONS.labels(str(firing.zone.zone_id), firing.kind).inc()
-        log.info("schedule_fired", extra={"zone_id": firing.zone.zone_id, "item": firing.item, "outcome": outcome,
-                                          "scheduled_local": firing.occurrence.local.isoformat(),
-                                          "run_id": firing.run_id})
+    async def _failed(self, firing: Firing, exc: BaseException | None, now: dt.datetime) -> None:
+        m.ZONE_ERRORS.labels(firing.kind).inc()
+        log.error("schedule_firing_failed", exc_info=exc,
+                  extra={"zone_id": firing.zone.zone_id, "item": firing.item, "run_id": firing.run_id})
+        with contextlib.suppress(Exception):  # the run says why it stopped, when the database lets it
+            await finish(self.db, firing.run_id, "failed", {"error": "internal", "message": str(exc)[:500]}, now)
 
     async def _report_bad_specs(self, zones: list[ZoneSchedule]) -> None:
         """Each distinct bad spec once: a metric, one log line and a zone event."""

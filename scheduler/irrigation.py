@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from common.actuator_closes import schedule_close
 from common.alerts import add_zone_event, ensure_alert
-from actuators import Target, freshest_metric, irrigation_targets, zone_channels
-from runs import Firing, command_statuses, finish, iso, naive_utc, scheduler_log, set_followup, update_details
+import execution
+from actuators import Order, Sent, Target, freshest_metric, irrigation_targets, new_order
+from execution import Facts, Plan
+from runs import Firing, Writes, command_statuses, finish, iso, naive_utc, scheduler_log, set_followup, update_details
 
 if TYPE_CHECKING:
     from engine import Scheduler
@@ -33,76 +35,85 @@ ANSWER_POLL = dt.timedelta(seconds=5)   # a finish that finds start commands una
 OPEN, ACKED = ("pending", "sent"), ("ack",)
 
 
-def _orders(targets: list[Target], duration_ms: int) -> list[tuple[Target, str, dict]]:
+def _orders(targets: list[Target], duration_ms: int) -> list[Order]:
     orders = []
     for target in targets:
         ms = target.max_duration_ms(duration_ms)
         if target.is_valve:
-            orders.append((target, "set_relay", {"state": True, "duration_ms": ms}))
+            orders.append(new_order(target, "set_relay", {"state": True, "duration_ms": ms}))
         else:
-            orders.append((target, "run_pump", {"duration_ms": ms}))
+            orders.append(new_order(target, "run_pump", {"duration_ms": ms}))
     return orders
 
 
-async def _fail(sched: "Scheduler", firing: Firing, error: str, now: dt.datetime, **extra: Any) -> str:
+def _fail(firing: Firing, writes: Writes, error: str, **extra: Any) -> str:
     details = {"zone_id": firing.zone.zone_id, "run_id": firing.run_id, "error": error, **extra}
-    await finish(sched.db, firing.run_id, "failed", {"error": error, **extra}, now)
-    await scheduler_log(sched.db, TASK, "failed", details)
+    writes.finish(firing.run_id, "failed", {"error": error, **extra})
+    writes.log(TASK, "failed", details)
     log.info("irrigation_not_started", extra=details)
     return "failed"
 
 
-async def fire(sched: "Scheduler", firing: Firing, now: dt.datetime) -> str:
+def plan(sched: "Scheduler", firing: Firing, facts: Facts, now: dt.datetime) -> Plan:
     zone = firing.zone
     base = {"zone_id": zone.zone_id, "run_id": firing.run_id, "scheduled_local": firing.occurrence.local.isoformat()}
-    await scheduler_log(sched.db, TASK, "running", base)
-    fresh_after = naive_utc(now) - dt.timedelta(minutes=sched.settings.telemetry_max_age_min)
-    level = await freshest_metric(sched.db, zone.zone_id, "WATER_LEVEL", fresh_after)
+    step = Plan(zone.zone_id, zone.gh_uid, firing.run_id, Writes(now).log(TASK, "running", base))
+    before = step.before
+    level = facts.water_levels.get(zone.zone_id)
     if level is not None and level < WATER_LEVEL_MIN:
-        async with sched.db.transaction() as conn:
-            await ensure_alert(conn, zone_id=zone.zone_id, alert_type="WATER_LEVEL_LOW",
-                               details={"level": level, "threshold": WATER_LEVEL_MIN, "source": "scheduler",
-                                        "message": "Water level too low for irrigation"})
-            await add_zone_event(conn, zone.zone_id, "WATER_LEVEL_LOW",
-                                 {"level": level, "threshold": WATER_LEVEL_MIN, "run_id": firing.run_id})
-        return await _fail(sched, firing, "water_level_low", now, level=level)
+        before.call(lambda conn: ensure_alert(
+            conn, zone_id=zone.zone_id, alert_type="WATER_LEVEL_LOW",
+            details={"level": level, "threshold": WATER_LEVEL_MIN, "source": "scheduler",
+                     "message": "Water level too low for irrigation"}))
+        before.event(zone.zone_id, "WATER_LEVEL_LOW",
+                     {"level": level, "threshold": WATER_LEVEL_MIN, "run_id": firing.run_id})
+        step.outcome = _fail(firing, before, "water_level_low", level=level)
+        return step
 
-    targets = irrigation_targets(await zone_channels(sched.db, zone.zone_id))
+    targets = irrigation_targets(facts.channels.get(zone.zone_id, []))
     if not targets:
-        return await _fail(sched, firing, "no_nodes", now)
+        step.outcome = _fail(firing, before, "no_nodes")
+        return step
     duration_sec = zone.irrigation_duration_sec
-    orders = _orders(targets, duration_sec * 1000)
-    for target, cmd, params in orders:
+    step.orders = _orders(targets, duration_sec * 1000)
+    for target, cmd, params, _ in step.orders:
         if cmd == "set_relay":  # on record before the valve can open
-            await schedule_close(sched.db, owner="scheduler", zone_id=zone.zone_id, node_uid=target.node_uid,
-                                 channel=target.channel, reason=TASK,
-                                 close_at=now + dt.timedelta(milliseconds=params["duration_ms"]))
+            close_at = now + dt.timedelta(milliseconds=params["duration_ms"])
+            before.call(lambda conn, target=target, close_at=close_at: schedule_close(
+                conn, owner="scheduler", zone_id=zone.zone_id, node_uid=target.node_uid, channel=target.channel,
+                reason=TASK, close_at=close_at))
     # Should this scheduler die while sending, the run is still judged (from its linked commands)
     # when the duration is over; the normal path below replaces this follow-up.
-    await update_details(sched.db, firing.run_id, {"duration_sec": duration_sec})
-    await set_followup(sched.db, firing.run_id, "finish", now + dt.timedelta(seconds=duration_sec))
-    sent = await sched.sender.send_all(firing.run_id, zone.gh_uid, zone.zone_id, orders)
+    before.details(firing.run_id, {"duration_sec": duration_sec})
+    before.followup(firing.run_id, "finish", now + dt.timedelta(seconds=duration_sec))
+    for target, cmd, _, cmd_id in step.orders:
+        before.link(firing.run_id, cmd_id, target.node_uid, target.channel, cmd)
+    step.after = lambda sent, writes: _record_start(sched, firing, now, sent, writes)
+    return step
+
+
+def _record_start(sched: "Scheduler", firing: Firing, now: dt.datetime, sent: list[Sent], writes: Writes) -> str:
+    zone, duration_sec = firing.zone, firing.zone.irrigation_duration_sec
     ok = [s for s in sent if s.ok]
     if not ok:
-        return await _fail(sched, firing, "commands_failed", now, commands=[s.summary() for s in sent])
-
+        return _fail(firing, writes, "commands_failed", commands=[s.summary() for s in sent])
     flow_sensor = zone.capabilities.get("flow_sensor") is True
-    await update_details(sched.db, firing.run_id, {
+    writes.details(firing.run_id, {
         "duration_sec": duration_sec, "started_at": iso(now), "flow_sensor": flow_sensor,
         "targets": [s.summary() for s in ok], "failed_commands": [s.summary() for s in sent if not s.ok]})
-    await add_zone_event_now(sched, zone.zone_id, "IRRIGATION_STARTED", {
+    writes.event(zone.zone_id, "IRRIGATION_STARTED", {
         "nodes_count": len(ok), "duration_sec": duration_sec, "start_time": iso(now), "run_id": firing.run_id,
         "scheduled_local": firing.occurrence.local.isoformat(), "cmd_ids": [s.cmd_id for s in ok]})
     if flow_sensor:
-        await set_followup(sched.db, firing.run_id, "dry_run_check", now + dt.timedelta(seconds=sched.config.dry_run_check_sec))
+        writes.followup(firing.run_id, "dry_run_check", now + dt.timedelta(seconds=sched.config.dry_run_check_sec))
     else:
-        await set_followup(sched.db, firing.run_id, "finish", now + dt.timedelta(seconds=duration_sec))
+        writes.followup(firing.run_id, "finish", now + dt.timedelta(seconds=duration_sec))
     return "started"
 
 
-async def add_zone_event_now(sched: "Scheduler", zone_id: int, event_type: str, details: dict) -> None:
-    async with sched.db.transaction() as conn:
-        await add_zone_event(conn, zone_id, event_type, details)
+async def fire(sched: "Scheduler", firing: Firing, now: dt.datetime) -> str:
+    """One firing executed on its own (the tick executes all of its firings together)."""
+    return await execution.fire_one(sched, firing, now)
 
 
 def _started(run) -> dt.datetime:

@@ -15,9 +15,10 @@ import datetime as dt
 import logging
 from typing import TYPE_CHECKING
 
-from common.alerts import add_zone_event
-from actuators import light_targets, zone_channels
-from runs import Firing, finish, scheduler_log, set_followup, update_details
+import execution
+from actuators import Sent, light_targets, new_order, zone_channels
+from execution import Facts, Plan
+from runs import Firing, Writes, finish
 from schedules import ZoneSchedule
 from common.timespec import light_edge
 
@@ -36,10 +37,10 @@ def edge_firing(zone: ZoneSchedule, now: dt.datetime) -> Firing:
                            "intensity": zone.light_intensity if on else None})
 
 
-async def fire(sched: "Scheduler", firing: Firing, now: dt.datetime) -> str:
+def plan(sched: "Scheduler", firing: Firing, facts: Facts, now: dt.datetime) -> Plan:
     zone = firing.zone
-    return await _apply(sched, zone.zone_id, zone.gh_uid, firing.run_id, firing.item == "lighting:on",
-                        firing.details, firing.occurrence.local, now, first=True)
+    return _plan(sched, zone.zone_id, zone.gh_uid, firing.run_id, firing.item == "lighting:on", firing.details,
+                 firing.occurrence.local, facts.channels.get(zone.zone_id, []), now, first=True)
 
 
 async def retry(sched: "Scheduler", run, now: dt.datetime) -> str:
@@ -56,37 +57,47 @@ async def retry(sched: "Scheduler", run, now: dt.datetime) -> str:
     if gh_uid is None:
         await finish(sched.db, run["id"], "failed", {"error": "zone_gone"}, now)
         return "failed"
-    return await _apply(sched, run["zone_id"], gh_uid, run["id"], run["item"] == "lighting:on",
-                        run["details"] or {}, run["scheduled_local"], now, first=False)
+    step = _plan(sched, run["zone_id"], gh_uid, run["id"], run["item"] == "lighting:on", run["details"] or {},
+                 run["scheduled_local"], await zone_channels(sched.db, run["zone_id"]), now, first=False)
+    return await execution.run_one(sched, step, now)
 
 
-async def _apply(sched: "Scheduler", zone_id: int, gh_uid: str, run_id: int, on: bool, spec: dict,
-                 scheduled_local: dt.datetime, now: dt.datetime, first: bool) -> str:
+def _plan(sched: "Scheduler", zone_id: int, gh_uid: str, run_id: int, on: bool, spec: dict,
+          scheduled_local: dt.datetime, rows: list, now: dt.datetime, first: bool) -> Plan:
     intensity = spec.get("intensity") if on else None
     base = {"zone_id": zone_id, "run_id": run_id, "state": "on" if on else "off", "window": spec.get("window"),
             "scheduled_local": scheduled_local.isoformat()}
-    targets = light_targets(await zone_channels(sched.db, zone_id))
-    sent = []
-    if targets:
-        if intensity is not None:
-            orders = [(t, "set_pwm", {"value": intensity}) for t in targets]
-        else:
-            orders = [(t, "set_relay", {"state": on}) for t in targets]
-        sent = await sched.sender.send_all(run_id, gh_uid, zone_id, orders)
+    step = Plan(zone_id, gh_uid, run_id, Writes(now))
+    targets = light_targets(rows)
+    if not targets:
+        step.outcome = _retrying(sched, step.before, base, run_id, "no_nodes", [], now, first)
+        return step
+    if intensity is not None:
+        step.orders = [new_order(t, "set_pwm", {"value": intensity}) for t in targets]
+    else:
+        step.orders = [new_order(t, "set_relay", {"state": on}) for t in targets]
+    for target, cmd, _, cmd_id in step.orders:
+        step.before.link(run_id, cmd_id, target.node_uid, target.channel, cmd)
+
+    def applied(sent: list[Sent], writes: Writes) -> str:
         ok = [s for s in sent if s.ok]
-        if ok:
-            async with sched.db.transaction() as conn:
-                await add_zone_event(conn, zone_id, "LIGHT_ON" if on else "LIGHT_OFF", dict(
-                    base, nodes=[{"node_uid": s.target.node_uid, "channel": s.target.channel} for s in ok],
-                    cmd_ids=[s.cmd_id for s in ok], intensity=intensity))
-                await finish(conn, run_id, "completed", {"commands": [s.summary() for s in sent], "error": None},
-                             now)
-                await scheduler_log(conn, TASK, "completed", dict(base, commands=len(ok)))
-            return "completed"
-    error = "commands_failed" if targets else "no_nodes"
-    await update_details(sched.db, run_id, {"error": error, "commands": [s.summary() for s in sent]})
-    await set_followup(sched.db, run_id, "lighting_retry", now + dt.timedelta(seconds=sched.config.interval_sec))
+        if not ok:
+            return _retrying(sched, writes, base, run_id, "commands_failed", sent, now, first)
+        writes.event(zone_id, "LIGHT_ON" if on else "LIGHT_OFF", dict(
+            base, nodes=[{"node_uid": s.target.node_uid, "channel": s.target.channel} for s in ok],
+            cmd_ids=[s.cmd_id for s in ok], intensity=intensity))
+        writes.finish(run_id, "completed", {"commands": [s.summary() for s in sent], "error": None})
+        writes.log(TASK, "completed", dict(base, commands=len(ok)))
+        return "completed"
+    step.after = applied
+    return step
+
+
+def _retrying(sched: "Scheduler", writes: Writes, base: dict, run_id: int, error: str, sent: list[Sent],
+              now: dt.datetime, first: bool) -> str:
+    writes.details(run_id, {"error": error, "commands": [s.summary() for s in sent]})
+    writes.followup(run_id, "lighting_retry", now + dt.timedelta(seconds=sched.config.interval_sec))
     if first:
-        await scheduler_log(sched.db, TASK, "failed", dict(base, error=error, retrying=True))
+        writes.log(TASK, "failed", dict(base, error=error, retrying=True))
         log.info("lighting_not_applied_retrying", extra=dict(base, error=error))
     return "retrying"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import asyncpg
 import orjson
@@ -75,31 +75,167 @@ async def claim(db: Database, firings: list[Firing], now: dt.datetime) -> list[F
     return claimed
 
 
+@dataclass(slots=True)
+class RunChange:
+    details: dict[str, Any] = field(default_factory=dict)   # merged into the row's details (jsonb ||)
+    followup: tuple[str, dt.datetime] | None = None         # the next durable step
+    status: str | None = None                               # set: the run is finished (its follow-up cleared)
+
+
+_RUNS_SQL = """
+UPDATE scheduler_runs r
+   SET details = coalesce(r.details, '{}'::jsonb) || u.details::jsonb,
+       status = coalesce(u.status, r.status),
+       finished_at = CASE WHEN u.status IS NULL THEN r.finished_at ELSE $6::timestamp END,
+       followup_kind = CASE WHEN u.status IS NOT NULL THEN NULL ELSE coalesce(u.followup_kind, r.followup_kind) END,
+       followup_at = CASE WHEN u.status IS NOT NULL THEN NULL
+                          WHEN u.followup_kind IS NOT NULL THEN u.followup_at ELSE r.followup_at END,
+       updated_at = now()
+  FROM unnest($1::bigint[], $2::text[], $3::varchar[], $4::varchar[], $5::timestamp[])
+       AS u(id, details, status, followup_kind, followup_at)
+ WHERE r.id = u.id
+"""
+_LINKS_SQL = """
+INSERT INTO scheduler_run_commands (run_id, cmd_id, node_uid, channel, cmd)
+SELECT * FROM unnest($1::bigint[], $2::varchar[], $3::varchar[], $4::varchar[], $5::varchar[])
+ON CONFLICT DO NOTHING
+"""
+_LOGS_SQL = """
+INSERT INTO scheduler_logs (task_name, status, details, created_at)
+SELECT t.task_name, t.status, t.details::jsonb, now()
+  FROM unnest($1::varchar[], $2::varchar[], $3::text[]) WITH ORDINALITY AS t(task_name, status, details, ord)
+ ORDER BY t.ord
+"""
+# common.alerts.add_zone_event, for many events in one statement
+_EVENTS_SQL = """
+INSERT INTO zone_events (zone_id, type, details, created_at)
+SELECT t.zone_id, t.type, t.details::jsonb, now()
+  FROM unnest($1::bigint[], $2::varchar[], $3::text[]) WITH ORDINALITY AS t(zone_id, type, details, ord)
+ ORDER BY t.ord
+"""
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+class Writes:
+    """Run records of one or many firings, written together: one statement per table, so a tick's
+    stage costs the same few round trips for one firing or thousands. Rows are written in the
+    order they were added; the changes of one run merge (details), its last follow-up wins and a
+    finish clears its follow-up."""
+
+    def __init__(self, now: dt.datetime | None = None):
+        self.now = now
+        self.runs: dict[int, RunChange] = {}
+        self.links: list[tuple[int, str, str, str, str]] = []
+        self.events: list[tuple[int, str, dict]] = []
+        self.logs: list[tuple[str, str, dict]] = []
+        self.calls: list[Callable[[asyncpg.Connection], Awaitable[Any]]] = []  # writes of common's, run first
+
+    def __bool__(self) -> bool:
+        return bool(self.runs or self.links or self.events or self.logs or self.calls)
+
+    def _run(self, run_id: int) -> RunChange:
+        change = self.runs.get(run_id)
+        if change is None:
+            change = self.runs[run_id] = RunChange()
+        return change
+
+    def details(self, run_id: int, details: dict[str, Any]) -> "Writes":
+        self._run(run_id).details.update(details)
+        return self
+
+    def followup(self, run_id: int, kind: str, at: dt.datetime) -> "Writes":
+        self._run(run_id).followup = (kind, at)
+        return self
+
+    def finish(self, run_id: int, status: str, details: dict[str, Any]) -> "Writes":
+        change = self._run(run_id)
+        change.details.update(details)
+        change.status, change.followup = status, None
+        return self
+
+    def link(self, run_id: int, cmd_id: str, node_uid: str, channel: str, cmd: str) -> "Writes":
+        self.links.append((run_id, cmd_id, node_uid, channel, cmd))
+        return self
+
+    def event(self, zone_id: int, event_type: str, details: dict[str, Any]) -> "Writes":
+        self.events.append((zone_id, event_type, details))
+        return self
+
+    def log(self, task_name: str, status: str, details: dict[str, Any]) -> "Writes":
+        """scheduler_logs row (contract §6): running | completed | failed."""
+        self.logs.append((task_name, status, details))
+        return self
+
+    def call(self, write: Callable[[asyncpg.Connection], Awaitable[Any]]) -> "Writes":
+        """A write of its own (e.g. common.alerts.ensure_alert), run on the same transaction."""
+        self.calls.append(write)
+        return self
+
+    def extend(self, other: "Writes") -> None:
+        for run_id, change in other.runs.items():
+            mine = self._run(run_id)
+            mine.details.update(change.details)
+            if change.status is not None:
+                mine.status, mine.followup = change.status, None
+            elif change.followup is not None:
+                mine.followup = change.followup
+        self.links += other.links
+        self.events += other.events
+        self.logs += other.logs
+        self.calls += other.calls
+
+    async def write(self, conn: asyncpg.Connection | Database) -> None:
+        """Run the statements on `conn` (the caller's transaction, if any)."""
+        for call in self.calls:
+            await call(conn)
+        if self.runs:
+            ids = sorted(self.runs)  # rows locked in id order
+            changes = [self.runs[i] for i in ids]
+            if any(c.status is not None for c in changes) and self.now is None:
+                raise ValueError("a finish needs the time it finished")
+            await conn.execute(
+                _RUNS_SQL, ids, [_json(c.details) for c in changes], [c.status for c in changes],
+                [c.followup[0] if c.followup else None for c in changes],
+                [naive_utc(c.followup[1]) if c.followup else None for c in changes],
+                naive_utc(self.now) if self.now else None)
+        if self.links:
+            await conn.execute(_LINKS_SQL, *map(list, zip(*self.links)))
+        if self.events:
+            await conn.execute(_EVENTS_SQL, [e[0] for e in self.events], [e[1] for e in self.events],
+                               [_json(e[2]) for e in self.events])
+        if self.logs:
+            await conn.execute(_LOGS_SQL, [e[0] for e in self.logs], [e[1] for e in self.logs],
+                               [_json(e[2]) for e in self.logs])
+
+    async def flush(self, db: Database) -> None:
+        """Write everything in one transaction (a single statement needs none)."""
+        statements = bool(self.runs) + bool(self.links) + bool(self.events) + bool(self.logs) + len(self.calls)
+        if statements == 1 and not self.calls:
+            await self.write(db)
+        elif statements:
+            async with db.transaction() as conn:
+                await self.write(conn)
+
+
 async def finish(conn: asyncpg.Connection | Database, run_id: int, status: str, details: dict[str, Any],
                  now: dt.datetime) -> None:
-    await conn.execute(
-        "UPDATE scheduler_runs SET status = $2, details = coalesce(details, '{}'::jsonb) || $3::jsonb,"
-        " finished_at = $4, followup_kind = NULL, followup_at = NULL, updated_at = now() WHERE id = $1",
-        run_id, status, details, naive_utc(now))
+    await Writes(now).finish(run_id, status, details).write(conn)
 
 
 async def update_details(conn: asyncpg.Connection | Database, run_id: int, details: dict[str, Any]) -> None:
-    await conn.execute(
-        "UPDATE scheduler_runs SET details = coalesce(details, '{}'::jsonb) || $2::jsonb, updated_at = now()"
-        " WHERE id = $1", run_id, details)
+    await Writes().details(run_id, details).write(conn)
 
 
 async def set_followup(conn: asyncpg.Connection | Database, run_id: int, kind: str, at: dt.datetime) -> None:
-    await conn.execute(
-        "UPDATE scheduler_runs SET followup_kind = $2, followup_at = $3, updated_at = now() WHERE id = $1",
-        run_id, kind, naive_utc(at))
+    await Writes().followup(run_id, kind, at).write(conn)
 
 
 async def link_command(conn: asyncpg.Connection | Database, run_id: int, cmd_id: str, node_uid: str,
                        channel: str, cmd: str) -> None:
-    await conn.execute(
-        "INSERT INTO scheduler_run_commands (run_id, cmd_id, node_uid, channel, cmd) VALUES ($1, $2, $3, $4, $5)"
-        " ON CONFLICT DO NOTHING", run_id, cmd_id, node_uid, channel, cmd)
+    await Writes().link(run_id, cmd_id, node_uid, channel, cmd).write(conn)
 
 
 # A taken follow-up stays on the row, due again after FOLLOWUP_LEASE: a scheduler that dies while
@@ -125,9 +261,7 @@ async def take_due_followups(db: Database, now: dt.datetime, limit: int = 200) -
 async def scheduler_log(conn: asyncpg.Connection | Database, task_name: str, status: str,
                         details: dict[str, Any]) -> None:
     """scheduler_logs row (contract §6): running | completed | failed."""
-    await conn.execute(
-        "INSERT INTO scheduler_logs (task_name, status, details, created_at) VALUES ($1, $2, $3, now())",
-        task_name, status, details)
+    await Writes().log(task_name, status, details).write(conn)
 
 
 async def command_statuses(db: Database, run_id: int) -> list[asyncpg.Record]:

@@ -279,18 +279,40 @@ async def test_inactive_zones_are_not_scheduled(settings, db, mqtt, mqtt_probe):
 async def test_one_zone_failing_does_not_stop_the_others(settings, db, mqtt, mqtt_probe):
     broken, fine = await irrigated_zone(db), await irrigated_zone(db)
     sched = make_scheduler(settings, db, mqtt)
-    real = sched._executors["irrigation"]
+    real = sched.planners["irrigation"]
 
-    async def explode_for_one(s, firing, now):
+    def explode_for_one(s, firing, facts, now):
         if firing.zone.zone_id == broken:
             raise RuntimeError("boom")
-        return await real(s, firing, now)
-    sched._executors["irrigation"] = explode_for_one
+        return real(s, firing, facts, now)
+    sched.planners["irrigation"] = explode_for_one
     await sched.tick(local(TZ, 2026, 6, 1, 8, 0, 30))
     await mqtt_probe.wait_for(1, f"{settings.mqtt_topic_root}/+/zn-{fine}/+/pump_in/command")
     runs = {r["zone_id"]: r for r in await db.fetch("SELECT zone_id, status, details FROM scheduler_runs")}
     assert runs[broken]["status"] == "failed" and runs[broken]["details"]["message"] == "boom"
     assert runs[fine]["status"] == "running"
+
+
+async def test_a_firing_whose_records_fail_is_failed_alone_and_sends_nothing(settings, db, mqtt, mqtt_probe):
+    broken, fine = await irrigated_zone(db), await irrigated_zone(db)
+    sched = make_scheduler(settings, db, mqtt)
+    real = sched.planners["irrigation"]
+
+    def bad_record_for_one(s, firing, facts, now):
+        step = real(s, firing, facts, now)
+        if firing.zone.zone_id == broken:  # a record the database refuses: the batch write fails
+            step.before.call(lambda conn: conn.execute("SELECT 1 / 0"))
+        return step
+    sched.planners["irrigation"] = bad_record_for_one
+    await sched.tick(local(TZ, 2026, 6, 1, 8, 0, 30))
+    await mqtt_probe.wait_for(1, f"{settings.mqtt_topic_root}/+/zn-{fine}/+/pump_in/command")
+    runs = {r["zone_id"]: r for r in await db.fetch("SELECT zone_id, status, details FROM scheduler_runs")}
+    assert runs[broken]["status"] == "failed" and runs[broken]["details"]["error"] == "internal"
+    assert runs[fine]["status"] == "running" and runs[fine]["details"]["targets"]
+    await settle()
+    assert await db.fetchval("SELECT count(*) FROM commands WHERE zone_id = $1", broken) == 0
+    assert await db.fetchval("SELECT count(*) FROM scheduler_run_commands rc JOIN scheduler_runs r"
+                             " ON r.id = rc.run_id WHERE r.zone_id = $1", broken) == 0
 
 
 async def test_nothing_is_claimed_while_the_broker_is_down(settings, db, mqtt_probe):

@@ -189,13 +189,9 @@ async def test_a_run_whose_scheduler_died_while_starting_it_is_still_judged(sett
     await add_node(db, zone, f"nd-irr-{zone}", "irrig", [("pump_in", "actuator", None)])
     clock = Clock(local(TZ, 2026, 6, 1, 8, 0, 30))
 
-    real_update = irrigation.update_details
-
-    async def dies_once_sent(conn, run_id, details):  # the command is out; the scheduler dies before recording it
-        if "targets" in details:
-            raise RuntimeError("killed")
-        return await real_update(conn, run_id, details)
-    monkeypatch.setattr(irrigation, "update_details", dies_once_sent)
+    def dies_once_sent(*args):  # the command is out; the scheduler dies before recording it
+        raise RuntimeError("killed")
+    monkeypatch.setattr(irrigation, "_record_start", dies_once_sent)
     with pytest.raises(RuntimeError):
         await irrigation.fire(make_scheduler(settings, db, mqtt, clock), *(await _claimed(settings, db, mqtt, clock)))
     monkeypatch.undo()

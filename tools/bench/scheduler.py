@@ -204,12 +204,12 @@ async def run_size(zones: int, args: argparse.Namespace, steady: bool) -> tuple[
                  f"{alone:,.0f} commands/s, {alone_trips:.1f} database round trips per command")
     lines.append(f"  start-up tick: {start['claimed']} firings claimed (every zone's light state once, irrigation in "
                  f"the catch-up window) in {start['seconds']:.2f} s{how}: {start['rate']:,.0f} firings/s, "
-                 f"{start['trips']:.1f} database round trips per firing, {start['gc']}; ratio {ratio:.2f}x (target >= {STARTUP_RATE_TARGET:,.0f}/s and >= {STARTUP_RATIO_TARGET}x)")
+                 f"{start['trips']:.2f} database round trips per firing, {start['gc']}; ratio {ratio:.2f}x (target >= {STARTUP_RATE_TARGET:,.0f}/s and >= {STARTUP_RATIO_TARGET}x)")
     met = start["finished"] and start["rate"] >= STARTUP_RATE_TARGET and ratio >= STARTUP_RATIO_TARGET
     rows.append(result.row(
         f"scheduler: start-up tick, {zones} zones ({start['claimed']} firings)",
         f"{start['rate']:,.0f} firings/s ({start['seconds']:.1f} s{'' if start['finished'] else ', stopped'}; "
-        f"{start['trips']:.1f} round trips/firing)",
+        f"{start['trips']:.2f} round trips/firing)",
         f"{alone:,.0f} commands/s issue_command alone", ratio,
         f">= {STARTUP_RATE_TARGET:,.0f}/s and >= {STARTUP_RATIO_TARGET}x", met))
     if steady:
