@@ -446,15 +446,17 @@ class _Issuer:
                     outcomes = dict.fromkeys(leaders, exc)
                 else:
                     log.warning("command_batch_failed", extra={"size": len(batch), "error": repr(exc)})
-                    for cmd_id, leader in leaders.items():  # each on its own: one bad command never fails its neighbours
-                        if all(r.future.done() for r in batch + self.in_flight[cmd_id] if r.cmd_id == cmd_id):
+                    # each on its own: one bad command never fails its neighbours
+                    for cmd_id, leader in leaders.items():
+                        waiting = [r for r in batch if r.cmd_id == cmd_id] + self.in_flight.get(cmd_id, [])
+                        if all(r.future.done() for r in waiting):
                             continue
                         try:
                             outcomes.update(await self._process([leader]))
                         except Exception as single:  # noqa: BLE001 - e.g. database down: this caller hears it
                             outcomes[cmd_id] = single
         finally:
-            for request in batch + [r for cmd_id in leaders for r in self.in_flight.pop(cmd_id)]:
+            for request in batch + [r for cmd_id in leaders for r in self.in_flight.pop(cmd_id, [])]:
                 if request.cmd_id not in outcomes:  # the issuing itself was cancelled: so is the caller's wait
                     request.future.cancel()
                     continue
@@ -493,9 +495,9 @@ class _Issuer:
         return outcomes
 
     async def _lookup(self, requests: list[_Request]) -> dict[str, Any]:
-        """The _LOOKUP row of each cmd_id. A pump's last run is read only for commands
-        the min_off check can need it for (scanning a busy pump's recent commands is the costly part);
-        a command that turns out to switch the pump on by its channel's config gets it in a second read."""
+        """The _LOOKUP row of each cmd_id. A pump's last run is read only for the commands the min_off
+        check can need it for (scanning a busy pump's recent commands is the costly part); one that
+        switches the pump on only by its channel's config gets it in a second read."""
         def rows_of(batch: list[_Request], runs: list[bool]) -> Any:
             return self.db.fetch(_LOOKUP, [r.node_uid for r in batch], [r.channel for r in batch],
                                  [r.cmd_id for r in batch], runs)
@@ -503,12 +505,13 @@ class _Issuer:
         def may_run(request: _Request, config: Any) -> bool:
             return request.source in MIN_OFF_SOURCES and run_ms(request.cmd, request.params, config) is not None
 
-        runs = [may_run(r, None) for r in requests]
+        runs = [may_run(r, {}) for r in requests]
         facts = {row["cmd_id"]: row for row in await rows_of(requests, runs)}
         again = []
         for request, read in zip(requests, runs):
             row = facts.get(request.cmd_id)
-            if not read and row is not None and may_run(request, row["config"] if isinstance(row["config"], dict) else {}):
+            config = row["config"] if row is not None and isinstance(row["config"], dict) else {}
+            if not read and row is not None and may_run(request, config):
                 again.append(request)
         if again:
             facts.update({row["cmd_id"]: row for row in await rows_of(again, [True] * len(again))})
