@@ -353,7 +353,7 @@ def _issuer(db: Database, mqtt: MqttClient) -> "_Issuer":
 
 # Facts of the targeted channels, and when each pump last ran (for min_off_ms) where the check needs it.
 _LOOKUP = """
-SELECT r.cmd_id, r.uid, n.id AS node_id, nc.id AS channel_id, nc.type, nc.config, last.sent_at, last.cmd,
+SELECT r.cmd_id, r.uid, r.channel, n.id AS node_id, nc.id AS channel_id, nc.type, nc.config, last.sent_at, last.cmd,
        last.params, extract(epoch FROM (now() - last.sent_at)) * 1000 AS since_ms
   FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[]) AS r(uid, channel, cmd_id, runs)
   LEFT JOIN (SELECT n.id, n.uid FROM nodes n WHERE n.uid = ANY($1::text[])) n ON n.uid = r.uid
