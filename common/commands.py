@@ -344,17 +344,17 @@ def _issuer(db: Database, mqtt: MqttClient) -> "_Issuer":
     return issuer
 
 
-# Facts of the targeted channels, and when each pump last ran (for min_off_ms).
+# Facts of the targeted channels, and when each pump last ran (for min_off_ms) where the check needs it.
 _LOOKUP = """
-SELECT r.uid, r.channel, n.id AS node_id, nc.id AS channel_id, nc.type, nc.config, last.sent_at, last.cmd,
+SELECT r.cmd_id, r.uid, r.channel, n.id AS node_id, nc.id AS channel_id, nc.type, nc.config, last.sent_at, last.cmd,
        last.params, extract(epoch FROM (now() - last.sent_at)) * 1000 AS since_ms
-  FROM unnest($1::text[], $2::text[], $3::text[]) AS r(uid, channel, cmd_id)
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[]) AS r(uid, channel, cmd_id, runs)
   LEFT JOIN (SELECT n.id, n.uid FROM nodes n WHERE n.uid = ANY($1::text[])) n ON n.uid = r.uid
   LEFT JOIN node_channels nc ON nc.node_id = n.id AND nc.channel = r.channel
   LEFT JOIN LATERAL (
         SELECT c.sent_at, c.cmd, c.params FROM commands c
-         WHERE c.node_id = n.id AND c.channel = r.channel AND c.status IN ('sent', 'ack') AND c.cmd_id <> r.cmd_id
-           AND c.sent_at IS NOT NULL AND c.sent_at > now() - interval '1 hour'
+         WHERE r.runs AND c.node_id = n.id AND c.channel = r.channel AND c.status IN ('sent', 'ack')
+           AND c.cmd_id <> r.cmd_id AND c.sent_at IS NOT NULL AND c.sent_at > now() - interval '1 hour'
            AND c.cmd IN ('run_pump', 'dose', 'set_state')
          ORDER BY c.sent_at DESC LIMIT 1) last ON true
 """
@@ -364,78 +364,151 @@ CLAIM_LEASE_SEC = 60  # a claim older than this was left by a process that died 
 
 
 class _Issuer:
-    """Group commit: commands issued while a batch is in flight go together in the next one,
-    sharing four database round trips (look up channels, insert, claim, mark sent) instead of
-    paying them each. One command alone is a batch of one: no waiting for company.
+    """Group commit: commands issued while batches are in flight go together in a next one, sharing
+    three database round trips (look up channels, record and claim, mark sent) instead of paying
+    them each. One command alone is a batch of one: no waiting for company. Up to MAX_IN_FLIGHT
+    batches are issued at once, so one batch's round trips and PUBACKs overlap another's.
 
-    A row is claimed for publishing by setting `sent_at` while still `pending`, atomically: a
-    `pending` row (Laravel's, or one a failed publish left) is published once, a repeated or
-    concurrent cmd_id never twice. A failed publish clears `sent_at`, so the same cmd_id can be
-    retried. If a batch statement fails, its members are retried one by one, so a command only
-    ever fails for its own reasons."""
+    A row is claimed for publishing by setting `sent_at` while still `pending`, atomically: our new
+    rows are inserted claimed; a `pending` row (Laravel's, or one a failed publish left) is claimed
+    in the same statement. So it is published once, a repeated or concurrent cmd_id never twice. A
+    cmd_id already in a batch of this process is not put in another: its requests wait for that
+    batch and get its answer. A failed publish clears `sent_at`, so the same cmd_id can be retried.
+    If a batch statement fails, its members are retried one by one, so a command only ever fails
+    for its own reasons."""
 
     MAX_BATCH = 500
+    MAX_IN_FLIGHT = 3
 
     def __init__(self, db: Database, mqtt: MqttClient):
         self.db = db
         self.mqtt = mqtt
         self.queue: list[_Request] = []
-        self.worker: asyncio.Task | None = None
+        self.workers = 0
+        self.tasks: set[asyncio.Task] = set()
+        # cmd_id of every request in a batch being issued → later requests for it (answered with the batch)
+        self.in_flight: dict[str, list[_Request]] = {}
+        # Channels looked up one batch at a time: each sees the pumps the batches before it switch on.
+        self.checking = asyncio.Lock()
+        self.moving: dict[object, set[tuple[str, str]]] = {}  # pumps each batch in flight switches on
 
     def submit(self, request: _Request) -> None:
         self.queue.append(request)
-        if self.worker is None or self.worker.done():
-            self.worker = asyncio.create_task(self._drain())
+        if self.workers < self.MAX_IN_FLIGHT:
+            self.workers += 1
+            task = asyncio.create_task(self._drain())
+            self.tasks.add(task)  # the loop keeps only a weak reference
+            task.add_done_callback(self.tasks.discard)
 
     async def _drain(self) -> None:
-        while self.queue:
-            batch, self.queue = self.queue[:self.MAX_BATCH], self.queue[self.MAX_BATCH:]
-            batch = [r for r in batch if not r.future.cancelled()]  # its caller gave up before it was sent
-            if not batch:
-                continue
-            try:
-                await self._process(batch)
-            except _UNAVAILABLE as exc:  # the database is down or too slow: every caller hears it at once
-                for request in batch:
-                    _resolve(request.future, exc)
-            except Exception as exc:  # noqa: BLE001
-                if len(batch) == 1:
-                    _resolve(batch[0].future, exc)
-                    continue
-                log.warning("command_batch_failed", extra={"size": len(batch), "error": repr(exc)})
-                for request in batch:  # each on its own: one bad command never fails its neighbours
-                    if request.future.done():
-                        continue
-                    try:
-                        await self._process([request])
-                    except Exception as single:  # noqa: BLE001 - e.g. database down: this caller hears it
-                        _resolve(request.future, single)
+        try:
+            while self.queue:
+                batch = self._take()
+                if batch:
+                    await self._run(batch)
+        finally:
+            self.workers -= 1
 
-    async def _process(self, batch: list[_Request]) -> None:
+    def _take(self) -> list[_Request]:
+        taken, self.queue = self.queue[:self.MAX_BATCH], self.queue[self.MAX_BATCH:]
+        batch: list[_Request] = []
+        for request in taken:
+            if request.future.cancelled():  # its caller gave up before it was sent
+                continue
+            waiting = self.in_flight.get(request.cmd_id)
+            if waiting is not None:
+                waiting.append(request)
+            else:
+                batch.append(request)
+        for request in batch:
+            self.in_flight.setdefault(request.cmd_id, [])
+        return batch
+
+    async def _run(self, batch: list[_Request]) -> None:
         leaders: dict[str, _Request] = {}
         for request in batch:
             leaders.setdefault(request.cmd_id, request)
         outcomes: dict[str, Any] = {}
-        rows = await self.db.fetch(_LOOKUP, [r.node_uid for r in leaders.values()],
-                                   [r.channel for r in leaders.values()], list(leaders))
-        facts = {(row["uid"], row["channel"]): row for row in rows}
-        node_ids = {row["uid"]: row["node_id"] for row in rows}
-        valid: list[_Request] = []
-        moving: set[tuple[str, str]] = set()  # pumps switched on by an earlier command of this batch
-        for request in leaders.values():
+        try:
             try:
-                self._check_channel(request, facts.get((request.node_uid, request.channel)), moving)
-            except CommandError as exc:
-                outcomes[request.cmd_id] = exc
-                continue
-            valid.append(request)
-        if valid:
-            outcomes.update(await self._publish(valid, node_ids))
+                outcomes = await self._process(batch)
+            except _UNAVAILABLE as exc:  # the database is down or too slow: every caller hears it at once
+                outcomes = dict.fromkeys(leaders, exc)
+            except Exception as exc:  # noqa: BLE001
+                if len(leaders) == 1:
+                    outcomes = dict.fromkeys(leaders, exc)
+                else:
+                    log.warning("command_batch_failed", extra={"size": len(batch), "error": repr(exc)})
+                    # each on its own: one bad command never fails its neighbours
+                    for cmd_id, leader in leaders.items():
+                        waiting = [r for r in batch if r.cmd_id == cmd_id] + self.in_flight.get(cmd_id, [])
+                        if all(r.future.done() for r in waiting):
+                            continue
+                        try:
+                            outcomes.update(await self._process([leader]))
+                        except Exception as single:  # noqa: BLE001 - e.g. database down: this caller hears it
+                            outcomes[cmd_id] = single
+        finally:
+            for request in batch + [r for cmd_id in leaders for r in self.in_flight.pop(cmd_id, [])]:
+                if request.cmd_id not in outcomes:  # the issuing itself was cancelled: so is the caller's wait
+                    request.future.cancel()
+                    continue
+                outcome = outcomes[request.cmd_id]
+                if request is not leaders[request.cmd_id] and isinstance(outcome, IssuedCommand):
+                    outcome = IssuedCommand(outcome.cmd_id, outcome.status, request.topic, published=False)
+                _resolve(request.future, outcome)
+
+    async def _process(self, batch: list[_Request]) -> dict[str, Any]:
+        """The outcome of each cmd_id of the batch."""
+        leaders: dict[str, _Request] = {}
         for request in batch:
-            outcome = outcomes[request.cmd_id]
-            if request is not leaders[request.cmd_id] and isinstance(outcome, IssuedCommand):
-                outcome = IssuedCommand(outcome.cmd_id, outcome.status, request.topic, published=False)
-            _resolve(request.future, outcome)
+            leaders.setdefault(request.cmd_id, request)
+        outcomes: dict[str, Any] = {}
+        valid: list[_Request] = []
+        token = object()
+        async with self.checking:
+            # Pumps switched on by batches in flight, whose rows this lookup may not see as sent yet.
+            earlier = set().union(*self.moving.values())
+            moving = set(earlier)
+            facts = await self._lookup(list(leaders.values()))
+            node_ids = {row["uid"]: row["node_id"] for row in facts.values()}
+            for request in leaders.values():
+                try:
+                    self._check_channel(request, facts.get(request.cmd_id), moving)
+                except CommandError as exc:
+                    outcomes[request.cmd_id] = exc
+                    continue
+                valid.append(request)
+            self.moving[token] = moving - earlier
+        try:
+            if valid:
+                outcomes.update(await self._publish(valid, node_ids))
+        finally:
+            del self.moving[token]
+        return outcomes
+
+    async def _lookup(self, requests: list[_Request]) -> dict[str, Any]:
+        """The _LOOKUP row of each cmd_id. A pump's last run is read only for the commands the min_off
+        check can need it for (scanning a busy pump's recent commands is the costly part); one that
+        switches the pump on only by its channel's config gets it in a second read."""
+        def rows_of(batch: list[_Request], runs: list[bool]) -> Any:
+            return self.db.fetch(_LOOKUP, [r.node_uid for r in batch], [r.channel for r in batch],
+                                 [r.cmd_id for r in batch], runs)
+
+        def may_run(request: _Request, config: Any) -> bool:
+            return request.source in MIN_OFF_SOURCES and run_ms(request.cmd, request.params, config) is not None
+
+        runs = [may_run(r, {}) for r in requests]
+        facts = {row["cmd_id"]: row for row in await rows_of(requests, runs)}
+        again = []
+        for request, read in zip(requests, runs):
+            row = facts.get(request.cmd_id)
+            config = row["config"] if row is not None and isinstance(row["config"], dict) else {}
+            if not read and row is not None and may_run(request, config):
+                again.append(request)
+        if again:
+            facts.update({row["cmd_id"]: row for row in await rows_of(again, [True] * len(again))})
+        return facts
 
     @staticmethod
     def _check_channel(request: _Request, row: Any, moving: set[tuple[str, str]]) -> None:
@@ -481,30 +554,21 @@ class _Issuer:
         moving.add(key)
 
     async def _publish(self, batch: list[_Request], node_ids: dict[str, int]) -> dict[str, Any]:
-        """Record, claim, settle repeats, publish, mark sent; the outcome of each cmd_id."""
+        """Record and claim, settle repeats, publish, mark sent; the outcome of each cmd_id."""
         outcomes: dict[str, Any] = {}
         ids = [r.cmd_id for r in batch]
-        await self.db.execute(
-            """
-            INSERT INTO commands (zone_id, node_id, channel, cmd, params, status, cmd_id, source, created_at, updated_at)
-            SELECT z.id, t.node_id, t.channel, t.cmd, t.params::jsonb, 'pending', t.cmd_id, t.source, now(), now()
-              FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
-                   AS t(zone_id, node_id, channel, cmd, params, cmd_id, source)
-              LEFT JOIN zones z ON z.id = t.zone_id
-            ON CONFLICT (cmd_id) DO NOTHING
-            """,
-            [r.zone_id for r in batch], [node_ids.get(r.node_uid) for r in batch], [r.channel for r in batch],
-            [r.cmd for r in batch], [r.params_json for r in batch], ids, [r.source for r in batch])
-        # Claim every row still to be published: ours just inserted, Laravel's pre-written ones, ones a
-        # failed publish left, and stale claims of a process that died while publishing.
+        # New rows are inserted claimed; Laravel's pre-written ones, ones a failed publish left, and
+        # stale claims of a process that died while publishing are claimed by the same statement.
         claimed = {row["cmd_id"]: row for row in await _update_in_order(
-            self.db, "claim", _CLAIM, ids, float(CLAIM_LEASE_SEC))}
+            self.db, "claim", _RECORD_AND_CLAIM, ids, [r.zone_id for r in batch],
+            [node_ids.get(r.node_uid) for r in batch], [r.channel for r in batch], [r.cmd for r in batch],
+            [r.params_json for r in batch], [r.source for r in batch], float(CLAIM_LEASE_SEC))}
         mine: list[_Request] = []
         for request in batch:
             row = claimed.get(request.cmd_id)
             if row is None:
                 continue
-            conflict = _difference(row, request, node_ids.get(request.node_uid))
+            conflict = None if row["inserted"] else _difference(row, request, node_ids.get(request.node_uid))
             if conflict:  # a row written for another command: left as it was
                 metrics.COMMANDS_REJECTED.labels("cmd_id_conflict").inc()
                 outcomes[request.cmd_id] = CommandConflict(
@@ -574,14 +638,37 @@ class _Issuer:
 # batch and a transaction that locks rows in the same order, never wait for each other in a circle.
 # A transaction that locks in another order (e.g. responses applied in arrival order) can still form
 # one; the batch chosen as the victim is simply run again. $1 is always the cmd_id array.
+def _lock(condition: str) -> str:
+    return f"locked AS (SELECT id FROM commands WHERE cmd_id = ANY($1::text[]) AND {condition} ORDER BY id FOR UPDATE)"
+
+
 def _locked(condition: str) -> str:
-    return f"WITH locked AS (SELECT id FROM commands WHERE cmd_id = ANY($1::text[]) AND {condition}" \
-           " ORDER BY id FOR UPDATE) "
+    return f"WITH {_lock(condition)} "
 
 
-_CLAIM = _locked("status = 'pending' AND (sent_at IS NULL OR sent_at < now() - make_interval(secs => $2))") + \
-    "UPDATE commands c SET sent_at = now(), updated_at = now() FROM locked WHERE c.id = locked.id" \
-    " RETURNING c.cmd_id, c.zone_id, c.node_id, c.channel, c.cmd, c.params"
+# New rows go in claimed (`sent_at` set); the sibling UPDATE claims the batch's rows that were there
+# before this statement (its snapshot does not see the rows the INSERT adds). New rows are inserted
+# in cmd_id order, so two replicas inserting the same cmd_ids wait for each other in one order.
+_RECORD_AND_CLAIM = """
+WITH inserted AS (
+  INSERT INTO commands (zone_id, node_id, channel, cmd, params, status, cmd_id, source, sent_at, created_at,
+                        updated_at)
+  SELECT z.id, t.node_id, t.channel, t.cmd, t.params::jsonb, 'pending', t.cmd_id, t.source, now(), now(), now()
+    FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
+         AS t(cmd_id, zone_id, node_id, channel, cmd, params, source)
+    LEFT JOIN zones z ON z.id = t.zone_id
+   ORDER BY t.cmd_id
+  ON CONFLICT (cmd_id) DO NOTHING
+  RETURNING cmd_id),
+""" + _lock("status = 'pending' AND (sent_at IS NULL OR sent_at < now() - make_interval(secs => $8))") + """,
+claimed AS (
+  UPDATE commands c SET sent_at = now(), updated_at = now() FROM locked WHERE c.id = locked.id
+  RETURNING c.cmd_id, c.zone_id, c.node_id, c.channel, c.cmd, c.params)
+SELECT cmd_id, true AS inserted, NULL::bigint AS zone_id, NULL::bigint AS node_id, NULL::text AS channel,
+       NULL::text AS cmd, NULL::jsonb AS params FROM inserted
+UNION ALL
+SELECT cmd_id, false, zone_id, node_id, channel, cmd, params FROM claimed
+"""
 _UNCLAIM_CONFLICT = _locked("status = 'pending'") + \
     "UPDATE commands c SET sent_at = NULL FROM locked WHERE c.id = locked.id RETURNING c.cmd_id"
 _UNCLAIM = _locked("status = 'pending'") + \

@@ -96,6 +96,43 @@ async def test_concurrent_commands_share_batches_and_repeats_publish_once(settin
     assert await db.fetchval("SELECT count(*) FROM commands WHERE cmd_id = 'too-long'") == 0
 
 
+async def _in_flight(*calls):
+    """Each call issued once the batch of the one before it is in its first database round trip."""
+    tasks = []
+    for call in calls:
+        tasks.append(asyncio.create_task(call))
+        for _ in range(3):
+            await asyncio.sleep(0)
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_cmd_id_repeated_while_its_batch_is_in_flight_is_published_once(settings, db, mqtt, mqtt_probe,
+                                                                                zone):
+    topics = Topics(settings.mqtt_topic_root)
+
+    def send(cmd_id):
+        return issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd-1", channel="pump_in",
+                             cmd="stop_pump", cmd_id=cmd_id)
+    first, again, other = await _in_flight(send("fl-1"), send("fl-1"), send("fl-2"))
+    assert (first.published, again.published, other.published) == (True, False, True)
+    assert {first.status, again.status, other.status} == {"sent"}
+    await mqtt_probe.wait_for(2, f"{settings.mqtt_topic_root}/#")
+    await asyncio.sleep(0.3)
+    assert sorted(p["cmd_id"] for p in mqtt_probe.payloads(f"{settings.mqtt_topic_root}/#")) == ["fl-1", "fl-2"]
+
+
+async def test_min_off_holds_between_batches_in_flight(settings, db, mqtt, mqtt_probe, zone):
+    topics = Topics(settings.mqtt_topic_root)
+
+    def run(cmd_id):
+        return issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd-1", channel="pump_in",
+                             cmd="run_pump", params={"duration_ms": 1000}, cmd_id=cmd_id)
+    results = await _in_flight(run("mo-1"), run("mo-2"), run("mo-3"))
+    assert getattr(results[0], "status", None) == "sent", results
+    assert all(isinstance(r, CommandError) and "min_off_ms=3000" in str(r) for r in results[1:]), results
+    assert await db.fetchval("SELECT array_agg(cmd_id) FROM commands") == ["mo-1"]
+
+
 async def test_laravel_pending_row_is_published(settings, db, mqtt, mqtt_probe, zone):
     await db.execute("INSERT INTO commands (cmd, cmd_id, status, created_at) VALUES ('stop_pump', 'pend-1', 'pending',"
                      " now())")

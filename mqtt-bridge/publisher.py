@@ -41,50 +41,67 @@ class Publisher:
         self.mqtt = mqtt
         self.topics = topics
 
-    # -- facts the body may omit ------------------------------------------------------------
-    async def greenhouse_of_zone(self, zone_id: int, required_message: str) -> str:
+    # -- facts the body may omit: one query per request, whichever are missing ---------------
+    async def zone_facts(self, zone_id: int, channel: str, gh_uid: str | None, node_uid: str | None) -> tuple[str, str]:
+        """The greenhouse of the zone and its node that has `channel`, where not given."""
         row = await self.db.fetchrow(
-            "SELECT g.uid FROM zones z LEFT JOIN greenhouses g ON g.id = z.greenhouse_id WHERE z.id = $1", zone_id)
+            "SELECT g.uid, ARRAY(SELECT n.uid FROM nodes n JOIN node_channels nc ON nc.node_id = n.id"
+            "                     WHERE $3 AND n.zone_id = z.id AND nc.channel = $2 ORDER BY n.id LIMIT 2) AS nodes"
+            "  FROM zones z LEFT JOIN greenhouses g ON g.id = z.greenhouse_id WHERE z.id = $1",
+            zone_id, channel, not node_uid)
         if row is None:
             raise ApiError(404, f"zone {zone_id} not found")
-        if row["uid"] is None:
-            raise ApiError(400, required_message)
-        return row["uid"]
+        if not gh_uid:
+            if row["uid"] is None:
+                raise ApiError(400, ZONE_REQUIRED)
+            gh_uid = row["uid"]
+        if not node_uid:
+            if not row["nodes"]:
+                raise ApiError(404, f"no node in zone {zone_id} has channel {channel!r}")
+            if len(row["nodes"]) > 1:  # ambiguous: the caller has to say which node
+                raise ApiError(400, ZONE_REQUIRED)
+            node_uid = row["nodes"][0]
+        return gh_uid, node_uid
 
-    async def zone_of_node(self, node_uid: str, required_message: str) -> int:
-        row = await self.db.fetchrow("SELECT zone_id FROM nodes WHERE uid = $1", node_uid)
-        if row is None:
-            raise ApiError(404, f"node {node_uid!r} not found")
-        if row["zone_id"] is None:
-            raise ApiError(400, required_message)
-        return row["zone_id"]
-
-    async def node_with_channel(self, zone_id: int, channel: str) -> str:
-        rows = await self.db.fetch(
-            "SELECT n.uid FROM nodes n JOIN node_channels nc ON nc.node_id = n.id"
-            " WHERE n.zone_id = $1 AND nc.channel = $2 ORDER BY n.id LIMIT 2", zone_id, channel)
-        if not rows:
-            if not await self.db.fetchval("SELECT 1 FROM zones WHERE id = $1", zone_id):
+    async def node_facts(self, node_uid: str, zone_id: int | None, gh_uid: str | None) -> tuple[int, str]:
+        """The node's zone and the zone's greenhouse, where not given."""
+        if not zone_id:
+            row = await self.db.fetchrow(
+                "SELECT n.zone_id, z.id AS zone, g.uid FROM nodes n LEFT JOIN zones z ON z.id = n.zone_id"
+                " LEFT JOIN greenhouses g ON g.id = z.greenhouse_id WHERE n.uid = $1", node_uid)
+            if row is None:
+                raise ApiError(404, f"node {node_uid!r} not found")
+            if row["zone_id"] is None:
+                raise ApiError(400, NODE_REQUIRED)
+            zone_id = row["zone_id"]
+        elif not gh_uid:
+            row = await self.db.fetchrow(
+                "SELECT z.id AS zone, g.uid FROM zones z LEFT JOIN greenhouses g ON g.id = z.greenhouse_id"
+                " WHERE z.id = $1", zone_id)
+        if not gh_uid:
+            if row is None or row["zone"] is None:
                 raise ApiError(404, f"zone {zone_id} not found")
-            raise ApiError(404, f"no node in zone {zone_id} has channel {channel!r}")
-        if len(rows) > 1:  # ambiguous: the caller has to say which node
-            raise ApiError(400, ZONE_REQUIRED)
-        return rows[0]["uid"]
+            if row["uid"] is None:
+                raise ApiError(400, NODE_REQUIRED)
+            gh_uid = row["uid"]
+        return zone_id, gh_uid
 
     # -- the two command routes -------------------------------------------------------------
     async def zone_command(self, zone_id: int, req: CommandRequest) -> IssuedCommand:
         if not req.channel:
             raise ApiError(400, ZONE_REQUIRED)
-        gh_uid = req.greenhouse_uid or await self.greenhouse_of_zone(zone_id, ZONE_REQUIRED)
-        node_uid = req.node_uid or await self.node_with_channel(zone_id, req.channel)
+        gh_uid, node_uid = req.greenhouse_uid, req.node_uid
+        if not gh_uid or not node_uid:
+            gh_uid, node_uid = await self.zone_facts(zone_id, req.channel, gh_uid, node_uid)
         await self._close_later(zone_id, node_uid, req)
         return await self.send(gh_uid, zone_id, node_uid, req.channel, req.type, req.params, req.cmd_id)
 
     async def node_command(self, node_uid: str, req: CommandRequest) -> IssuedCommand:
         if not req.channel:
             raise ApiError(400, NODE_REQUIRED)
-        zone_id = req.zone_id or await self.zone_of_node(node_uid, NODE_REQUIRED)
-        gh_uid = req.greenhouse_uid or await self.greenhouse_of_zone(zone_id, NODE_REQUIRED)
+        zone_id, gh_uid = req.zone_id, req.greenhouse_uid
+        if not zone_id or not gh_uid:
+            zone_id, gh_uid = await self.node_facts(node_uid, zone_id, gh_uid)
         await self._close_later(zone_id, node_uid, req)
         return await self.send(gh_uid, zone_id, node_uid, req.channel, req.type, req.params, req.cmd_id)
 
