@@ -2,8 +2,9 @@
 resolve an alert (the shared lifecycle of contract §8.7), and record a refused correction.
 
 Controllers decide; this module is the one place that writes. Events are written at most once
-per (zone, type) per cycle; alerts are resolved only when the cycle's snapshot shows one ACTIVE,
-so a healthy zone costs no writes.
+per (zone, type) per cycle, all of a zone's in one statement when its controllers are done
+(`flush`); alerts are resolved only when the cycle's snapshot shows one ACTIVE, and refreshed only
+when their details changed, so a healthy zone, or one whose trouble is unchanged, costs no writes.
 """
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 import engine_metrics as m
-from common.alerts import add_zone_event, ensure_alert, resolve_alerts
+from common.alerts import ensure_alert, resolve_alerts
 from common.commands import CommandPublishError, issue_command
 from common.db import Database
 from common.env import Settings
@@ -22,7 +25,7 @@ from common.mqtt import MqttClient
 from common.timespec import zone_info
 from common.topics import Topics
 from config.settings import AutomationSettings
-from snapshot import CommandRow, Node, ZoneData
+from snapshot import AlertRow, CommandRow, Node, ZoneData
 
 log = logging.getLogger("automation.actions")
 
@@ -35,6 +38,20 @@ PERSISTENT_REASONS = {"stale_reading", "implausible_value", "implausible_rate", 
                       "publish_failed"}
 DOSING_BLOCKED = "DOSING_BLOCKED"
 _BAD_TIMEZONES: set[str] = set()  # logged once each
+# A zone's events (as common.alerts.add_zone_event writes them) and ai_logs, in one round trip.
+_FLUSH = """
+WITH events AS (
+    INSERT INTO zone_events (zone_id, type, details, created_at)
+    SELECT $1, e.type, e.details::jsonb, now() FROM unnest($2::text[], $3::text[]) WITH ORDINALITY e(type, details, n)
+     ORDER BY e.n)
+INSERT INTO ai_logs (zone_id, action, details, created_at)
+SELECT $1, a.action, a.details::jsonb, now() FROM unnest($4::text[], $5::text[]) WITH ORDINALITY a(action, details, n)
+ ORDER BY a.n
+"""
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 class RefusalTracker:
@@ -77,6 +94,8 @@ class ZoneContext:
     timezone: str | None
     targets: dict[str, Any] = field(default_factory=dict)
     events_written: set[str] = field(default_factory=set)
+    pending_events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # written by `flush`
+    pending_ai_logs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     log: list[str] = field(default_factory=list)  # what happened, for tests and debugging
     health: tuple[float, str] | None = None
 
@@ -121,30 +140,50 @@ class ZoneContext:
 
     # -- events ---------------------------------------------------------------------------
     async def event(self, event_type: str, details: dict[str, Any]) -> bool:
+        """Queue the event for `flush`; True when queued (not written already this cycle)."""
         if event_type in self.events_written:
             return False
         self.events_written.add(event_type)
-        async with self.db.transaction() as conn:
-            await add_zone_event(conn, self.zone.id, event_type, details)
+        self.pending_events.append((event_type, details))
         self.log.append(f"event:{event_type}")
         return True
 
     async def ai_log(self, action: str, details: dict[str, Any]) -> None:
-        await self.db.execute("INSERT INTO ai_logs (zone_id, action, details, created_at) VALUES ($1, $2, $3, now())",
-                              self.zone.id, action, details)
+        self.pending_ai_logs.append((action, details))
+
+    async def flush(self) -> None:
+        """Write the zone's queued events and ai_logs in one statement (the engine calls it once the
+        zone's controllers are done, whether they succeeded or not)."""
+        events, logs = self.pending_events, self.pending_ai_logs
+        if not events and not logs:
+            return
+        self.pending_events, self.pending_ai_logs = [], []
+        await self.db.execute(_FLUSH, self.zone.id, [e[0] for e in events], [_dumps(e[1] or {}) for e in events],
+                              [a[0] for a in logs], [_dumps(a[1]) for a in logs])
 
     # -- alerts ---------------------------------------------------------------------------
     async def alert(self, alert_type: str, details: dict[str, Any], match: dict[str, Any] | None = None) -> bool:
-        """Open the alert (ALERT_CREATED) or refresh the details of the ACTIVE one; True when created."""
+        """Open the alert (ALERT_CREATED) or refresh the details of the ACTIVE one; True when created.
+        An ACTIVE one the snapshot shows with these very details is left as it is."""
+        active = min(self._active(alert_type, match), key=lambda a: a.id, default=None)
+        if active is not None and active.details == details:
+            self.log.append(f"alert:{alert_type}")
+            return False
         async with self.db.pool.acquire() as conn:
             _, created = await ensure_alert(conn, zone_id=self.zone.id, alert_type=alert_type,
                                             details=details, match=match)
         self.log.append(f"alert:{alert_type}")
         return created
 
+    def _active(self, alert_type: str, match: dict[str, Any] | None) -> list[AlertRow]:
+        """The snapshot's ACTIVE alerts of (type, match); `ensure_alert` refreshes the oldest."""
+        if not self.zone.alerts:  # most zones, every cycle
+            return []
+        return [a for a in self.zone.active_alerts(alert_type)
+                if all(a.details.get(k) == v for k, v in (match or {}).items())]
+
     def has_alert(self, alert_type: str, match: dict[str, Any] | None = None) -> bool:
-        return any(all(a.details.get(k) == v for k, v in (match or {}).items())
-                   for a in self.zone.active_alerts(alert_type))
+        return bool(self._active(alert_type, match))
 
     async def resolve(self, alert_type: str, match: dict[str, Any] | None = None) -> bool:
         if not self.has_alert(alert_type, match):
