@@ -2,12 +2,13 @@
 resolve an alert (the shared lifecycle of contract §8.7), and record a refused correction.
 
 Controllers decide; this module is the one place that writes. Events are written at most once
-per (zone, type) per cycle, all of a zone's in one statement when its controllers are done
-(`flush`); alerts are resolved only when the cycle's snapshot shows one ACTIVE, and refreshed only
+per (zone, type) per cycle, once the zone's controllers are done (`flush`), together with the
+events of the other zones done meanwhile (EventWriter); alerts are resolved only when the cycle's snapshot shows one ACTIVE, and refreshed only
 when their details changed, so a healthy zone, or one whose trouble is unchanged, costs no writes.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import logging
@@ -19,7 +20,7 @@ import orjson
 import engine_metrics as m
 from common.alerts import ensure_alert, resolve_alerts
 from common.commands import CommandPublishError, issue_command
-from common.db import Database
+from common.db import CONNECTION_ERRORS, Database
 from common.env import Settings
 from common.mqtt import MqttClient
 from common.timespec import zone_info
@@ -38,20 +39,84 @@ PERSISTENT_REASONS = {"stale_reading", "implausible_value", "implausible_rate", 
                       "publish_failed"}
 DOSING_BLOCKED = "DOSING_BLOCKED"
 _BAD_TIMEZONES: set[str] = set()  # logged once each
-# A zone's events (as common.alerts.add_zone_event writes them) and ai_logs, in one round trip.
-_FLUSH = """
+# Zones' events (as common.alerts.add_zone_event writes them) and ai_logs, in one round trip.
+_WRITE = """
 WITH events AS (
     INSERT INTO zone_events (zone_id, type, details, created_at)
-    SELECT $1, e.type, e.details::jsonb, now() FROM unnest($2::text[], $3::text[]) WITH ORDINALITY e(type, details, n)
-     ORDER BY e.n)
+    SELECT e.zone_id, e.type, e.details::jsonb, now()
+      FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY e(zone_id, type, details, n) ORDER BY e.n)
 INSERT INTO ai_logs (zone_id, action, details, created_at)
-SELECT $1, a.action, a.details::jsonb, now() FROM unnest($4::text[], $5::text[]) WITH ORDINALITY a(action, details, n)
- ORDER BY a.n
+SELECT a.zone_id, a.action, a.details::jsonb, now()
+  FROM unnest($4::bigint[], $5::text[], $6::text[]) WITH ORDINALITY a(zone_id, action, details, n) ORDER BY a.n
 """
 
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+@dataclass
+class _Written:
+    zone_id: int
+    events: list[tuple[str, str]]   # (type, details as JSON)
+    ai_logs: list[tuple[str, str]]  # (action, details as JSON)
+    future: asyncio.Future
+
+
+def _answer(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():  # its zone stopped waiting
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+class EventWriter:
+    """Group commit of the zones' events and ai_logs: zones done while a write is in flight go
+    together in the next one, one round trip for all. A batch the database refuses is written
+    zone by zone, so a zone's events only ever fail for their own reasons."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.queue: list[_Written] = []
+        self.worker: asyncio.Task | None = None
+
+    async def write(self, zone_id: int, events: list[tuple[str, str]], ai_logs: list[tuple[str, str]]) -> None:
+        item = _Written(zone_id, events, ai_logs, asyncio.get_running_loop().create_future())
+        self.queue.append(item)
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._drain())
+        await item.future
+
+    async def _drain(self) -> None:
+        while self.queue:
+            batch, self.queue = self.queue, []
+            try:
+                await self._insert(batch)
+            except CONNECTION_ERRORS as exc:  # nobody's fault: every zone hears it at once
+                for item in batch:
+                    _answer(item.future, exc)
+            except Exception as exc:  # noqa: BLE001 - find the zone(s) it came from
+                if len(batch) == 1:
+                    _answer(batch[0].future, exc)
+                    continue
+                for item in batch:
+                    try:
+                        await self._insert([item])
+                    except Exception as own:  # noqa: BLE001 - this zone's own
+                        _answer(item.future, own)
+                    else:
+                        _answer(item.future, None)
+            else:
+                for item in batch:
+                    _answer(item.future, None)
+
+    async def _insert(self, batch: list[_Written]) -> None:
+        events = [(item.zone_id, *e) for item in batch for e in item.events]
+        logs = [(item.zone_id, *a) for item in batch for a in item.ai_logs]
+        await self.db.execute(_WRITE, [e[0] for e in events], [e[1] for e in events], [e[2] for e in events],
+                              [a[0] for a in logs], [a[1] for a in logs], [a[2] for a in logs])
 
 
 class RefusalTracker:
@@ -83,6 +148,10 @@ class Services:
     refusals: RefusalTracker = field(default_factory=RefusalTracker)
     skip_reasons: dict[tuple[int, str], str] = field(default_factory=dict)  # last *_CORRECTION_SKIPPED reason
     conditions: dict[tuple[int, str], bool] = field(default_factory=dict)   # zone conditions for transition events
+    events: EventWriter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.events = EventWriter(self.db)
 
 
 @dataclass
@@ -152,14 +221,14 @@ class ZoneContext:
         self.pending_ai_logs.append((action, details))
 
     async def flush(self) -> None:
-        """Write the zone's queued events and ai_logs in one statement (the engine calls it once the
-        zone's controllers are done, whether they succeeded or not)."""
+        """Write the zone's queued events and ai_logs (the engine calls it once the zone's controllers
+        are done, whether they succeeded or not), together with other zones' (EventWriter)."""
         events, logs = self.pending_events, self.pending_ai_logs
         if not events and not logs:
             return
         self.pending_events, self.pending_ai_logs = [], []
-        await self.db.execute(_FLUSH, self.zone.id, [e[0] for e in events], [_dumps(e[1] or {}) for e in events],
-                              [a[0] for a in logs], [_dumps(a[1]) for a in logs])
+        await self.services.events.write(self.zone.id, [(t, _dumps(d or {})) for t, d in events],
+                                         [(a, _dumps(d)) for a, d in logs])
 
     # -- alerts ---------------------------------------------------------------------------
     async def alert(self, alert_type: str, details: dict[str, Any], match: dict[str, Any] | None = None) -> bool:

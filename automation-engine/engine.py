@@ -2,7 +2,7 @@
 
 config → eligible zones → claim them (leases) → one batched read of their facts → controllers
 per zone, as many zones at once as the adaptive limit says (that many workers taking the zones in
-turn) → each zone's events in one write → zone health in one write → release.
+turn) → the zones' events, written together as they finish → zone health in one write → release.
 A zone (or one of its controllers) that raises is counted and logged; the others go on; more
 than FAILING_ZONES_ALERT_RATIO of zones failing raises an infra alert.
 """
