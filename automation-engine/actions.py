@@ -57,33 +57,24 @@ def _dumps(value: Any) -> str:
 
 @dataclass
 class _Written:
-    zone_id: int
-    events: list[tuple[str, str]]   # (type, details as JSON)
-    ai_logs: list[tuple[str, str]]  # (action, details as JSON)
+    events: list[tuple[int, str, str]]   # (zone_id, type, details as JSON)
+    ai_logs: list[tuple[int, str, str]]  # (zone_id, action, details as JSON)
     future: asyncio.Future
-
-
-def _answer(future: asyncio.Future, error: BaseException | None) -> None:
-    if future.done():  # its zone stopped waiting
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 class EventWriter:
     """Group commit of the zones' events and ai_logs: zones done while a write is in flight go
-    together in the next one, one round trip for all. A batch the database refuses is written
-    zone by zone, so a zone's events only ever fail for their own reasons."""
+    together in the next one, one round trip for all. When PostgreSQL refuses the batch (a value
+    jsonb cannot hold), its rows are written one by one: only the refused row is lost, and only
+    its zone hears of it."""
 
     def __init__(self, db: Database):
         self.db = db
         self.queue: list[_Written] = []
         self.worker: asyncio.Task | None = None
 
-    async def write(self, zone_id: int, events: list[tuple[str, str]], ai_logs: list[tuple[str, str]]) -> None:
-        item = _Written(zone_id, events, ai_logs, asyncio.get_running_loop().create_future())
+    async def write(self, events: list[tuple[int, str, str]], ai_logs: list[tuple[int, str, str]]) -> None:
+        item = _Written(events, ai_logs, asyncio.get_running_loop().create_future())
         self.queue.append(item)
         if self.worker is None or self.worker.done():
             self.worker = asyncio.create_task(self._drain())
@@ -93,30 +84,38 @@ class EventWriter:
         while self.queue:
             batch, self.queue = self.queue, []
             try:
-                await self._insert(batch)
+                await self._insert([e for item in batch for e in item.events], [a for item in batch for a in item.ai_logs])
             except CONNECTION_ERRORS as exc:  # nobody's fault: every zone hears it at once
                 for item in batch:
                     _answer(item.future, exc)
-            except Exception as exc:  # noqa: BLE001 - find the zone(s) it came from
-                if len(batch) == 1:
-                    _answer(batch[0].future, exc)
-                    continue
+            except Exception:  # noqa: BLE001 - a row PostgreSQL refuses
                 for item in batch:
-                    try:
-                        await self._insert([item])
-                    except Exception as own:  # noqa: BLE001 - this zone's own
-                        _answer(item.future, own)
-                    else:
-                        _answer(item.future, None)
+                    _answer(item.future, await self._one_by_one(item))
             else:
                 for item in batch:
                     _answer(item.future, None)
 
-    async def _insert(self, batch: list[_Written]) -> None:
-        events = [(item.zone_id, *e) for item in batch for e in item.events]
-        logs = [(item.zone_id, *a) for item in batch for a in item.ai_logs]
+    async def _one_by_one(self, item: _Written) -> Exception | None:
+        error = None
+        for events, ai_logs in [([e], []) for e in item.events] + [([], [a]) for a in item.ai_logs]:
+            try:
+                await self._insert(events, ai_logs)
+            except Exception as exc:  # noqa: BLE001 - this row's own
+                error = error or exc
+        return error
+
+    async def _insert(self, events: list[tuple[int, str, str]], ai_logs: list[tuple[int, str, str]]) -> None:
         await self.db.execute(_WRITE, [e[0] for e in events], [e[1] for e in events], [e[2] for e in events],
-                              [a[0] for a in logs], [a[1] for a in logs], [a[2] for a in logs])
+                              [a[0] for a in ai_logs], [a[1] for a in ai_logs], [a[2] for a in ai_logs])
+
+
+def _answer(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():  # its zone stopped waiting
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 class RefusalTracker:
@@ -227,8 +226,21 @@ class ZoneContext:
         if not events and not logs:
             return
         self.pending_events, self.pending_ai_logs = [], []
-        await self.services.events.write(self.zone.id, [(t, _dumps(d or {})) for t, d in events],
-                                         [(a, _dumps(d)) for a, d in logs])
+        error: Exception | None = None
+
+        def rows(queued: list[tuple[str, Any]]) -> list[tuple[int, str, str]]:
+            nonlocal error
+            out = []
+            for kind, details in queued:
+                try:
+                    out.append((self.zone.id, kind, _dumps(details)))
+                except TypeError as exc:  # this row only: the zone's others are still written
+                    error = error or exc
+            return out
+
+        await self.services.events.write(rows([(t, d or {}) for t, d in events]), rows(logs))
+        if error is not None:
+            raise error
 
     # -- alerts ---------------------------------------------------------------------------
     async def alert(self, alert_type: str, details: dict[str, Any], match: dict[str, Any] | None = None) -> bool:

@@ -266,11 +266,12 @@ async def _load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, 
                 zone.telemetry[r["metric"]] = Reading(r["value"], r["updated_at"], r["node_id"], r["channel"])
 
     async def nodes():
-        # One row per node, its channels in arrays: 10,000 zones' channels are 50,000 rows otherwise.
+        # One row per node, its channels in arrays (configs in one jsonb array, decoded like any jsonb):
+        # 10,000 zones' channels are 50,000 rows otherwise.
         for r in await fetch(
                 "SELECT n.id, n.zone_id, n.uid, n.type, n.status, n.last_seen_at,"
                 "       array_agg(nc.channel ORDER BY nc.id) FILTER (WHERE nc.id IS NOT NULL) AS channels,"
-                "       array_agg(nc.config ORDER BY nc.id) FILTER (WHERE nc.id IS NOT NULL) AS configs"
+                "       jsonb_agg(nc.config ORDER BY nc.id) FILTER (WHERE nc.id IS NOT NULL) AS configs"
                 " FROM nodes n LEFT JOIN node_channels nc ON nc.node_id = n.id"
                 " WHERE n.zone_id = ANY($1::bigint[]) GROUP BY n.id ORDER BY n.zone_id, n.id", ids):
             node = Node(r["id"], r["uid"], (r["type"] or "").lower(), r["status"] or "offline", r["last_seen_at"])
