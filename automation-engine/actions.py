@@ -3,7 +3,7 @@ resolve an alert (the shared lifecycle of contract §8.7), and record a refused 
 
 Controllers decide; this module is the one place that writes. Events are written at most once
 per (zone, type) per cycle, once the zone's controllers are done (`flush`), together with the
-events of the other zones done meanwhile (EventWriter); alerts are resolved only when the cycle's snapshot shows one ACTIVE, and refreshed only
+events of the other zones done meanwhile (EventWriter; the zone's worker goes on meanwhile); alerts are resolved only when the cycle's snapshot shows one ACTIVE, and refreshed only
 when their details changed, so a healthy zone, or one whose trouble is unchanged, costs no writes.
 """
 from __future__ import annotations
@@ -73,12 +73,13 @@ class EventWriter:
         self.queue: list[_Written] = []
         self.worker: asyncio.Task | None = None
 
-    async def write(self, events: list[tuple[int, str, str]], ai_logs: list[tuple[int, str, str]]) -> None:
+    def submit(self, events: list[tuple[int, str, str]], ai_logs: list[tuple[int, str, str]]) -> asyncio.Future:
+        """Queue the rows; the future is done once they are written (or holds why not)."""
         item = _Written(events, ai_logs, asyncio.get_running_loop().create_future())
         self.queue.append(item)
         if self.worker is None or self.worker.done():
             self.worker = asyncio.create_task(self._drain())
-        await item.future
+        return item.future
 
     async def _drain(self) -> None:
         while self.queue:
@@ -107,6 +108,11 @@ class EventWriter:
     async def _insert(self, events: list[tuple[int, str, str]], ai_logs: list[tuple[int, str, str]]) -> None:
         await self.db.execute(_WRITE, [e[0] for e in events], [e[1] for e in events], [e[2] for e in events],
                               [a[0] for a in ai_logs], [a[1] for a in ai_logs], [a[2] for a in ai_logs])
+
+
+def _seen(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _answer(future: asyncio.Future, error: BaseException | None) -> None:
@@ -219,12 +225,14 @@ class ZoneContext:
     async def ai_log(self, action: str, details: dict[str, Any]) -> None:
         self.pending_ai_logs.append((action, details))
 
-    async def flush(self) -> None:
-        """Write the zone's queued events and ai_logs (the engine calls it once the zone's controllers
-        are done, whether they succeeded or not), together with other zones' (EventWriter)."""
+    def flush(self) -> asyncio.Future | None:
+        """Submit the zone's queued events and ai_logs to the EventWriter (the engine calls it once the
+        zone's controllers are done, whether they succeeded or not); the future of their write, None
+        when there was nothing to write. Raises when a row cannot even be serialised, after
+        submitting the others."""
         events, logs = self.pending_events, self.pending_ai_logs
         if not events and not logs:
-            return
+            return None
         self.pending_events, self.pending_ai_logs = [], []
         error: Exception | None = None
 
@@ -238,9 +246,11 @@ class ZoneContext:
                     error = error or exc
             return out
 
-        await self.services.events.write(rows([(t, d or {}) for t, d in events]), rows(logs))
+        written = self.services.events.submit(rows([(t, d or {}) for t, d in events]), rows(logs))
         if error is not None:
+            written.add_done_callback(_seen)  # nobody awaits it: the error raised here is the one told
             raise error
+        return written
 
     # -- alerts ---------------------------------------------------------------------------
     async def alert(self, alert_type: str, details: dict[str, Any], match: dict[str, Any] | None = None) -> bool:

@@ -157,23 +157,30 @@ class Engine:
     async def _zones(self, zones: list[ZoneData], config, now: dt.datetime, result: CycleResult) -> int:
         """Run every zone, `result.concurrency` at a time (a worker each, not a task per zone); the number failed."""
         pending = iter(zones)
-        failed = 0
+        ok: dict[int, bool] = {}
+        writes: list[tuple[int, asyncio.Future]] = []  # each zone's events, written while its worker goes on
 
         async def worker() -> None:
-            nonlocal failed
             for zone in pending:
                 try:
-                    ok = await self._zone(zone, config, now, result)
+                    ok[zone.id] = await self._zone(zone, config, now, result, writes)
                 except Exception as exc:  # noqa: BLE001 - one zone never stops the worker's next ones
-                    ok = False
+                    ok[zone.id] = False
                     m.ZONE_PROCESSING_ERRORS.labels(str(zone.id), f"zone:{type(exc).__name__}").inc()
                     log.exception("zone_failed", extra={"zone_id": zone.id})
-                failed += not ok
 
         await asyncio.gather(*(worker() for _ in range(min(result.concurrency, len(zones)))))
-        return failed
+        for zone_id, written in writes:
+            try:
+                await written
+            except Exception as exc:  # noqa: BLE001 - counted like a controller failure
+                ok[zone_id] = False
+                m.ZONE_PROCESSING_ERRORS.labels(str(zone_id), f"events:{type(exc).__name__}").inc()
+                log.error("zone_events_failed", extra={"zone_id": zone_id, "error": repr(exc)[:300]})
+        return sum(1 for zone_ok in ok.values() if not zone_ok)
 
-    async def _zone(self, zone: ZoneData, config, now: dt.datetime, result: CycleResult) -> bool:
+    async def _zone(self, zone: ZoneData, config, now: dt.datetime, result: CycleResult,
+                    writes: list[tuple[int, asyncio.Future]]) -> bool:
         started = time.monotonic()
         gh = config.zones.get(zone.id)
         ctx = ZoneContext(zone, self.services, now, gh_uid=gh.uid if gh else (zone.gh_uid or ""),
@@ -206,7 +213,9 @@ class Engine:
                 m.ZONE_PROCESSING_ERRORS.labels(str(zone.id), f"{name}:{type(exc).__name__}").inc()
                 log.exception("zone_controller_failed", extra={"zone_id": zone.id, "controller": name})
         try:
-            await ctx.flush()
+            written = ctx.flush()
+            if written is not None:
+                writes.append((zone.id, written))
         except Exception as exc:  # noqa: BLE001 - counted like a controller failure
             ok = False
             m.ZONE_PROCESSING_ERRORS.labels(str(zone.id), f"events:{type(exc).__name__}").inc()

@@ -166,9 +166,9 @@ async def test_an_event_the_database_refuses_loses_only_itself(db, make_engine):
 async def test_events_of_many_zones_share_a_write_and_a_refused_row_fails_its_zone_only(db, make_engine):
     good, bad = [await seed_zone(db, name=name) for name in ("G", "B")]
     writer = make_engine().services.events
-    outcomes = await asyncio.gather(
-        writer.write([(good.zone_id, "NOTE", '{"n": 1}')], [(good.zone_id, "recommend", "{}")]),
-        writer.write([(bad.zone_id, "NOTE", '{"text": "\\u0000"}'), (bad.zone_id, "NOTE", '{"n": 2}')], []),
+    outcomes = await asyncio.gather(  # both submitted before the first write starts: one batch
+        writer.submit([(good.zone_id, "NOTE", '{"n": 1}')], [(good.zone_id, "recommend", "{}")]),
+        writer.submit([(bad.zone_id, "NOTE", '{"text": "\\u0000"}'), (bad.zone_id, "NOTE", '{"n": 2}')], []),
         return_exceptions=True)
     assert outcomes[0] is None and isinstance(outcomes[1], Exception)
     assert [e["details"] for e in await events(db, good.zone_id, "NOTE")] == [{"n": 1}]
