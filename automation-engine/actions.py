@@ -3,8 +3,9 @@ resolve an alert (the shared lifecycle of contract §8.7), and record a refused 
 
 Controllers decide; this module is the one place that writes. Events are written at most once
 per (zone, type) per cycle, once the zone's controllers are done (`flush`), together with the
-events of the other zones done meanwhile (EventWriter; the zone's worker goes on meanwhile); alerts are resolved only when the cycle's snapshot shows one ACTIVE, and refreshed only
-when their details changed, so a healthy zone, or one whose trouble is unchanged, costs no writes.
+events of the other zones done meanwhile (EventWriter). Alerts are resolved only when the cycle's
+snapshot shows one ACTIVE, and refreshed only when their details changed, so a healthy zone, or
+one whose trouble is unchanged, costs no writes.
 """
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ class EventWriter:
         while self.queue:
             batch, self.queue = self.queue, []
             try:
-                await self._insert([e for item in batch for e in item.events], [a for item in batch for a in item.ai_logs])
+                await self._insert([e for item in batch for e in item.events],
+                                   [a for item in batch for a in item.ai_logs])
             except CONNECTION_ERRORS as exc:  # nobody's fault: every zone hears it at once
                 for item in batch:
                     _answer(item.future, exc)
