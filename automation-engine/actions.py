@@ -2,27 +2,32 @@
 resolve an alert (the shared lifecycle of contract §8.7), and record a refused correction.
 
 Controllers decide; this module is the one place that writes. Events are written at most once
-per (zone, type) per cycle; alerts are resolved only when the cycle's snapshot shows one ACTIVE,
-so a healthy zone costs no writes.
+per (zone, type) per cycle, once the zone's controllers are done (`flush`), together with the
+events of the other zones done meanwhile (EventWriter). Alerts are resolved only when the cycle's
+snapshot shows one ACTIVE, and refreshed only when their details changed, so a healthy zone, or
+one whose trouble is unchanged, costs no writes.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 import engine_metrics as m
-from common.alerts import add_zone_event, ensure_alert, resolve_alerts
+from common.alerts import ensure_alert, resolve_alerts
 from common.commands import CommandPublishError, issue_command
-from common.db import Database
+from common.db import CONNECTION_ERRORS, Database
 from common.env import Settings
 from common.mqtt import MqttClient
 from common.timespec import zone_info
 from common.topics import Topics
 from config.settings import AutomationSettings
-from snapshot import CommandRow, Node, ZoneData
+from snapshot import AlertRow, CommandRow, Node, ZoneData
 
 log = logging.getLogger("automation.actions")
 
@@ -35,6 +40,90 @@ PERSISTENT_REASONS = {"stale_reading", "implausible_value", "implausible_rate", 
                       "publish_failed"}
 DOSING_BLOCKED = "DOSING_BLOCKED"
 _BAD_TIMEZONES: set[str] = set()  # logged once each
+# Zones' events (as common.alerts.add_zone_event writes them) and ai_logs, in one round trip.
+_WRITE = """
+WITH events AS (
+    INSERT INTO zone_events (zone_id, type, details, created_at)
+    SELECT e.zone_id, e.type, e.details::jsonb, now()
+      FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY e(zone_id, type, details, n) ORDER BY e.n)
+INSERT INTO ai_logs (zone_id, action, details, created_at)
+SELECT a.zone_id, a.action, a.details::jsonb, now()
+  FROM unnest($4::bigint[], $5::text[], $6::text[]) WITH ORDINALITY a(zone_id, action, details, n) ORDER BY a.n
+"""
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+@dataclass
+class _Written:
+    events: list[tuple[int, str, str]]   # (zone_id, type, details as JSON)
+    ai_logs: list[tuple[int, str, str]]  # (zone_id, action, details as JSON)
+    future: asyncio.Future
+
+
+class EventWriter:
+    """Group commit of the zones' events and ai_logs: zones done while a write is in flight go
+    together in the next one, one round trip for all. When PostgreSQL refuses the batch (a value
+    jsonb cannot hold), its rows are written one by one: only the refused row is lost, and only
+    its zone hears of it."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.queue: list[_Written] = []
+        self.worker: asyncio.Task | None = None
+
+    def submit(self, events: list[tuple[int, str, str]], ai_logs: list[tuple[int, str, str]]) -> asyncio.Future:
+        """Queue the rows; the future is done once they are written (or holds why not)."""
+        item = _Written(events, ai_logs, asyncio.get_running_loop().create_future())
+        self.queue.append(item)
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._drain())
+        return item.future
+
+    async def _drain(self) -> None:
+        while self.queue:
+            batch, self.queue = self.queue, []
+            try:
+                await self._insert([e for item in batch for e in item.events],
+                                   [a for item in batch for a in item.ai_logs])
+            except CONNECTION_ERRORS as exc:  # nobody's fault: every zone hears it at once
+                for item in batch:
+                    _answer(item.future, exc)
+            except Exception:  # noqa: BLE001 - a row PostgreSQL refuses
+                for item in batch:
+                    _answer(item.future, await self._one_by_one(item))
+            else:
+                for item in batch:
+                    _answer(item.future, None)
+
+    async def _one_by_one(self, item: _Written) -> Exception | None:
+        error = None
+        for events, ai_logs in [([e], []) for e in item.events] + [([], [a]) for a in item.ai_logs]:
+            try:
+                await self._insert(events, ai_logs)
+            except Exception as exc:  # noqa: BLE001 - this row's own
+                error = error or exc
+        return error
+
+    async def _insert(self, events: list[tuple[int, str, str]], ai_logs: list[tuple[int, str, str]]) -> None:
+        await self.db.execute(_WRITE, [e[0] for e in events], [e[1] for e in events], [e[2] for e in events],
+                              [a[0] for a in ai_logs], [a[1] for a in ai_logs], [a[2] for a in ai_logs])
+
+
+def _seen(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _answer(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():  # its zone stopped waiting
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 class RefusalTracker:
@@ -66,6 +155,10 @@ class Services:
     refusals: RefusalTracker = field(default_factory=RefusalTracker)
     skip_reasons: dict[tuple[int, str], str] = field(default_factory=dict)  # last *_CORRECTION_SKIPPED reason
     conditions: dict[tuple[int, str], bool] = field(default_factory=dict)   # zone conditions for transition events
+    events: EventWriter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.events = EventWriter(self.db)
 
 
 @dataclass
@@ -77,6 +170,8 @@ class ZoneContext:
     timezone: str | None
     targets: dict[str, Any] = field(default_factory=dict)
     events_written: set[str] = field(default_factory=set)
+    pending_events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # written by `flush`
+    pending_ai_logs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     log: list[str] = field(default_factory=list)  # what happened, for tests and debugging
     health: tuple[float, str] | None = None
 
@@ -121,30 +216,67 @@ class ZoneContext:
 
     # -- events ---------------------------------------------------------------------------
     async def event(self, event_type: str, details: dict[str, Any]) -> bool:
+        """Queue the event for `flush`; True when queued (not written already this cycle)."""
         if event_type in self.events_written:
             return False
         self.events_written.add(event_type)
-        async with self.db.transaction() as conn:
-            await add_zone_event(conn, self.zone.id, event_type, details)
+        self.pending_events.append((event_type, details))
         self.log.append(f"event:{event_type}")
         return True
 
     async def ai_log(self, action: str, details: dict[str, Any]) -> None:
-        await self.db.execute("INSERT INTO ai_logs (zone_id, action, details, created_at) VALUES ($1, $2, $3, now())",
-                              self.zone.id, action, details)
+        self.pending_ai_logs.append((action, details))
+
+    def flush(self) -> asyncio.Future | None:
+        """Submit the zone's queued events and ai_logs to the EventWriter (the engine calls it once the
+        zone's controllers are done, whether they succeeded or not); the future of their write, None
+        when there was nothing to write. Raises when a row cannot even be serialised, after
+        submitting the others."""
+        events, logs = self.pending_events, self.pending_ai_logs
+        if not events and not logs:
+            return None
+        self.pending_events, self.pending_ai_logs = [], []
+        error: Exception | None = None
+
+        def rows(queued: list[tuple[str, Any]]) -> list[tuple[int, str, str]]:
+            nonlocal error
+            out = []
+            for kind, details in queued:
+                try:
+                    out.append((self.zone.id, kind, _dumps(details)))
+                except TypeError as exc:  # this row only: the zone's others are still written
+                    error = error or exc
+            return out
+
+        written = self.services.events.submit(rows([(t, d or {}) for t, d in events]), rows(logs))
+        if error is not None:
+            written.add_done_callback(_seen)  # nobody awaits it: the error raised here is the one told
+            raise error
+        return written
 
     # -- alerts ---------------------------------------------------------------------------
     async def alert(self, alert_type: str, details: dict[str, Any], match: dict[str, Any] | None = None) -> bool:
-        """Open the alert (ALERT_CREATED) or refresh the details of the ACTIVE one; True when created."""
+        """Open the alert (ALERT_CREATED) or refresh the details of the ACTIVE one; True when created.
+        An ACTIVE one the snapshot shows with these very details is left as it is."""
+        active = min(self._active(alert_type, match), key=lambda a: a.id, default=None)
+        if active is not None and active.details == details:
+            self.log.append(f"alert:{alert_type}")
+            return False
         async with self.db.pool.acquire() as conn:
             _, created = await ensure_alert(conn, zone_id=self.zone.id, alert_type=alert_type,
                                             details=details, match=match)
         self.log.append(f"alert:{alert_type}")
         return created
 
+    def _active(self, alert_type: str, match: dict[str, Any] | None) -> list[AlertRow]:
+        """The snapshot's ACTIVE alerts of (type, match); `ensure_alert` refreshes the oldest."""
+        if not self.zone.alerts:  # most zones, every cycle
+            return []
+        return [a for a in self.zone.active_alerts(alert_type)
+                if all(a.details.get(k) == v for k, v in (match or {}).items())]
+
     def has_alert(self, alert_type: str, match: dict[str, Any] | None = None) -> bool:
-        return any(all(a.details.get(k) == v for k, v in (match or {}).items())
-                   for a in self.zone.active_alerts(alert_type))
+        return bool(self._active(alert_type, match))
 
     async def resolve(self, alert_type: str, match: dict[str, Any] | None = None) -> bool:
         if not self.has_alert(alert_type, match):

@@ -1,14 +1,17 @@
 """One automation cycle over every eligible zone (contract §8.10).
 
 config → eligible zones → claim them (leases) → one batched read of their facts → controllers
-per zone in parallel under an adaptive limit → zone health in one write → release.
+per zone, as many zones at once as the adaptive limit says (that many workers taking the zones in
+turn) → the zones' events, written together as they finish → zone health in one write → release.
 A zone (or one of its controllers) that raises is counted and logged; the others go on; more
 than FAILING_ZONES_ALERT_RATIO of zones failing raises an infra alert.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import gc
 import logging
 import math
 import time
@@ -43,6 +46,27 @@ CONTROLLERS: list[tuple[str, Controller]] = [
 # The controllers of a zone whose capabilities are NULL (contract §8.10: control is opt-in; these only observe).
 ALWAYS = {"pump_watch", "health"}
 FAILURE_ALERT_MATCH = {"service": "automation-engine", "reason": "zone_failures"}
+
+
+_gc_pause = {"depth": 0, "enabled": True}
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """No garbage-collector runs during a cycle: with 10,000 zones' facts alive, every full collection
+    walks all of them (0.1-0.4 s each, several per cycle). The cycle's objects are freed by reference
+    counting when it ends; the collector resumes between cycles. Nested (two engines in one process)
+    the outermost restores the collector as it found it."""
+    if _gc_pause["depth"] == 0:
+        _gc_pause["enabled"] = gc.isenabled()
+        gc.disable()
+    _gc_pause["depth"] += 1
+    try:
+        yield
+    finally:
+        _gc_pause["depth"] -= 1
+        if _gc_pause["depth"] == 0 and _gc_pause["enabled"]:
+            gc.enable()
 
 
 def utcnow() -> dt.datetime:
@@ -90,7 +114,10 @@ class Engine:
 
     # -- one cycle ------------------------------------------------------------------------
     async def run_cycle(self, now: dt.datetime | None = None) -> CycleResult:
-        now = now or self.clock()
+        with _collector_paused():
+            return await self._run_cycle(now or self.clock())
+
+    async def _run_cycle(self, now: dt.datetime) -> CycleResult:
         started = time.monotonic()
         result = CycleResult()
         services, auto = self.services, self.services.auto
@@ -110,10 +137,8 @@ class Engine:
                              stuck_window=dt.timedelta(minutes=auto.stuck_min_minutes))
             result.concurrency = self.concurrency(len(mine))
             m.OPTIMAL_CONCURRENCY.set(result.concurrency)
-            limit = asyncio.Semaphore(result.concurrency)
-            outcomes = await asyncio.gather(*(self._zone(zone, config, now, limit, result) for zone in mine))
+            result.failed = await self._zones(mine, config, now, result)
             result.processed = len(mine)
-            result.failed = sum(1 for ok in outcomes if not ok)
             await self._write_health(result)
         finally:
             await leases.release(services.db, list(claimed), self.owner)
@@ -129,43 +154,75 @@ class Engine:
                                       "duration_sec": round(result.duration, 3), "config_source": config.source})
         return result
 
-    async def _zone(self, zone: ZoneData, config, now: dt.datetime, limit: asyncio.Semaphore,
-                    result: CycleResult) -> bool:
-        async with limit:
-            started = time.monotonic()
-            gh = config.zones.get(zone.id)
-            ctx = ZoneContext(zone, self.services, now, gh_uid=gh.uid if gh else (zone.gh_uid or ""),
-                              timezone=(gh.timezone if gh else None) or zone.timezone)
-            result.contexts[zone.id] = ctx
-            if zone.read_error is not None:  # its facts could not be read: nothing to decide on
-                error = zone.read_error
-                m.ZONE_PROCESSING_ERRORS.labels(str(zone.id), f"read:{type(error).__name__}").inc()
-                log.error("zone_read_failed", extra={"zone_id": zone.id, "error": str(error)[:300]})
-                ctx.log.append(f"read_failed:{type(error).__name__}")
-                return False
-            ctx.targets = phase.current_targets(ctx)
-            if zone.capabilities is None and zone.id not in self._null_capabilities_logged:
-                self._null_capabilities_logged.add(zone.id)
-                log.info("zone_without_capabilities_runs_health_only", extra={"zone_id": zone.id})
-            ok = True
-            try:
-                await ctx.water_recovered()
-            except Exception as exc:  # noqa: BLE001 - counted like a controller failure
-                ok = False
-                m.ZONE_PROCESSING_ERRORS.labels(str(zone.id), f"water:{type(exc).__name__}").inc()
-                log.exception("zone_water_alerts_failed", extra={"zone_id": zone.id})
-            for name, controller in self.controllers:
-                if zone.capabilities is None and name not in ALWAYS:
-                    continue
+    async def _zones(self, zones: list[ZoneData], config, now: dt.datetime, result: CycleResult) -> int:
+        """Run every zone, `result.concurrency` at a time (a worker each, not a task per zone); the number failed."""
+        pending = iter(zones)
+        ok: dict[int, bool] = {}
+        writes: list[tuple[int, asyncio.Future]] = []  # each zone's events, written while its worker goes on
+
+        async def worker() -> None:
+            for zone in pending:
                 try:
-                    await controller(ctx)
-                except Exception as exc:  # noqa: BLE001 - one controller never stops the others
-                    ok = False
-                    m.ZONE_PROCESSING_ERRORS.labels(str(zone.id), f"{name}:{type(exc).__name__}").inc()
-                    log.exception("zone_controller_failed", extra={"zone_id": zone.id, "controller": name})
-            m.ZONE_CHECKS.inc()
-            self._measured(time.monotonic() - started)
-            return ok
+                    ok[zone.id] = await self._zone(zone, config, now, result, writes)
+                except Exception as exc:  # noqa: BLE001 - one zone never stops the worker's next ones
+                    ok[zone.id] = False
+                    m.ZONE_PROCESSING_ERRORS.labels(str(zone.id), f"zone:{type(exc).__name__}").inc()
+                    log.exception("zone_failed", extra={"zone_id": zone.id})
+
+        await asyncio.gather(*(worker() for _ in range(min(result.concurrency, len(zones)))))
+        for zone_id, written in writes:
+            try:
+                await written
+            except Exception as exc:  # noqa: BLE001 - counted like a controller failure
+                ok[zone_id] = False
+                m.ZONE_PROCESSING_ERRORS.labels(str(zone_id), f"events:{type(exc).__name__}").inc()
+                log.error("zone_events_failed", extra={"zone_id": zone_id, "error": repr(exc)[:300]})
+        return sum(1 for zone_ok in ok.values() if not zone_ok)
+
+    async def _zone(self, zone: ZoneData, config, now: dt.datetime, result: CycleResult,
+                    writes: list[tuple[int, asyncio.Future]]) -> bool:
+        started = time.monotonic()
+        gh = config.zones.get(zone.id)
+        ctx = ZoneContext(zone, self.services, now, gh_uid=gh.uid if gh else (zone.gh_uid or ""),
+                          timezone=(gh.timezone if gh else None) or zone.timezone)
+        result.contexts[zone.id] = ctx
+        if zone.read_error is not None:  # its facts could not be read: nothing to decide on
+            error = zone.read_error
+            m.ZONE_PROCESSING_ERRORS.labels(str(zone.id), f"read:{type(error).__name__}").inc()
+            log.error("zone_read_failed", extra={"zone_id": zone.id, "error": str(error)[:300]})
+            ctx.log.append(f"read_failed:{type(error).__name__}")
+            return False
+        ctx.targets = phase.current_targets(ctx)
+        if zone.capabilities is None and zone.id not in self._null_capabilities_logged:
+            self._null_capabilities_logged.add(zone.id)
+            log.info("zone_without_capabilities_runs_health_only", extra={"zone_id": zone.id})
+        ok = True
+        try:
+            await ctx.water_recovered()
+        except Exception as exc:  # noqa: BLE001 - counted like a controller failure
+            ok = False
+            m.ZONE_PROCESSING_ERRORS.labels(str(zone.id), f"water:{type(exc).__name__}").inc()
+            log.exception("zone_water_alerts_failed", extra={"zone_id": zone.id})
+        for name, controller in self.controllers:
+            if zone.capabilities is None and name not in ALWAYS:
+                continue
+            try:
+                await controller(ctx)
+            except Exception as exc:  # noqa: BLE001 - one controller never stops the others
+                ok = False
+                m.ZONE_PROCESSING_ERRORS.labels(str(zone.id), f"{name}:{type(exc).__name__}").inc()
+                log.exception("zone_controller_failed", extra={"zone_id": zone.id, "controller": name})
+        try:
+            written = ctx.flush()
+            if written is not None:
+                writes.append((zone.id, written))
+        except Exception as exc:  # noqa: BLE001 - counted like a controller failure
+            ok = False
+            m.ZONE_PROCESSING_ERRORS.labels(str(zone.id), f"events:{type(exc).__name__}").inc()
+            log.exception("zone_events_failed", extra={"zone_id": zone.id})
+        m.ZONE_CHECKS.inc()
+        self._measured(time.monotonic() - started)
+        return ok
 
     async def _write_health(self, result: CycleResult) -> None:
         rows = [(zone_id, ctx.health[0], ctx.health[1]) for zone_id, ctx in result.contexts.items() if ctx.health]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 import time
@@ -60,6 +61,8 @@ class AutomationService:
         self._listen_task = asyncio.create_task(self._listen(), name="automation-config-signal")
         self._loop_task = asyncio.create_task(self._loop(), name="automation-loop")
         self._watch_task = asyncio.create_task(self.watch.run(), name="automation-connection-watch")
+        gc.collect()
+        gc.freeze()  # what start-up built lives as long as the service: collections need not walk it again
 
     async def stop(self) -> None:
         """Let the running cycle finish (in-flight commands and writes), then close everything."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ PHYSICAL_RANGE = {metric: RANGES[metric] for metric in DOSING_METRICS}
 # What doses a metric: its correction events and its pump channels (controllers/dosing.py's PH / EC).
 DOSE_SOURCES = {"PH": (("PH_CORRECTED",), ("pump_acid", "pump_base")), "EC": (("EC_DOSING",), ("pump_nutrient",))}
 BEFORE_DOSE = dt.timedelta(minutes=5)  # how far back the last reading before a dose may be
+READ_SETTINGS = "SET LOCAL work_mem = '64MB'; SET LOCAL jit = off"
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,21 @@ def _json(text: str | None, what: str) -> Any:
         raise ValueError(f"{what} cannot be read: {exc}") from None
 
 
+async def _read(db: Database, sql: str, *args: Any) -> list:
+    """One batched read, in a transaction of its own that sorts in memory (the default work_mem spills
+    10,000 zones' nodes and samples to disk) and skips JIT (compiling these plans takes longer than
+    running them). A connection that died is replaced once, as Database.fetch does."""
+    for attempt in (1, 2):
+        try:
+            async with db.transaction() as conn:
+                await conn.execute(READ_SETTINGS)
+                return await conn.fetch(sql, *args)
+        except CONNECTION_ERRORS:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 async def load_zones(db: Database) -> list[ZoneData]:
     """Eligible zones (recipe instance + status online/warning/running) with their phases. A zone whose
     capabilities, settings or phase targets cannot be decoded gets `read_error` (skipped, counted)."""
@@ -236,9 +253,11 @@ async def _load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, 
     by_id = {z.id: z for z in zones}
     ids = list(by_id)
     dosing_ids = [z.id for z in zones if z.capability("ph_control") or z.capability("ec_control")]
+    dosing = set(dosing_ids)
+    fetch = functools.partial(_read, db)
 
     async def telemetry():
-        for r in await db.fetch(
+        for r in await fetch(
                 "SELECT zone_id, node_id, upper(metric_type) AS metric, channel, value, updated_at"
                 " FROM telemetry_last WHERE zone_id = ANY($1::bigint[]) AND value IS NOT NULL", ids):
             zone = by_id[r["zone_id"]]
@@ -247,20 +266,21 @@ async def _load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, 
                 zone.telemetry[r["metric"]] = Reading(r["value"], r["updated_at"], r["node_id"], r["channel"])
 
     async def nodes():
-        for r in await db.fetch(
-                "SELECT n.id, n.zone_id, n.uid, n.type, n.status, n.last_seen_at, nc.channel, nc.config"
+        # One row per node, its channels in arrays (configs in one jsonb array, decoded like any jsonb):
+        # 10,000 zones' channels are 50,000 rows otherwise.
+        for r in await fetch(
+                "SELECT n.id, n.zone_id, n.uid, n.type, n.status, n.last_seen_at,"
+                "       array_agg(nc.channel ORDER BY nc.id) FILTER (WHERE nc.id IS NOT NULL) AS channels,"
+                "       jsonb_agg(nc.config ORDER BY nc.id) FILTER (WHERE nc.id IS NOT NULL) AS configs"
                 " FROM nodes n LEFT JOIN node_channels nc ON nc.node_id = n.id"
-                " WHERE n.zone_id = ANY($1::bigint[]) ORDER BY n.zone_id, n.id, nc.id", ids):
-            zone = by_id[r["zone_id"]]
-            node = zone.nodes[-1] if zone.nodes and zone.nodes[-1].id == r["id"] else None
-            if node is None:
-                node = Node(r["id"], r["uid"], (r["type"] or "").lower(), r["status"] or "offline", r["last_seen_at"])
-                zone.nodes.append(node)
-            if r["channel"] is not None:
-                node.channels[r["channel"]] = r["config"] if isinstance(r["config"], dict) else {}
+                " WHERE n.zone_id = ANY($1::bigint[]) GROUP BY n.id ORDER BY n.zone_id, n.id", ids):
+            node = Node(r["id"], r["uid"], (r["type"] or "").lower(), r["status"] or "offline", r["last_seen_at"])
+            node.channels = {channel: config if isinstance(config, dict) else {}
+                             for channel, config in zip(r["channels"] or (), r["configs"] or ())}
+            by_id[r["zone_id"]].nodes.append(node)
 
     async def events():
-        for r in await db.fetch(
+        for r in await fetch(
                 """
                 SELECT z.id AS zone_id, t.type, e.created_at, e.details
                   FROM unnest($1::bigint[]) z(id) CROSS JOIN unnest($2::text[]) t(type)
@@ -271,7 +291,7 @@ async def _load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, 
             by_id[r["zone_id"]].events[r["type"]] = (r["created_at"], r["details"] or {})
 
     async def alerts():
-        for r in await db.fetch(
+        for r in await fetch(
                 "SELECT id, zone_id, type, code, details, status, created_at FROM alerts"
                 " WHERE zone_id = ANY($1::bigint[])"
                 "   AND (status = 'ACTIVE' OR (created_at >= $2 AND code = ANY($3::text[])))",
@@ -280,7 +300,7 @@ async def _load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, 
                                                        r["status"] == "ACTIVE", r["created_at"]))
 
     async def commands():
-        for r in await db.fetch(
+        for r in await fetch(
                 "SELECT zone_id, node_id, channel, cmd, params, status, created_at FROM commands"
                 " WHERE zone_id = ANY($1::bigint[]) AND (created_at >= $2 OR status IN ('pending', 'sent'))"
                 " ORDER BY created_at, id", ids, now - command_window):
@@ -290,20 +310,23 @@ async def _load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, 
     async def samples():
         if not dosing_ids:
             return
-        for r in await db.fetch(
+        # One row per (zone, metric), the samples newest first in two arrays ordered alike.
+        for r in await fetch(
                 """
                 SELECT z.id AS zone_id, m.metric, s.ts, s.value
                   FROM unnest($1::bigint[]) z(id) CROSS JOIN unnest($2::text[], $5::float8[], $6::float8[]) m(metric, lo, hi)
-                  CROSS JOIN LATERAL (SELECT ts, value FROM telemetry_samples ts_
-                                       WHERE ts_.zone_id = z.id AND ts_.metric_type = m.metric
-                                         AND ts_.ts >= $3 AND ts_.value BETWEEN m.lo AND m.hi
-                                       ORDER BY ts_.ts DESC LIMIT $4) s
-                 ORDER BY 1, 2, s.ts DESC
+                  CROSS JOIN LATERAL (SELECT array_agg(l.ts ORDER BY l.ts DESC, l.value) AS ts,
+                                             array_agg(l.value ORDER BY l.ts DESC, l.value) AS value
+                                        FROM (SELECT ts, value FROM telemetry_samples ts_
+                                               WHERE ts_.zone_id = z.id AND ts_.metric_type = m.metric
+                                                 AND ts_.ts >= $3 AND ts_.value BETWEEN m.lo AND m.hi
+                                               ORDER BY ts_.ts DESC LIMIT $4) l) s
+                 WHERE s.ts IS NOT NULL
                 """, dosing_ids, DOSING_METRICS, now - HEALTH_WINDOW, sample_count, lows, highs):
-            by_id[r["zone_id"]].samples.setdefault(r["metric"], []).append((r["ts"], r["value"]))
+            by_id[r["zone_id"]].samples[r["metric"]] = list(zip(r["ts"], r["value"]))
 
     async def stats():
-        for r in await db.fetch(
+        for r in await fetch(
                 "SELECT s.zone_id, s.metric_type, stddev_samp(s.value) AS sd, count(s.value) AS n, min(s.ts) AS first_ts"
                 " FROM telemetry_samples s JOIN unnest($2::text[], $4::float8[], $5::float8[]) m(metric, lo, hi)"
                 "   ON s.metric_type = m.metric"
@@ -314,7 +337,7 @@ async def _load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, 
     async def flat():
         if not dosing_ids:
             return
-        for r in await db.fetch(
+        for r in await fetch(
                 """
                 SELECT z.id AS zone_id, m.metric, w.n, w.low, w.high, b.covered
                   FROM unnest($1::bigint[]) z(id) CROSS JOIN unnest($2::text[], $4::float8[], $5::float8[]) m(metric, lo, hi)
@@ -333,9 +356,9 @@ async def _load_facts(db: Database, zones: list[ZoneData], now: dt.datetime, *, 
 
     # Then, for zones dosed in the last 2 h, the readings since just before the dose (needs events + commands).
     doses = [(z.id, metric, at) for z in zones for metric in DOSING_METRICS
-             if z.id in dosing_ids and (at := last_dose(z, metric)) is not None and now - at <= HEALTH_WINDOW]
+             if z.id in dosing and (at := last_dose(z, metric)) is not None and now - at <= HEALTH_WINDOW]
     if doses:
-        for r in await db.fetch(
+        for r in await fetch(
                 """
                 SELECT d.zone_id, d.metric, d.dose_at, w.n, w.low, w.high, p.pre IS NOT NULL AS covered
                   FROM unnest($1::bigint[], $2::text[], $3::timestamp[]) d(zone_id, metric, dose_at)

@@ -142,3 +142,47 @@ def test_adaptive_concurrency_follows_zone_count_and_time(make_engine):
     fixed = make_engine(adaptive_concurrency=False, max_concurrent_zones=12)
     fixed.avg_zone_time = 0.3
     assert fixed.concurrency(1000) == 12
+
+
+def _unwritable_event_for(zone_ids):
+    async def note(ctx):
+        if ctx.zone.id in zone_ids:
+            await ctx.event("NOTE", {"text": "\u0000"})  # jsonb cannot hold it: PostgreSQL refuses the row
+    return note
+
+
+async def test_an_event_the_database_refuses_loses_only_itself(db, make_engine):
+    zones = [await seed_zone(db, name=f"Z{i}", telemetry={"PH": 6.3, "EC": 1.4}) for i in range(4)]
+    bad = zones[1].zone_id
+    engine = make_engine(controllers=CONTROLLERS + [("note", _unwritable_event_for({bad}))])
+    result = await engine.run_cycle()
+    assert result.processed == 4 and result.failed == 1
+    for z in zones:  # the bad zone's other events of the cycle were written all the same
+        assert len(await events(db, z.zone_id, "PH_CORRECTED")) == 1
+    assert await events(db, bad, "NOTE") == []
+    assert await db.fetchval("SELECT count(*) FROM ai_logs") == 4
+
+
+async def test_events_of_many_zones_share_a_write_and_a_refused_row_fails_its_zone_only(db, make_engine):
+    good, bad = [await seed_zone(db, name=name) for name in ("G", "B")]
+    writer = make_engine().services.events
+    outcomes = await asyncio.gather(  # both submitted before the first write starts: one batch
+        writer.submit([(good.zone_id, "NOTE", '{"n": 1}')], [(good.zone_id, "recommend", "{}")]),
+        writer.submit([(bad.zone_id, "NOTE", '{"text": "\\u0000"}'), (bad.zone_id, "NOTE", '{"n": 2}')], []),
+        return_exceptions=True)
+    assert outcomes[0] is None and isinstance(outcomes[1], Exception)
+    assert [e["details"] for e in await events(db, good.zone_id, "NOTE")] == [{"n": 1}]
+    assert [e["details"] for e in await events(db, bad.zone_id, "NOTE")] == [{"n": 2}]
+    assert await db.fetchval("SELECT count(*) FROM ai_logs WHERE zone_id = $1", good.zone_id) == 1
+
+
+async def test_an_alert_whose_details_did_not_change_is_not_rewritten(db, make_engine):
+    z = await seed_zone(db, telemetry={"PH": 6.3, "EC": 1.4})
+    engine = make_engine()
+    await engine.run_cycle()
+    [alert] = await alerts(db, "PH_HIGH", z.zone_id)
+    version = await db.fetchval("SELECT xmin::text FROM alerts WHERE id = $1", alert["id"])
+    result = await engine.run_cycle(later(seconds=15))
+    assert "alert:PH_HIGH" in result.contexts[z.zone_id].log  # still out of band: the alert stays open
+    assert await db.fetchval("SELECT xmin::text FROM alerts WHERE id = $1", alert["id"]) == version
+    assert len(await alerts(db, "PH_HIGH", z.zone_id)) == 1

@@ -103,7 +103,7 @@ async def correct(ctx: ZoneContext, spec: Spec) -> None:
     # Alerts follow the reading (ensure while out, resolve once back); never inside the target's own band.
     high_type, low_type = f"{spec.metric}_HIGH", f"{spec.metric}_LOW"
     high, low = diff > max(spec.high_alert_at, tgt.band), diff < -max(spec.low_alert_at, tgt.band)
-    message = {"message": f"{spec.metric} {current} against target {tgt.value}"}
+    message = {"message": f"{spec.metric} {current} against target {tgt.value}"} if high or low else {}
     if high:
         if await ctx.alert(high_type, {**details, **message}) and spec is PH:
             await ctx.event("PH_TOO_HIGH_DETECTED", details)
