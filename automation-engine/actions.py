@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 import engine_metrics as m
-from common.alerts import ensure_alert, resolve_alerts
+from common.alerts import ZONE_EVENTS_INSERT, ensure_alert, resolve_alerts
 from common.commands import CommandPublishError, issue_command
 from common.db import CONNECTION_ERRORS, Database
 from common.env import Settings
@@ -40,12 +40,9 @@ PERSISTENT_REASONS = {"stale_reading", "implausible_value", "implausible_rate", 
                       "publish_failed"}
 DOSING_BLOCKED = "DOSING_BLOCKED"
 _BAD_TIMEZONES: set[str] = set()  # logged once each
-# Zones' events (as common.alerts.add_zone_event writes them) and ai_logs, in one round trip.
-_WRITE = """
-WITH events AS (
-    INSERT INTO zone_events (zone_id, type, details, created_at)
-    SELECT e.zone_id, e.type, e.details::jsonb, now()
-      FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY e(zone_id, type, details, n) ORDER BY e.n)
+# Zones' events and ai_logs, in one round trip.
+_WRITE = f"""
+WITH events AS ({ZONE_EVENTS_INSERT})
 INSERT INTO ai_logs (zone_id, action, details, created_at)
 SELECT a.zone_id, a.action, a.details::jsonb, now()
   FROM unnest($4::bigint[], $5::text[], $6::text[]) WITH ORDINALITY a(zone_id, action, details, n) ORDER BY a.n

@@ -262,7 +262,8 @@ class CountingDatabase(Database):
     async def fetch(self, sql, *args, timeout=None):
         # Controller reads only: common.commands batches its own queries per group of commands.
         statement = sql.lstrip().upper()
-        if not statement.startswith(("UPDATE", "WITH LOCKED")) and "WHERE n.uid = ANY($1::text[])" not in sql:
+        issuing = statement.startswith(("UPDATE", "WITH LOCKED", "WITH INSERTED")) or "WHERE n.uid = ANY($1::text[])" in sql
+        if not issuing:
             CountingDatabase.fetches += 1
         return await super().fetch(sql, *args, timeout=timeout)
 

@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Callable
 import asyncpg
 import orjson
 
+from common.alerts import add_zone_events
 from common.db import Database
 from schedules import ZoneSchedule
 from common.timespec import Occurrence
@@ -106,13 +107,6 @@ SELECT t.task_name, t.status, t.details::jsonb, now()
   FROM unnest($1::varchar[], $2::varchar[], $3::text[]) WITH ORDINALITY AS t(task_name, status, details, ord)
  ORDER BY t.ord
 """
-# common.alerts.add_zone_event, for many events in one statement
-_EVENTS_SQL = """
-INSERT INTO zone_events (zone_id, type, details, created_at)
-SELECT t.zone_id, t.type, t.details::jsonb, now()
-  FROM unnest($1::bigint[], $2::varchar[], $3::text[]) WITH ORDINALITY AS t(zone_id, type, details, ord)
- ORDER BY t.ord
-"""
 
 
 def _json(value: Any) -> str:
@@ -203,9 +197,7 @@ class Writes:
                 naive_utc(self.now) if self.now else None)
         if self.links:
             await conn.execute(_LINKS_SQL, *map(list, zip(*self.links)))
-        if self.events:
-            await conn.execute(_EVENTS_SQL, [e[0] for e in self.events], [e[1] for e in self.events],
-                               [_json(e[2]) for e in self.events])
+        await add_zone_events(conn, self.events)
         if self.logs:
             await conn.execute(_LOGS_SQL, [e[0] for e in self.logs], [e[1] for e in self.logs],
                                [_json(e[2]) for e in self.logs])
