@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import sys
 import threading
@@ -135,6 +136,20 @@ def peak_rss_mb(pid: int) -> float:
     return total
 
 
+def cpu_seconds(pid: int) -> list[float]:
+    """User + system CPU seconds of the process (all its threads), then of each child process."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    out = [(int(fields[11]) + int(fields[12])) / ticks]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                out += cpu_seconds(int(child))
+            except FileNotFoundError:
+                pass
+    return out
+
+
 async def wait_count(conn: asyncpg.Connection, n: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while await conn.fetchval("SELECT count(*) FROM telemetry_samples") < n:
@@ -208,9 +223,10 @@ async def main() -> int:
         started = time.perf_counter()
         proc.start()
         spy = None
-        if args.profile:  # py-spy must be installed (pip install py-spy); it samples the drain only
+        if args.profile:  # py-spy must be installed (pip install py-spy); it samples the drain only (writer too)
             import subprocess
-            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(proc.proc.pid),
+            spy_bin = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+            spy = subprocess.Popen([spy_bin, "record", "-p", str(proc.proc.pid), "--subprocesses",
                                     "-r", "200", "-f", "raw", "-o", args.profile, "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rclient = redis_client(settings)
@@ -229,6 +245,7 @@ async def main() -> int:
             spy.send_signal(2)
             spy.wait(30)
         logger_sec = time.perf_counter() - started
+        drain_cpu = cpu_seconds(proc.proc.pid)
         logger_rate = args.n / logger_sec
         dup = await conn.fetchval("SELECT count(*) - count(DISTINCT (raw->>'seq')::int) FROM telemetry_samples")
 
@@ -284,6 +301,8 @@ async def main() -> int:
               f"  (duplicates: {dup}, TELEMETRY_BATCH_SIZE={args.batch})")
         print(f"  (all {args.n} in Redis after {received_all_at or logger_sec:.2f}s; largest stream backlog"
               f" {max_backlog} samples)")
+        print(f"  (CPU seconds of the service during the drain: {' + '.join(f'{c:.2f}' for c in drain_cpu)}"
+              f" (main process, then child processes))")
         print(f"ratio logger/bare:      {logger_rate / bare_rate:.2f}  (target >= {DRAIN_TARGET}, with 0 lost and 0 duplicates)")
         print(f"steady {args.rate} msg/s for {args.seconds:g}s: {len(latencies)}/{total} committed,"
               f" publish->commit p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (target p99 <= 1000 ms)")
