@@ -108,14 +108,31 @@ async def _in_flight(*calls):
 
 async def test_a_cmd_id_repeated_while_its_batch_is_in_flight_is_published_once(settings, db, mqtt, mqtt_probe,
                                                                                 zone):
+    """The repeat arrives while the first request's row is claimed and its publish is held: it waits for
+    that batch's answer (published once, "sent"), instead of finding a claimed row and being told to retry."""
     topics = Topics(settings.mqtt_topic_root)
+    release = asyncio.Event()
+    publish = mqtt.publish_json
+
+    async def held_publish(topic, payload, *args, **kwargs):
+        if payload["cmd_id"] == "fl-1":
+            await release.wait()
+        return await publish(topic, payload, *args, **kwargs)
+    mqtt.publish_json = held_publish
 
     def send(cmd_id):
-        return issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd-1", channel="pump_in",
-                             cmd="stop_pump", cmd_id=cmd_id)
-    first, again, other = await _in_flight(send("fl-1"), send("fl-1"), send("fl-2"))
-    assert (first.published, again.published, other.published) == (True, False, True)
-    assert {first.status, again.status, other.status} == {"sent"}
+        return asyncio.create_task(issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd-1",
+                                                 channel="pump_in", cmd="stop_pump", cmd_id=cmd_id))
+    first = send("fl-1")
+    await testing.eventually(lambda: db.fetchval("SELECT sent_at IS NOT NULL FROM commands WHERE cmd_id = 'fl-1'"),
+                             10, message="fl-1 claimed")
+    again, other = send("fl-1"), send("fl-2")
+    assert (await other).published  # another batch goes out meanwhile
+    assert not again.done()
+    release.set()
+    first, again = await first, await again
+    assert (first.published, again.published) == (True, False)
+    assert {first.status, again.status} == {"sent"}
     await mqtt_probe.wait_for(2, f"{settings.mqtt_topic_root}/#")
     await asyncio.sleep(0.3)
     assert sorted(p["cmd_id"] for p in mqtt_probe.payloads(f"{settings.mqtt_topic_root}/#")) == ["fl-1", "fl-2"]
