@@ -49,6 +49,19 @@ class BodyTooLarge(Exception):
     pass
 
 
+class NotingSend:
+    """An ASGI `send` that remembers the status of the response it started (None until then)."""
+
+    def __init__(self, send: Send):
+        self.send = send
+        self.status: int | None = None
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
+
+
 class GuardedApp:
     """ASGI wrapper: body limit and exception containment (module docstring)."""
 
@@ -66,14 +79,6 @@ class GuardedApp:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracked_send(message: dict) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         declared = declared_length(scope)
         if declared is not None and declared > self.max_body:
             REFUSED.labels("body_too_large").inc()
@@ -86,12 +91,13 @@ class GuardedApp:
                 REFUSED.labels("body_too_large").inc()
                 await send_json(send, 413, {"detail": f"request body is larger than {self.max_body} bytes"})
                 return
+        noting = NotingSend(send)
         try:
-            await self.app(scope, receive, tracked_send)
+            await self.app(scope, receive, noting)
         except Exception:  # noqa: BLE001 - contained here so the client's connection stays usable
             REFUSED.labels("internal_error").inc()
             log.exception("http_internal_error", extra={"path": scope.get("path", "")[:200]})
-            if not started:
+            if noting.status is None:
                 await send_json(send, 500, {"detail": "internal error"})
 
 

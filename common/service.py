@@ -121,6 +121,15 @@ class HttpServer:
         self.task = None
 
 
+async def cancel_tasks(tasks: list[asyncio.Task]) -> None:
+    """Cancel a service's background tasks and wait until each has ended."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def serve_until_signalled(service: Service) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -26,6 +26,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from .env import Settings
+from .redis_client import redis_client
 
 SHARED_ENV = {
     "MQTT_HOST": os.environ.get("TEST_MQTT_HOST", "127.0.0.1"),
@@ -39,6 +40,17 @@ SHARED_ENV = {
     "REDIS_PORT": os.environ.get("TEST_REDIS_PORT", "6379"),
     "LOG_LEVEL": "info",
 }
+
+
+async def drop_redis_keys(settings: Settings) -> None:
+    """The streams and keys a test's services left under its own prefix on the shared Redis."""
+    client = redis_client(settings)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{settings.redis_key_prefix}*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 def unique_id(prefix: str = "t") -> str:

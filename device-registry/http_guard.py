@@ -19,7 +19,7 @@ import orjson
 from prometheus_client import Counter
 
 from common.http_docs import is_docs_path
-from common.http_guard import replay
+from common.http_guard import NotingSend, replay
 from common.schemas import json_problem_at
 from refusal_log import RefusalLog
 
@@ -54,14 +54,7 @@ class RegistryGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
-
-        async def send_and_note(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        send_and_note = NotingSend(send)
         try:
             if scope["path"] not in OPS_PATHS and not is_docs_path(scope["path"]):
                 try:
@@ -75,7 +68,7 @@ class RegistryGuard:
             await self.app(scope, receive, send_and_note)
         finally:
             route = scope.get("route")
-            REQUESTS.labels(getattr(route, "path", None) or "unrouted", str(status)).inc()
+            REQUESTS.labels(getattr(route, "path", None) or "unrouted", str(send_and_note.status or 500)).inc()
 
     async def refuse(self, send: Send, refusal: Refusal, scope: Scope) -> None:
         count_refusal(refusal.reason, scope, refusal.detail)

@@ -22,6 +22,7 @@ from typing import Awaitable, Callable
 
 from common import commands
 from common.db import Database
+from common.service import cancel_tasks
 
 import ingest_log
 import logger_metrics as m
@@ -72,13 +73,7 @@ class Housekeeping:
 
     async def stop(self) -> None:
         self.stopping = True  # besides cancel: a cancel swallowed inside a client library still ends the loop
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_tasks(self.tasks)
         self.tasks = []
 
     async def _every(self, period: float, job: Callable[[], Awaitable[object]]) -> None:

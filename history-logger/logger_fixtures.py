@@ -11,6 +11,7 @@ from common import testing
 from common.db import Database
 from common.env import Settings
 from common.redis_client import redis_client
+from common.testing import drop_redis_keys  # noqa: F401 - the tests take it from here
 
 import logger_metrics as m
 from logger_settings import LoggerSettings
@@ -45,16 +46,6 @@ async def wait_subscribed(service: HistoryLogger, timeout: float = 10.0) -> None
 
 def _count(service: HistoryLogger) -> float:
     return m.STATUS.labels("status")._value.get()
-
-
-async def drop_redis_keys(settings: Settings) -> None:
-    client = redis_client(settings)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{settings.redis_key_prefix}*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

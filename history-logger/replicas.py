@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from common.mqtt import MqttClient
 from common.redis_client import key
+from common.service import cancel_tasks
 
 import logger_metrics as m
 from receiver import REDIS_TRANSIENT, Receiver, StreamKeys, subscribe
@@ -67,13 +68,7 @@ class Replicas:
 
     async def stop(self, session_ended: bool) -> None:
         self.stopping = True
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_tasks(self.tasks)
         self.tasks = []
         try:
             pipe = self.redis.pipeline(transaction=True)

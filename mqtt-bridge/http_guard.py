@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from starlette.routing import Router
 
-from common.http_guard import replay, send_json
+from common.http_guard import NotingSend, replay, send_json
 from common.schemas import json_problem_at
 
 import bridge_metrics as bm
@@ -54,14 +54,7 @@ class BridgeGuard:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
-
-        async def send_and_note(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        send_and_note = NotingSend(send)
         try:
             if scope["path"].startswith(PROTECTED_PREFIX):
                 refusal = self._refusal(scope)
@@ -80,7 +73,7 @@ class BridgeGuard:
             await self.app(scope, receive, send_and_note)
         finally:
             path = self._template(scope)
-            bm.REQUESTS.labels(path, str(status)).inc()
+            bm.REQUESTS.labels(path, str(send_and_note.status or 500)).inc()
             bm.LATENCY.labels(path).observe(time.perf_counter() - started)
 
     def _refusal(self, scope: Scope) -> tuple[int, str, tuple] | None:

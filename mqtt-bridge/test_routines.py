@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from common import testing
-from tools.node_sim import SimOptions, Simulator
+from tests.stack import simulator
+from tools.node_sim import Simulator
 from tools.node_sim.layout import NodeSpec, actuator, hardware_id_for
 
 from bridge_fixtures import TOKEN, bridge, running_bridge, valves, world  # noqa: F401 - fixtures
@@ -206,10 +207,8 @@ async def test_calibration_beyond_the_channel_limit_is_422(bridge, world, db):
 
 # -- against the simulated firmware, with real service processes ------------------------------
 def simulate(settings, zone: int, uid: str, node_type: str, channels) -> Simulator:
-    spec = NodeSpec(uid, node_type, hardware_id_for(uid), "gh-1", zone, channels)
-    return Simulator(SimOptions(host=settings.mqtt_host, port=settings.mqtt_port, topic_root=settings.mqtt_topic_root,
-                                client_prefix=f"{settings.mqtt_client_id}-sim-", poll_ms=500, heartbeat_sec=2),
-                     [spec]).start(wait=15)
+    return simulator(settings, [NodeSpec(uid, node_type, hardware_id_for(uid), "gh-1", zone, channels)],
+                     poll_ms=500, heartbeat_sec=2)
 
 
 async def until(check, timeout: float = 30, message: str = "condition"):

@@ -12,7 +12,8 @@ from common import testing
 from runs import claim, command_statuses
 from schedules import load_schedules
 from scheduler_testkit import Clock, add_node, events, local, make_scheduler, make_zone, node_answers, set_metric
-from tools.node_sim import SimOptions, Simulator
+from tests.stack import simulator
+from tools.node_sim import Simulator
 from test_water_cycle import state, water_zone
 from tools.node_sim.layout import NodeSpec, actuator, hardware_id_for, sensor
 
@@ -20,10 +21,8 @@ TZ = "Europe/Berlin"
 
 
 def simulate(settings, uid: str, gh_uid: str, zone: int, channels) -> Simulator:
-    spec = NodeSpec(uid, "irrig", hardware_id_for(uid), gh_uid, zone, channels)
-    return Simulator(SimOptions(host=settings.mqtt_host, port=settings.mqtt_port, topic_root=settings.mqtt_topic_root,
-                                client_prefix=f"{settings.mqtt_client_id}-sim-", poll_ms=500, heartbeat_sec=2),
-                     [spec]).start(wait=15)
+    return simulator(settings, [NodeSpec(uid, "irrig", hardware_id_for(uid), gh_uid, zone, channels)],
+                     poll_ms=500, heartbeat_sec=2)
 
 
 async def until(check, timeout: float = 60, message: str = "condition"):

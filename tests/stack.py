@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 
 import asyncpg
@@ -18,7 +17,6 @@ import httpx
 
 from common import testing
 from common.db import Database
-from common.redis_client import redis_client
 from common.topics import Topics
 from tools.node_sim import NodeSpec, SimOptions, Simulator, default_channels
 from tools.node_sim.layout import hardware_id_for
@@ -69,19 +67,19 @@ def drop_database(name: str) -> None:
     asyncio.run(_drop_database(name))
 
 
-async def _drop_redis_keys(settings) -> None:
-    client = redis_client(settings)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{settings.redis_key_prefix}*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+def simulator(settings, specs: list[NodeSpec], wait: float = 15, **options) -> Simulator:
+    """The simulated firmware of `specs` on the settings' broker and topic root, started."""
+    return Simulator(SimOptions(host=settings.mqtt_host, port=settings.mqtt_port, topic_root=settings.mqtt_topic_root,
+                                client_prefix=f"{settings.mqtt_client_id}-sim-", **options), specs).start(wait=wait)
 
 
-def drop_redis_keys(settings) -> None:
-    """The streams and keys the services left under the test's own prefix on the shared Redis."""
-    asyncio.run(_drop_redis_keys(settings))
+def tear_down(stack: "ServiceStack", database: str, broker: testing.PrivateMosquitto) -> dict[str, int]:
+    """Stop the stack's services, drop its database, Redis keys and broker; the services' exit codes."""
+    codes = stack.stop()
+    drop_database(database)
+    asyncio.run(testing.drop_redis_keys(stack.settings))
+    broker.close()
+    return codes
 
 
 def free_ports(fields=ALL_PORT_FIELDS) -> dict[str, str]:
@@ -173,10 +171,7 @@ class ServiceStack:
                 raise AssertionError(self.logs()) from None
 
     def start_simulator(self, specs: list[NodeSpec], **options) -> Simulator:
-        s = self.settings
-        self.sim = Simulator(SimOptions(port=s.mqtt_port, topic_root=s.mqtt_topic_root,
-                                        client_prefix=f"{s.mqtt_client_id}-sim-", **options), specs)
-        self.sim.start(wait=20)
+        self.sim = simulator(self.settings, specs, wait=20, **options)
         return self.sim
 
     def stop(self) -> dict[str, int]:

@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from common import testing
 from common.db import Database
-from tests.stack import (SERVICES, ServiceStack, create_database, drop_database, drop_redis_keys, free_ports,
+from tests.stack import (SERVICES, ServiceStack, create_database, tear_down, free_ports,
                          node_spec, run_with_db, seed_nodes)
 from tools.node_sim import NodeSpec, ReservoirParams
 from tools.node_sim.layout import actuator, hardware_id_for, sensor
@@ -107,10 +107,7 @@ def stack(pg_template):
                           reservoir=ReservoirParams(valve_flow_l_min=300))  # a valve moves 5 % of the tank a second
         yield s
     finally:
-        codes = s.stop()
-        drop_database(name)
-        drop_redis_keys(settings)
-        broker.close()
+        codes = tear_down(s, name, broker)
     assert codes == {n: 0 for n in codes}, f"services did not stop cleanly: {codes}\n{s.logs()}"
 
 

@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common import testing
 from common.db import Database
-from tests.stack import (SERVICES, ServiceStack, create_database, drop_database, drop_redis_keys, free_ports,
+from tests.stack import (SERVICES, ServiceStack, create_database, tear_down, free_ports,
                          node_spec, run_with_db, seed_nodes)
 from tests.test_e2e import SERVICE_ENV, TOKEN
 
@@ -145,10 +145,7 @@ def stack(pg_template):
         yield s
     finally:
         s.sql.close()
-        codes = s.stop()
-        drop_database(name)
-        drop_redis_keys(s.settings)
-        broker.close()
+        codes = tear_down(s, name, broker)
     assert codes == {n: 0 for n in codes}, f"services did not stop cleanly: {codes}\n{s.logs()}"
 
 

@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from common import testing
 from common.db import Database
-from tests.stack import (PORT_FIELDS, SERVICES, ServiceStack, create_database, drop_database, drop_redis_keys,
+from tests.stack import (PORT_FIELDS, SERVICES, ServiceStack, create_database, tear_down,
                          free_ports, node_spec, run_with_db, seed_nodes)
 
 TOKEN = "replicas-token"
@@ -117,10 +117,7 @@ def stack(pg_template):
                           initial_ph=6.3, initial_ec=1.1, seed=11)
         yield s
     finally:
-        codes = s.stop()
-        drop_database(name)
-        drop_redis_keys(settings)
-        broker.close()
+        codes = tear_down(s, name, broker)
     assert codes == {n: 0 for n in codes}, f"services did not stop cleanly: {codes}\n{s.logs()}"
 
 
