@@ -8,7 +8,7 @@ STAMP := $(VENV)/.stamp-requirements
 .PHONY: test venv services migrate dev deploy-tools bench compose-check
 
 test: venv services deploy-tools
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python tools/test/run.py $(PYTEST_ARGS)
 	@if [ -n "$(COMPOSE_CHECK)" ]; then $(MAKE) --no-print-directory compose-check; fi
 
 # Both compose stacks on a real Docker engine (root; installs docker.io, starts dockerd, builds the

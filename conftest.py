@@ -1,63 +1,35 @@
-"""Root test harness: service isolation at collection, a fresh migrated database per test,
-settings with their own topic root / Redis prefix / client ids, and an MQTT probe.
+"""Root test harness: a fresh migrated database per test, settings with their own topic root /
+Redis prefix / client ids, and an MQTT probe.
 
-Every service folder runs with its own folder first on sys.path (as `python main.py` does);
-pytest imports each service's test modules with that folder first and with the other
-services' same-named modules (`main`, ...) forgotten, so one run collects all of them.
+Each service imports its modules by their plain names from its own folder (as `python main.py` does),
+so one pytest process holds one service: `make test` runs one pytest per service folder (and one each
+for `common/` and `tests/`), and a run given several service folders stops with a usage error.
 """
 from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from common import testing
+from common.db import Database
+from common.migrate import apply_migrations
+from common.mqtt import MqttClient
+
 ROOT = Path(__file__).resolve().parent
 SERVICE_DIRS = [ROOT / d for d in ("mqtt-bridge", "history-logger", "automation-engine", "scheduler",
                                    "device-registry")]
-sys.path.insert(0, str(ROOT))
-
-from common import testing  # noqa: E402
-from common.db import Database  # noqa: E402
-from common.migrate import apply_migrations  # noqa: E402
-from common.mqtt import MqttClient  # noqa: E402
 
 
-def _service_dir(path: Path) -> Path | None:
-    for service in SERVICE_DIRS:
-        if service in path.parents:
-            return service
-    return None
-
-
-def _local_module_names() -> set[str]:
-    names = set()
-    for service in SERVICE_DIRS:
-        if service.is_dir():
-            for entry in service.iterdir():
-                if entry.suffix == ".py" and not entry.name.startswith("test_") and entry.name != "conftest.py":
-                    names.add(entry.stem)
-                elif entry.is_dir() and (entry / "__init__.py").exists():
-                    names.add(entry.name)
-    return names
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_pycollect_makemodule(module_path, parent):
-    service = _service_dir(Path(module_path))
-    if service is None:
-        return None
-    for name in _local_module_names():
-        for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-            del sys.modules[loaded]
-    for other in SERVICE_DIRS:
-        while str(other) in sys.path:
-            sys.path.remove(str(other))
-    sys.path.insert(0, str(service))
-    return None
+def pytest_configure(config: pytest.Config) -> None:
+    paths = [Path(config.invocation_params.dir, arg.split("::")[0]).resolve() for arg in config.args]
+    services = {s.name for s in SERVICE_DIRS for p in paths if p == s or s in p.parents or p in s.parents}
+    if len(services) > 1:
+        raise pytest.UsageError(f"one service per pytest run (these share module names): {sorted(services)};"
+                                " `make test` runs each in its own process")
 
 
 # ---------------------------------------------------------------------------------------

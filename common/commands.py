@@ -28,7 +28,7 @@ import asyncpg
 import orjson
 
 from . import metrics
-from .db import CONNECTION_ERRORS, Database
+from .db import PG_UNAVAILABLE, Database
 from .mqtt import MqttClient
 from .schemas import BIGINT_MAX, DEFAULT_SAFE_LIMITS, CommandResponse, as_number, json_problem
 from .topics import Topics, TopicError, check_segment
@@ -359,7 +359,6 @@ SELECT r.cmd_id, r.uid, r.channel, n.id AS node_id, nc.id AS channel_id, nc.type
          ORDER BY c.sent_at DESC LIMIT 1) last ON true
 """
 # Errors that say the database is unreachable, not that a command is bad: not retried one by one.
-_UNAVAILABLE = (*CONNECTION_ERRORS, asyncpg.exceptions.PostgresConnectionError, asyncio.TimeoutError)
 CLAIM_LEASE_SEC = 60  # a claim older than this was left by a process that died while publishing
 
 
@@ -432,7 +431,7 @@ class _Issuer:
         try:
             try:
                 outcomes = await self._process(batch)
-            except _UNAVAILABLE as exc:  # the database is down or too slow: every caller hears it at once
+            except PG_UNAVAILABLE as exc:  # the database is down or too slow: every caller hears it at once
                 outcomes = dict.fromkeys(leaders, exc)
             except Exception as exc:  # noqa: BLE001
                 if len(leaders) == 1:

@@ -28,6 +28,18 @@ CONNECTION_ERRORS = (
     OSError,
 )
 
+# The database cannot be reached or is too slow: a request answers 503, a batch fails as a whole.
+PG_UNAVAILABLE = CONNECTION_ERRORS + (asyncpg.exceptions.PostgresConnectionError, asyncio.TimeoutError)
+
+# Worth retrying later (the work is held, never dropped): unavailable, restarting, out of resources,
+# or a transaction broken off; the pool reconnects by itself.
+PG_TRANSIENT = PG_UNAVAILABLE + (
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()

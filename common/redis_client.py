@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import redis.asyncio as redis
+import redis.exceptions as rex
 
 from .env import Settings
+
+# Worth retrying (the write is held, the broker keeps the messages), never a reason to drop input:
+# Redis unreachable, loading, out of memory (maxmemory) or a read-only replica.
+REDIS_TRANSIENT = (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, rex.OutOfMemoryError,
+                   rex.ReadOnlyError, ConnectionError, OSError)
 
 CONFIG_CHANGED_CHANNEL = "config:changed"  # + key prefix: bridge → automation-engine reload signal
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Iterable, Protocol
 
 import uvicorn
 from fastapi import FastAPI, Response
@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .env import Settings, settings_or_exit
 from .http_guard import GuardedApp, HttpLimits, internal_error, protocol_with_timeout, validation_error
 from .logs import setup_logging
+from .redis_client import REDIS_TRANSIENT
 
 log = logging.getLogger("common.service")
 
@@ -119,6 +120,30 @@ class HttpServer:
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
         self.task = None
+
+
+async def ready_checks(db=None, mqtt=None, redis=None) -> dict[str, bool]:
+    """The answer of every service's /ready: each connection it was given answers (Redis within 2 s)."""
+    checks: dict[str, bool] = {}
+    if db is not None:
+        checks["db"] = await db.ping()
+    if redis is not None:
+        try:
+            checks["redis"] = bool(await asyncio.wait_for(redis.ping(), 2))
+        except (asyncio.TimeoutError, *REDIS_TRANSIENT):
+            checks["redis"] = False
+    if mqtt is not None:
+        checks["mqtt"] = mqtt.connected
+    return checks
+
+
+async def drain_then_cancel(tasks: Iterable[asyncio.Task], grace_sec: float) -> None:
+    """Shutdown: let running work end for `grace_sec`, then cancel what is left and wait for it."""
+    tasks = list(tasks)
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=grace_sec)
+    await cancel_tasks(list(pending))
 
 
 async def cancel_tasks(tasks: list[asyncio.Task]) -> None:

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -80,9 +81,12 @@ def _ephemeral_ports() -> tuple[int, int]:
 def free_port() -> int:
     """A free port for a server to listen on. Never the same one twice in a process (a port just
     closed is free again, so two calls could both get it), and outside the kernel's ephemeral range:
-    a port from that range can be taken by any outgoing connection before the server binds it."""
+    a port from that range can be taken by any outgoing connection before the server binds it.
+    Parallel test runs (TEST_PORT_SLOT=k/n) each draw from their own share of the range."""
     low, high = _ephemeral_ports()
     candidates = range(10000, low) if low > 11000 else range(high + 1, 65536)
+    slot, slots = map(int, os.environ.get("TEST_PORT_SLOT", "0/1").split("/"))
+    candidates = candidates[slot::slots]  # test runs side by side never pick the same port
     for _ in range(500):
         port = random.choice(candidates)
         if port in _handed_out:
@@ -372,3 +376,72 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+# ---------------------------------------------------------------------------------------
+# Seeding: the rows Laravel writes (greenhouses, zones, recipes, nodes, channels), one way
+# ---------------------------------------------------------------------------------------
+class Sql(str):
+    """A column value written as SQL, e.g. Sql("now() - interval '1 hour'")."""
+
+
+@dataclass
+class Channel:
+    name: str
+    config: dict | None = None
+    type: str | None = None  # by default "sensor" when the name says so, else "actuator"
+    metric: str | None = None
+
+
+async def insert_row(db, table: str, returning: str = "id", **columns: Any) -> Any:
+    """INSERT one row of `columns` (Sql values inlined) and return its `returning` column."""
+    names, values, params = [], [], []
+    for name, value in columns.items():
+        names.append(name)
+        if isinstance(value, Sql):
+            values.append(f"({value})")
+        else:
+            params.append(value)
+            values.append(f"${len(params)}")
+    return await db.fetchval(f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(values)})"
+                             f" RETURNING {returning}", *params)
+
+
+async def seed_greenhouse(db, uid: str = "gh-1", name: str = "GH", **columns: Any) -> int:
+    """The greenhouse `uid`, created or (same uid) updated with `columns`."""
+    found = await db.fetchval("SELECT id FROM greenhouses WHERE uid = $1", uid)
+    if found is None:
+        return await insert_row(db, "greenhouses", uid=uid, name=name, **columns)
+    if columns:
+        sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(columns, start=2))
+        await db.execute(f"UPDATE greenhouses SET {sets} WHERE id = $1", found, *columns.values())
+    return found
+
+
+async def seed_zone(db, greenhouse: str | int | None = "gh-1", name: str = "Zone", *,
+                    phases: list[tuple[float | None, dict]] | None = None, targets: dict | None = None,
+                    started_hours_ago: float = 1.0, **columns: Any) -> int:
+    """A zone in `greenhouse` (a uid, created if missing, an id, or None); with `targets` (one phase) or
+    `phases` ([(duration_hours, targets)]) it runs a recipe whose phase 0 began `started_hours_ago`."""
+    gh_id = await seed_greenhouse(db, greenhouse) if isinstance(greenhouse, str) else greenhouse
+    zone_id = await insert_row(db, "zones", greenhouse_id=gh_id, name=name, **columns)
+    if targets is not None or phases:
+        recipe = await insert_row(db, "recipes", name=f"recipe {zone_id}")
+        for index, (hours, phase_targets) in enumerate(phases or [(None, targets)]):
+            await insert_row(db, "recipe_phases", recipe_id=recipe, phase_index=index, name=f"P{index}",
+                             duration_hours=hours, targets=phase_targets)
+        await insert_row(db, "zone_recipe_instances", zone_id=zone_id, recipe_id=recipe, current_phase_index=0,
+                         started_at=Sql(f"now() - make_interval(secs => {float(started_hours_ago) * 3600.0})"))
+    return zone_id
+
+
+async def seed_node(db, uid: str, zone_id: int | None = None, *, channels: list[Channel | str] = (),
+                    **columns: Any) -> int:
+    """A node (columns as given, e.g. type, status, validated) and its channels."""
+    node_id = await insert_row(db, "nodes", uid=uid, zone_id=zone_id, **columns)
+    for channel in channels:
+        channel = Channel(channel) if isinstance(channel, str) else channel
+        kind = channel.type or ("sensor" if "sensor" in channel.name else "actuator")
+        await insert_row(db, "node_channels", node_id=node_id, channel=channel.name, type=kind,
+                         metric=channel.metric, config=channel.config)
+    return node_id
