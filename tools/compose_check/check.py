@@ -407,6 +407,7 @@ def run_prod(report: Report) -> None:
             return
         check_broker_users(stack)
         check_prometheus(stack)
+        check_no_test_code(stack)
         seeded = stack.compose("run", "--rm", "--no-deps", "-v", f"{ROOT}/tools:/app/tools:ro", "migrate",
                                "python", "tools/dev/stack.py", "--seed-only", timeout=300, log="seed")
         if not report.check("prod: demo greenhouse seeded (tools/dev/stack.py --seed-only in the stack)",
@@ -419,6 +420,15 @@ def run_prod(report: Report) -> None:
         stack.down()
         stack.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_no_test_code(stack: Stack) -> None:
+    """What the images ship is the product: no test modules, fixtures or test helpers (.dockerignore)."""
+    for service in SERVICES:
+        found = docker("exec", stack.container(service), "find", "/app", "-name", "test_*.py", "-o",
+                       "-name", "conftest.py", "-o", "-name", "testing.py")
+        stack.report.check(f"{stack.kind}: {service} image holds no test code", found.returncode == 0
+                           and not found.stdout.strip(), found.stdout.strip()[:300] or found.stderr.strip()[:300])
 
 
 def check_broker_users(stack: Stack) -> None:
