@@ -25,8 +25,8 @@ from common.db import Database
 from common.service import cancel_tasks
 
 import ingest_log
-import logger_metrics as m
-from logger_settings import LoggerSettings
+import metrics as m
+from settings import ServiceSettings
 from node_events import mark_offline, utc
 
 log = logging.getLogger("history_logger.housekeeping")
@@ -53,12 +53,12 @@ Window = tuple[float, float]  # (since, until) in epoch seconds
 
 
 class Housekeeping:
-    def __init__(self, db: Database, cfg: LoggerSettings, timeout_sec: int, offline_sec: int,
+    def __init__(self, db: Database, options: ServiceSettings, timeout_sec: int, offline_sec: int,
                  prune: Callable[[], Awaitable[None]], flush_sampled: Callable[[], Awaitable[int]],
                  listening: Callable[[], Awaitable[Window | None]]):
         self.db = db
         self.listening = listening
-        self.cfg = cfg
+        self.options = options
         self.timeout_sec = timeout_sec
         self.offline_sec = offline_sec
         self.prune = prune
@@ -67,8 +67,9 @@ class Housekeeping:
         self.stopping = False
 
     def start(self) -> None:
-        self.tasks = [asyncio.create_task(self._every(self.cfg.timeout_sweep_sec, self.sweep_timeouts), name="sweep"),
-                      asyncio.create_task(self._every(self.cfg.offline_sweep_sec, self.offline_sweep), name="offline"),
+        o = self.options
+        self.tasks = [asyncio.create_task(self._every(o.timeout_sweep_sec, self.sweep_timeouts), name="sweep"),
+                      asyncio.create_task(self._every(o.offline_sweep_sec, self.offline_sweep), name="offline"),
                       asyncio.create_task(self._every(1.0, self.flush_sampled), name="sampled-last")]
 
     async def stop(self) -> None:
@@ -102,7 +103,7 @@ class Housekeeping:
         else:
             since, until = window
             offline_cutoff = until - self.offline_sec
-            quiet_cutoff = until - 60 * self.cfg.no_telemetry_min
+            quiet_cutoff = until - 60 * self.options.no_telemetry_min
             async with self.db.transaction() as conn:
                 if since <= offline_cutoff:  # else the silence overlaps our own outage: it says nothing
                     nodes = await conn.fetch(_SILENT_NODES, utc(offline_cutoff))
@@ -110,7 +111,7 @@ class Housekeeping:
                         await mark_offline(conn, node, node["zone_id"], "timeout")
                 # (a zone event only, so not held back by `since`: after our own outage it may say
                 # what we could not see; never while a backlog is still being written)
-                await conn.execute(_NO_TELEMETRY, self.cfg.no_telemetry_min, utc(quiet_cutoff))
+                await conn.execute(_NO_TELEMETRY, self.options.no_telemetry_min, utc(quiet_cutoff))
         await self.prune()
         return len(nodes)
 

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from common.schemas import IngestRequest, describe_error
 from common.service import ReadyCheck, add_ops_routes
 
-import logger_metrics as m
+import metrics as m
 import telemetry_parse as tp
 from receiver import Receiver, Stopping
 

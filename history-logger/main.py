@@ -14,17 +14,17 @@ import time
 from common.db import Database
 from common.env import Settings, settings_or_exit
 from common.mqtt import MqttClient
-from common.redis_client import redis_client
-from common.service import HttpServer, ops_app, run_service
+from common.redis_client import REDIS_TRANSIENT, redis_client
+from common.service import HttpServer, ops_app, ready_checks, run_service
 from common.topics import Topics
 
 import http_api
 from housekeeping import Housekeeping, prune_streams
-from logger_settings import LoggerSettings
 from node_cache import NodeCache
 from node_events import NodeEvents
-from receiver import REDIS_TRANSIENT, Receiver, StreamKeys, subscribe
+from receiver import Receiver, StreamKeys, subscribe
 from replicas import Replicas
+from settings import ServiceSettings
 from stream_consumer import StreamConsumer
 from telemetry_writer import TelemetryWriter
 
@@ -34,45 +34,43 @@ EVENTS_BATCH = 500
 
 
 class HistoryLogger:
-    def __init__(self, settings: Settings, cfg: LoggerSettings | None = None):
+    def __init__(self, settings: Settings, options: ServiceSettings):
         self.settings = settings
-        self.cfg = cfg or LoggerSettings.from_env(settings)
+        self.options = options
         self.db = Database(settings)
         self.redis = redis_client(settings)
         self.keys = StreamKeys(settings)
         self.topics = Topics(settings.mqtt_topic_root)
-        self.receiver = Receiver(settings, self.cfg, self.redis, self.keys)
+        self.receiver = Receiver(settings, options, self.redis, self.keys)
         self.mqtt = MqttClient(settings, "-logger", manual_ack=True)
         self.cache = NodeCache(self.db)
-        self.writer = TelemetryWriter(self.db, self.redis, self.keys, self.cache, self.cfg.dead_letter_max,
+        self.writer = TelemetryWriter(self.db, self.redis, self.keys, self.cache, options.dead_letter_max,
                                       settings.telemetry_batch_size)
         self.events = NodeEvents(settings, self.db, self.keys.events, self.redis, self.keys.dead,
-                                 self.cfg.dead_letter_max)
+                                 options.dead_letter_max)
         self.telemetry_consumer = StreamConsumer(
-            self.redis, self.keys.telemetry, self.keys.group, self.cfg.consumer, self.writer.handle,
+            self.redis, self.keys.telemetry, self.keys.group, options.consumer, self.writer.handle,
             count=settings.telemetry_batch_size, block_ms=settings.telemetry_flush_ms,
-            claim_idle_ms=self.cfg.claim_idle_ms, name="telemetry", counter_key=self.keys.queued,
+            claim_idle_ms=options.claim_idle_ms, name="telemetry", counter_key=self.keys.queued,
             on_queued=self.receiver.note_queued)
         self.events_consumer = StreamConsumer(
-            self.redis, self.keys.events, self.keys.group, self.cfg.consumer, self.events.handle,
-            count=EVENTS_BATCH, block_ms=settings.telemetry_flush_ms, claim_idle_ms=self.cfg.claim_idle_ms,
+            self.redis, self.keys.events, self.keys.group, options.consumer, self.events.handle,
+            count=EVENTS_BATCH, block_ms=settings.telemetry_flush_ms, claim_idle_ms=options.claim_idle_ms,
             name="events")
         self.housekeeping = Housekeeping(
-            self.db, self.cfg, settings.command_timeout_sec, settings.node_offline_timeout_sec,
+            self.db, options, settings.command_timeout_sec, settings.node_offline_timeout_sec,
             lambda: prune_streams(self.db, self.redis, [self.keys.telemetry, self.keys.events], self.keys.group),
             self.writer.flush_sampled, self.listening)
         self.api = HttpServer(http_api.build_app(self.receiver, self.ready), settings.http_host,
                               settings.history_logger_port)
-        self.replicas = Replicas(self) if settings.mqtt_shared_group else None
+        self.replicas = Replicas(settings, options, self.redis, self.receiver) if settings.mqtt_shared_group else None
         self.metrics_http = HttpServer(ops_app(self.ready, "history-logger metrics"), settings.http_host,
                                        settings.history_logger_metrics_port)
 
     async def ready(self) -> dict[str, bool]:
-        try:
-            redis_ok = bool(await asyncio.wait_for(self.redis.ping(), 2))
-        except (asyncio.TimeoutError, *REDIS_TRANSIENT):
-            redis_ok = False
-        return {"db": await self.db.ping(), "redis": redis_ok, "mqtt": self.mqtt.connected and self.mqtt.dispatching}
+        checks = await ready_checks(db=self.db, redis=self.redis)
+        # connected is not enough: the dispatcher that hands messages to the receiver must run too
+        return {**checks, "mqtt": self.mqtt.connected and self.mqtt.dispatching}
 
     async def _others_alive(self) -> bool:
         try:
@@ -94,7 +92,6 @@ class HistoryLogger:
         return since, until
 
     async def start(self) -> None:
-        self.settings.require_secrets()
         await self.db.connect(wait=False)  # lazy: telemetry keeps queueing in Redis while PostgreSQL is down
         try:
             await self.receiver.refresh_queue_len()
@@ -110,7 +107,7 @@ class HistoryLogger:
             await self.replicas.start()
         await subscribe(self.mqtt, self.receiver)
         await self.mqtt.start()
-        log.info("history_logger_started", extra={"consumer": self.cfg.consumer, "shared_group": group or None})
+        log.info("history_logger_started", extra={"consumer": self.options.consumer, "shared_group": group or None})
 
     async def stop(self) -> None:
         end_session = False
@@ -134,8 +131,9 @@ class HistoryLogger:
         await self.db.close()
 
 
-def build(settings: Settings) -> HistoryLogger:
-    return HistoryLogger(settings, settings_or_exit(lambda: LoggerSettings.from_env(settings)))
+def build(settings: Settings, options: ServiceSettings | None = None) -> HistoryLogger:
+    options = options or settings_or_exit(lambda: ServiceSettings.from_env(settings))
+    return HistoryLogger(settings, options)
 
 
 if __name__ == "__main__":

@@ -32,16 +32,15 @@ import redis.asyncio as redis
 from pydantic import ValidationError
 
 from common import alerts, commands
-from common.db import Database
+from common.db import PG_TRANSIENT, Database
 from common.env import Settings
+from common.redis_client import REDIS_TRANSIENT
 from common.schemas import CommandResponse, Heartbeat, Status
 from common.topics import ParsedTopic, Topics, TopicError
 
 import ingest_log
-import logger_metrics as m
-from receiver import REDIS_TRANSIENT
+import metrics as m
 from stream_consumer import Entry, Transient
-from telemetry_writer import PG_TRANSIENT
 
 T = TypeVar("T")
 log = logging.getLogger("history_logger.events")

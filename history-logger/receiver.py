@@ -23,24 +23,19 @@ import os
 import time
 import orjson
 import redis.asyncio as redis
-import redis.exceptions as rex
 
 from common.env import Settings
 from common.mqtt import LeaveUnacknowledged, Message, MqttClient
-from common.redis_client import key
+from common.redis_client import REDIS_TRANSIENT, key
 from common.topics import Topics
 
-import logger_metrics as m
+import metrics as m
 import telemetry_parse as tp
-from logger_settings import LoggerSettings
+from settings import ServiceSettings
 from telemetry_parse import Rejected, Sample
 
 log = logging.getLogger("history_logger.receiver")
 
-# Worth retrying (the write is held, the broker keeps the messages), never a reason to drop input:
-# Redis unreachable, loading, out of memory (maxmemory) or a read-only replica.
-REDIS_TRANSIENT = (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, rex.OutOfMemoryError,
-                   rex.ReadOnlyError, ConnectionError, OSError)
 DEAD_PAYLOAD_MAX = 4096  # bytes of a rejected payload kept for inspection
 ENTRY_SAMPLES = 100      # samples per stream entry at most (one XADD per entry, not per sample)
 SEEN_EVERY_SEC = 5.0     # a node's telemetry is announced as a life sign at most this often
@@ -76,9 +71,9 @@ class Stopping(LeaveUnacknowledged):
 
 
 class Receiver:
-    def __init__(self, settings: Settings, cfg: LoggerSettings, client: redis.Redis, keys: StreamKeys):
+    def __init__(self, settings: Settings, options: ServiceSettings, client: redis.Redis, keys: StreamKeys):
         self.settings = settings
-        self.cfg = cfg
+        self.options = options
         self.redis = client
         self.keys = keys
         self.topics = Topics(settings.mqtt_topic_root)
@@ -111,7 +106,7 @@ class Receiver:
         for msg in messages:
             try:
                 samples.append(tp.from_mqtt(self.topics, msg.topic, msg.payload, msg.received_at,
-                                            self.cfg.max_payload_bytes))
+                                            self.options.max_payload_bytes))
             except Rejected as exc:
                 dead.append(self.dead_entry(exc, msg.topic, msg.payload))
             except Exception as exc:  # noqa: BLE001 - a message the parser did not foresee is dead-lettered, alone
@@ -207,7 +202,7 @@ class Receiver:
         for start in range(0, len(samples), step):
             pipe.xadd(k.telemetry, tp.encode_entry(samples[start:start + step]))
         for entry in dead:
-            pipe.xadd(k.dead, entry, maxlen=self.cfg.dead_letter_max, approximate=True)
+            pipe.xadd(k.dead, entry, maxlen=self.options.dead_letter_max, approximate=True)
         for entry in events:
             pipe.xadd(k.events, entry)
         if last_only:
@@ -252,7 +247,7 @@ class Receiver:
         for sample in samples:
             n = counts.get(sample.key, 0)
             counts[sample.key] = n + 1
-            if n % self.cfg.sample_every == 0:
+            if n % self.options.sample_every == 0:
                 kept.append(sample)
             else:
                 last_only.append(sample)

@@ -21,17 +21,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
+import redis.asyncio as redis
+
+from common.env import Settings
 from common.mqtt import MqttClient
-from common.redis_client import key
+from common.redis_client import REDIS_TRANSIENT, key
 from common.service import cancel_tasks
 
-import logger_metrics as m
-from receiver import REDIS_TRANSIENT, Receiver, StreamKeys, subscribe
-
-if TYPE_CHECKING:
-    from main import HistoryLogger
+import metrics as m
+from receiver import Receiver, StreamKeys, subscribe
+from settings import ServiceSettings
 
 log = logging.getLogger("history_logger.replicas")
 
@@ -40,14 +40,15 @@ RESCUE_MAX_SEC = 300     # a rescue lock outlives a rescuer that died during the
 
 
 class Replicas:
-    def __init__(self, service: "HistoryLogger"):
-        self.service = service
-        s = service.settings
-        self.settings = s
-        self.me = s.mqtt_client_id
-        self.lease_sec = service.cfg.lease_sec
-        self.redis = service.redis
-        self.members_key = key(s, f"logger:members:{s.mqtt_shared_group}")
+    def __init__(self, settings: Settings, options: ServiceSettings, client: redis.Redis, receiver: Receiver):
+        """`receiver` is the service's own: a rescue starts from its view of the queue length."""
+        self.settings = settings
+        self.options = options
+        self.me = settings.mqtt_client_id
+        self.lease_sec = options.lease_sec
+        self.redis = client
+        self.receiver = receiver
+        self.members_key = key(settings, f"logger:members:{settings.mqtt_shared_group}")
         self.tasks: list[asyncio.Task] = []
         self.stopping = False
 
@@ -123,7 +124,7 @@ class Replicas:
             if await self.redis.exists(self._lease(member)):
                 return False  # it came back
             log.info("replica_rescue_started", extra={"member": member})
-            if not await take_over(self.service, member):
+            if not await self.take_over(member):
                 return False
             await self.redis.srem(self.members_key, member)
             m.REPLICA_RESCUES.inc()
@@ -132,23 +133,22 @@ class Replicas:
         finally:
             await self.redis.delete(lock)
 
-
-async def take_over(service: "HistoryLogger", member: str) -> bool:
-    """Connect as `member`, drain its session, end it. False when it could not be finished."""
-    s = service.settings.replace(mqtt_client_id=member)
-    receiver = Receiver(s, service.cfg, service.redis, StreamKeys(s))
-    receiver.queue_len = service.receiver.queue_len
-    mqtt = MqttClient(s, "-logger", manual_ack=True, reconnect=False)
-    await subscribe(mqtt, receiver)
-    drained = False
-    await mqtt.start()
-    try:
-        await mqtt.wait_connected(10)
-        if await mqtt.quiet(QUIET_SEC) and not mqtt.lost:
-            await mqtt.unsubscribe_all()
-            drained = await mqtt.quiet(QUIET_SEC) and not mqtt.lost
-    except (asyncio.TimeoutError, OSError) as exc:
-        log.warning("replica_rescue_failed", extra={"member": member, "error": str(exc)[:200]})
-    finally:  # (also when cancelled: the session is then left for the next rescue)
-        await mqtt.stop(drain=True, end_session=drained)
-    return drained
+    async def take_over(self, member: str) -> bool:
+        """Connect as `member`, drain its session, end it. False when it could not be finished."""
+        s = self.settings.replace(mqtt_client_id=member)
+        receiver = Receiver(s, self.options, self.redis, StreamKeys(s))
+        receiver.queue_len = self.receiver.queue_len
+        mqtt = MqttClient(s, "-logger", manual_ack=True, reconnect=False)
+        await subscribe(mqtt, receiver)
+        drained = False
+        await mqtt.start()
+        try:
+            await mqtt.wait_connected(10)
+            if await mqtt.quiet(QUIET_SEC) and not mqtt.lost:
+                await mqtt.unsubscribe_all()
+                drained = await mqtt.quiet(QUIET_SEC) and not mqtt.lost
+        except (asyncio.TimeoutError, OSError) as exc:
+            log.warning("replica_rescue_failed", extra={"member": member, "error": str(exc)[:200]})
+        finally:  # (also when cancelled: the session is then left for the next rescue)
+            await mqtt.stop(drain=True, end_session=drained)
+        return drained

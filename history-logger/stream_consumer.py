@@ -16,8 +16,9 @@ from typing import Awaitable, Callable
 import redis.asyncio as redis
 import redis.exceptions as rex
 
-import logger_metrics as m
-from receiver import REDIS_TRANSIENT
+from common.redis_client import REDIS_TRANSIENT
+
+import metrics as m
 
 log = logging.getLogger("history_logger.consumer")
 

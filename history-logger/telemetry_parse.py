@@ -17,7 +17,7 @@ from common.schemas import (MAX_FUTURE_SEC, MIN_EPOCH_SEC, MS_THRESHOLD, IngestS
                             normalise_metric, normalise_timestamp)
 from common.topics import Topics, TopicError, check_segment, zone_id_from_segment
 
-import logger_metrics as m
+import metrics as m
 
 EPOCH = dt.datetime(1970, 1, 1)
 _NON_FINITE = re.compile(rb'(?<![\w".])[-+]?(nan|inf(inity)?)(?![\w"])', re.IGNORECASE)

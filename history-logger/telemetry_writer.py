@@ -20,25 +20,17 @@ import asyncpg
 import orjson
 import redis.asyncio as redis
 
-from common.db import CONNECTION_ERRORS, Database
+from common.db import PG_TRANSIENT, Database
+from common.redis_client import REDIS_TRANSIENT
 
 import ingest_log
-import logger_metrics as m
+import metrics as m
 import telemetry_parse as tp
 from node_cache import NodeCache
-from receiver import REDIS_TRANSIENT, StreamKeys
+from receiver import StreamKeys
 from stream_consumer import Entry, Transient
 
 log = logging.getLogger("history_logger.writer")
-
-PG_TRANSIENT = CONNECTION_ERRORS + (
-    asyncio.TimeoutError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.exceptions.TransactionRollbackError,
-    asyncpg.exceptions.TooManyConnectionsError,
-)
 
 _INSERT_SAMPLES = """
 INSERT INTO telemetry_samples (zone_id, node_id, channel, metric_type, value, raw, ts)

@@ -5,62 +5,24 @@ stopped and killed; the writer-kill test runs the service as a real process and 
 """
 import asyncio
 import signal
-import threading
 import time
 
 import asyncpg
 import orjson
 
 from common import testing
+from common.db import Database
 from common.migrate import apply_migrations
 from common.redis_client import redis_client
-from logger_fixtures import drop_redis_keys, fast_settings, seed, start_logger, wait_rows, wait_subscribed
+from common.testing import drop_redis_keys
 
-import logger_metrics as m
+import metrics as m
 import telemetry_parse as tp
-from common.db import Database
 from node_cache import NodeCache
 from receiver import StreamKeys
 from telemetry_writer import TelemetryWriter
-
-
-def telemetry_messages(settings, ids, start: int, count: int) -> list[tuple[str, bytes, int, bool]]:
-    topic = f"{settings.mqtt_topic_root}/gh-1/zn-{ids['zone_id']}/{ids['node_uid']}/ph_sensor/telemetry"
-    now_ms = int(time.time() * 1000)
-    return [(topic, orjson.dumps({"metric": "PH", "value": 6.0, "seq": i, "ts": now_ms + i}), 1, False)
-            for i in range(start, start + count)]
-
-
-class Publisher(threading.Thread):
-    """Publishes `total` numbered readings in chunks, each chunk acknowledged by the broker."""
-
-    def __init__(self, settings, ids, total: int, chunk: int = 100, pause: float = 0.05):
-        super().__init__(daemon=True)
-        self.settings, self.ids, self.total, self.chunk, self.pause = settings, ids, total, chunk, pause
-        self.sent = 0
-        self.error: Exception | None = None
-
-    def run(self) -> None:
-        try:
-            while self.sent < self.total:
-                n = min(self.chunk, self.total - self.sent)
-                testing.publish_sync(self.settings.mqtt_host, self.settings.mqtt_port,
-                                     telemetry_messages(self.settings, self.ids, self.sent, n))
-                self.sent += n
-                time.sleep(self.pause)
-        except Exception as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-
-
-async def assert_exactly(db, total: int) -> None:
-    row = await db.fetchrow("SELECT count(*) AS n, count(DISTINCT (raw->>'seq')::int) AS d,"
-                            " min((raw->>'seq')::int) AS lo, max((raw->>'seq')::int) AS hi FROM telemetry_samples")
-    assert (row["n"], row["d"], row["lo"], row["hi"]) == (total, total, 0, total - 1)
-
-
-async def wait_published(pub: Publisher, timeout: float = 60) -> None:
-    await asyncio.to_thread(pub.join, timeout)
-    assert pub.error is None and pub.sent == pub.total
+from testing import (Publisher, assert_exactly, fast_settings, seed, start_logger, telemetry_messages, wait_published,
+                     wait_rows, wait_subscribed)
 
 
 async def test_postgres_restarted_mid_stream_loses_nothing():

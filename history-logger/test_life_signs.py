@@ -7,10 +7,11 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from common import alerts, testing
+from common.testing import drop_redis_keys
 from common.topics import Topics
+
 from node_events import Event, NodeEvents, utc
-from logger_fixtures import (apublish, drop_redis_keys, fast_settings, logger, seed,  # noqa: F401 - fixture
-                             start_logger)
+from testing import apublish, fast_settings, seed, start_logger
 
 
 def node_topic(settings, ids, kind, zone=None):

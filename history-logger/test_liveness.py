@@ -8,7 +8,9 @@ import asyncpg
 from common import alerts, testing
 from common.db import Database
 from common.migrate import apply_migrations
-from logger_fixtures import apublish, drop_redis_keys, fast_settings, logger, seed, start_logger  # noqa: F401
+from common.testing import drop_redis_keys
+
+from testing import apublish, fast_settings, seed, start_logger
 
 CAUSES = {
     "heartbeat": ("heartbeat", {"uptime": 1000, "rssi": -50}),

@@ -1,13 +1,12 @@
 """Telemetry ingest end to end: MQTT → Redis → PostgreSQL, on the shared servers."""
-import asyncio
 import datetime as dt
 import time
 
 import httpx
-import orjson
 
 from common import testing
-from logger_fixtures import apublish, logger, seed, wait_rows  # noqa: F401 - fixture
+
+from testing import apublish, seed, wait_rows
 
 NOW = int(time.time())
 

@@ -3,9 +3,9 @@ reason, valid messages beside it land, and dispatch goes on (issue: a ts before 
 import asyncio
 
 from common import testing
-from logger_fixtures import apublish, dead_letters, logger, seed, wait_rows  # noqa: F401 - fixture
 
-import logger_metrics as m
+import metrics as m
+from testing import apublish, dead_letters, seed, wait_rows
 
 YEAR_ONE = "0001-01-01T00:00:00+14:00"  # before year 1 in UTC: datetime cannot represent it
 

@@ -4,9 +4,9 @@ import httpx
 import pytest
 
 from common.metric_ranges import RANGES, out_of_range
-from logger_fixtures import apublish, dead_letters, logger, seed, wait_rows  # noqa: F401 - fixture
 
-import logger_metrics as m
+import metrics as m
+from testing import apublish, dead_letters, seed, wait_rows
 
 IMPOSSIBLE = [("PH", 1e308), ("PH", -1e308), ("PH", 14.5), ("EC", 25.0), ("HUMIDITY", 101.0),
               ("WATER_LEVEL", 1.2), ("PUMP_STATE", 0.5), ("TEMP_AIR", -60.0), ("SOIL_MOISTURE", 1e300)]

@@ -6,8 +6,9 @@ import pytest
 
 from common import testing
 from common.redis_client import key, redis_client
-from logger_fixtures import drop_redis_keys, fast_settings, seed, wait_rows
-from test_faults import Publisher, assert_exactly, wait_published
+from common.testing import drop_redis_keys
+
+from testing import Publisher, assert_exactly, fast_settings, seed, wait_published, wait_rows
 
 
 def replica_env(settings, name: str) -> dict[str, str]:

@@ -2,9 +2,9 @@
 import asyncio
 
 from common import testing
-from logger_fixtures import apublish, dead_letters, logger, seed  # noqa: F401 - fixture
 
-import logger_metrics as m
+import metrics as m
+from testing import apublish, dead_letters, seed
 
 
 def topic(settings, ids, rest, zone=None, gh="gh-1"):

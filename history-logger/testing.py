@@ -2,20 +2,20 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import orjson
-import pytest
 
 from common import testing
 from common.db import Database
 from common.env import Settings
 from common.redis_client import redis_client
-from common.testing import drop_redis_keys  # noqa: F401 - the tests take it from here
+from common.testing import Sql, seed_greenhouse, seed_node, seed_zone
 
-import logger_metrics as m
-from logger_settings import LoggerSettings
+import metrics as m
 from main import HistoryLogger
+from settings import ServiceSettings
 
 
 def fast_settings(settings: Settings, **changes) -> Settings:
@@ -24,7 +24,7 @@ def fast_settings(settings: Settings, **changes) -> Settings:
 
 
 async def start_logger(settings: Settings, **env: str) -> HistoryLogger:
-    service = HistoryLogger(settings, LoggerSettings.from_env(settings, env))
+    service = HistoryLogger(settings, ServiceSettings.from_env(settings, env))
     await service.start()
     await service.mqtt.wait_connected(15)
     await wait_subscribed(service)
@@ -48,24 +48,13 @@ def _count(service: HistoryLogger) -> float:
     return m.STATUS.labels("status")._value.get()
 
 
-@pytest.fixture
-async def logger(settings):
-    s = fast_settings(settings)
-    service = await start_logger(s)
-    yield service
-    await service.stop()
-    await drop_redis_keys(s)
-
-
 async def seed(db: Database, *, node_uid: str = "nd-ph-1", zone: bool = True, validated: bool = True,
                status: str = "online", last_seen_sql: str = "now()") -> dict:
-    gh = await db.fetchval("INSERT INTO greenhouses (uid, name) VALUES ($1, 'GH') ON CONFLICT (uid) DO UPDATE"
-                           " SET name = EXCLUDED.name RETURNING id", "gh-1")
-    zone_id = await db.fetchval("INSERT INTO zones (greenhouse_id, name) VALUES ($1, 'Zone') RETURNING id", gh) \
-        if zone else None
-    node_id = await db.fetchval(
-        f"INSERT INTO nodes (uid, zone_id, validated, status, last_seen_at, lifecycle_state)"
-        f" VALUES ($1, $2, $3, $4, {last_seen_sql}, 'ACTIVE') RETURNING id", node_uid, zone_id, validated, status)
+    """Greenhouse gh-1, a new zone in it (unless zone=False) and an active node there."""
+    gh = await seed_greenhouse(db)
+    zone_id = await seed_zone(db, gh) if zone else None
+    node_id = await seed_node(db, node_uid, zone_id, validated=validated, status=status,
+                              last_seen_at=Sql(last_seen_sql), lifecycle_state="ACTIVE")
     return {"gh_id": gh, "zone_id": zone_id, "node_id": node_id, "node_uid": node_uid}
 
 
@@ -98,3 +87,42 @@ async def wait_rows(db: Database, n: int, timeout: float = 20.0, sql: str = "SEL
         got = await db.fetchval(sql, *args)
         return got if got >= n else None
     return await testing.eventually(enough, timeout, 0.1, message=f"{n} rows ({sql})")
+
+
+def telemetry_messages(settings, ids, start: int, count: int) -> list[tuple[str, bytes, int, bool]]:
+    topic = f"{settings.mqtt_topic_root}/gh-1/zn-{ids['zone_id']}/{ids['node_uid']}/ph_sensor/telemetry"
+    now_ms = int(time.time() * 1000)
+    return [(topic, orjson.dumps({"metric": "PH", "value": 6.0, "seq": i, "ts": now_ms + i}), 1, False)
+            for i in range(start, start + count)]
+
+
+class Publisher(threading.Thread):
+    """Publishes `total` numbered readings in chunks, each chunk acknowledged by the broker."""
+
+    def __init__(self, settings, ids, total: int, chunk: int = 100, pause: float = 0.05):
+        super().__init__(daemon=True)
+        self.settings, self.ids, self.total, self.chunk, self.pause = settings, ids, total, chunk, pause
+        self.sent = 0
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            while self.sent < self.total:
+                n = min(self.chunk, self.total - self.sent)
+                testing.publish_sync(self.settings.mqtt_host, self.settings.mqtt_port,
+                                     telemetry_messages(self.settings, self.ids, self.sent, n))
+                self.sent += n
+                time.sleep(self.pause)
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+
+async def assert_exactly(db, total: int) -> None:
+    row = await db.fetchrow("SELECT count(*) AS n, count(DISTINCT (raw->>'seq')::int) AS d,"
+                            " min((raw->>'seq')::int) AS lo, max((raw->>'seq')::int) AS hi FROM telemetry_samples")
+    assert (row["n"], row["d"], row["lo"], row["hi"]) == (total, total, 0, total - 1)
+
+
+async def wait_published(pub: Publisher, timeout: float = 60) -> None:
+    await asyncio.to_thread(pub.join, timeout)
+    assert pub.error is None and pub.sent == pub.total

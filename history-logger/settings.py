@@ -8,7 +8,7 @@ from common.env import EnvReader, Settings
 
 
 @dataclass(frozen=True)
-class LoggerSettings:
+class ServiceSettings:
     consumer: str            # Redis consumer name: stable across restarts so a restart re-reads its own pending list
     max_payload_bytes: int   # larger MQTT payloads are dead-lettered as too_large
     sample_every: int        # above 90 % queue fill keep 1 of N samples per (node, channel, metric)
@@ -20,7 +20,8 @@ class LoggerSettings:
     lease_sec: float         # MQTT_SHARED_GROUP: a replica silent this long is dead, its session rescued
 
     @classmethod
-    def from_env(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> "LoggerSettings":
+    def from_env(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> "ServiceSettings":
+        settings.require_secrets()  # in production: a real PG_PASS (no other secret is required here)
         env = EnvReader(environ)
         return cls(
             consumer=env.str("HISTORY_LOGGER_CONSUMER", f"{settings.mqtt_client_id}-logger", max_len=128),
