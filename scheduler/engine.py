@@ -19,14 +19,14 @@ from typing import Callable
 import execution
 import irrigation
 import lighting
-import scheduler_metrics as m
+import metrics as m
 import water_cycle
 from actuators import CommandSender
 from common.actuator_closes import run_due
 from common.alerts import add_zone_event
 from common.db import Database
 from common.env import Settings
-from config import SchedulerConfig
+from settings import SchedulerConfig
 from execution import Plan
 from runs import Firing, Writes, claim, finish, last_completed_tick, record_tick, take_due_followups
 from schedules import ZoneSchedule, load_schedules

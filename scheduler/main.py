@@ -16,7 +16,7 @@ from common.mqtt import MqttClient
 from common.service import HttpServer, ops_app, run_service
 from common.topics import Topics
 from actuators import CommandSender
-from config import SchedulerConfig
+from settings import SchedulerConfig
 from engine import Clock, Scheduler, system_clock
 
 log = logging.getLogger("scheduler")

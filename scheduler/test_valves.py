@@ -11,7 +11,7 @@ import water_cycle
 from common import testing
 from runs import claim, command_statuses
 from schedules import load_schedules
-from scheduler_testkit import Clock, add_node, events, local, make_scheduler, make_zone, node_answers, set_metric
+from testing import Clock, add_node, events, local, make_scheduler, make_zone, node_answers, set_metric
 from tests.stack import simulator
 from tools.node_sim import Simulator
 from test_water_cycle import state, water_zone

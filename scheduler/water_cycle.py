@@ -24,7 +24,7 @@ import datetime as dt
 import logging
 from typing import TYPE_CHECKING
 
-import scheduler_metrics as m
+import metrics as m
 from actuators import DRAIN_CHANNELS, FILL_CHANNELS, freshest_metric, named_targets, zone_channels
 from common.actuator_closes import run_due, schedule_close
 from common.alerts import add_zone_event

@@ -46,7 +46,7 @@ from common.db import Database, _init_connection  # noqa: E402
 from common.mqtt import MqttClient  # noqa: E402
 from common.topics import Topics  # noqa: E402
 from actuators import CommandSender  # noqa: E402
-from config import SchedulerConfig  # noqa: E402
+from settings import SchedulerConfig  # noqa: E402
 from engine import Scheduler  # noqa: E402
 from schedules import LOAD_SQL  # noqa: E402
 

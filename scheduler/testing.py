@@ -10,7 +10,7 @@ import pytest
 
 from common.topics import Topics
 from actuators import CommandSender
-from config import SchedulerConfig
+from settings import SchedulerConfig
 from engine import Scheduler
 
 _seq = itertools.count(1)

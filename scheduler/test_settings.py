@@ -1,7 +1,7 @@
 import pytest
 
 from common.env import SettingsError
-from config import SchedulerConfig
+from settings import SchedulerConfig
 
 
 def test_defaults_and_overrides():
