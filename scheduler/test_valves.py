@@ -191,8 +191,9 @@ async def test_a_run_whose_scheduler_died_while_starting_it_is_still_judged(sett
     def dies_once_sent(*args):  # the command is out; the scheduler dies before recording it
         raise RuntimeError("killed")
     monkeypatch.setattr(irrigation, "_record_start", dies_once_sent)
+    sched = make_scheduler(settings, db, mqtt, clock)
     with pytest.raises(RuntimeError):
-        await irrigation.fire(make_scheduler(settings, db, mqtt, clock), *(await _claimed(settings, db, mqtt, clock)))
+        await irrigation.fire(sched.ctx, *(await _claimed(settings, db, mqtt, clock)))
     monkeypatch.undo()
     [row] = await db.fetch("SELECT id FROM scheduler_runs WHERE zone_id = $1", zone)
     await node_answers(db, row["id"])
