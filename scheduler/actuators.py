@@ -1,10 +1,11 @@
 """Which online node channels a firing drives, and sending commands linked to their run.
 
 Irrigation (§8.6, §4.2): every online node of type irrig / pump, on its irrigation channel
-(`pump_irrigation`, `valve_irrigation`, else `pump_in`): pumps get `run_pump {duration_ms}`,
-valves `set_relay {state, duration_ms}` and a durable close (the firmware ignores duration_ms). Lighting (§8.5): every online light node's light
-channels and `white_light` / `uv_light` / `light` channels on any node. Water change: valve
-channels for drain and fill, driven with `set_relay`.
+(`pump_in`, else `pump_irrigation`, else `valve_irrigation`: common.channels.irrigation_channel):
+pumps get `run_pump {duration_ms}`, valves `set_relay {state, duration_ms}` and a durable close (the
+firmware ignores duration_ms). Lighting (§8.5): every online light node's light channels and
+`white_light` / `uv_light` / `light` channels on any node. Water change: valve channels for drain
+and fill, driven with `set_relay`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from common.channels import DRAIN_CHANNELS, FILL_CHANNELS, is_valve
+from common.channels import DRAIN_CHANNELS, FILL_CHANNELS, irrigation_channel, is_valve
 from common.commands import RUN_PUMP_MAX_MS, CommandError, CommandPublishError, issue_command, new_cmd_id
 from common.db import Database
 from common.mqtt import MqttClient
@@ -30,8 +31,6 @@ SELECT n.zone_id, n.uid, lower(coalesce(n.type, '')) AS node_type, nc.channel,
  ORDER BY n.zone_id, n.id, nc.id
 """
 
-IRRIGATION_NODE_TYPES = ("irrig", "pump", "irrigation")
-IRRIGATION_CHANNELS = ("pump_irrigation", "valve_irrigation", "pump_in")
 LIGHT_CHANNELS = ("white_light", "uv_light", "light")
 __all__ = ["DRAIN_CHANNELS", "FILL_CHANNELS"]  # re-exported for water_cycle
 
@@ -73,16 +72,16 @@ def _is_actuator(row) -> bool:
 
 
 def irrigation_targets(rows: list[Any]) -> list[Target]:
-    by_node: dict[str, dict[str, Any]] = {}
+    """Each node's irrigation channel (nodes without one are left out)."""
+    nodes: dict[str, tuple[str, dict[str, Any]]] = {}
     for row in rows:
-        if row["node_type"] in IRRIGATION_NODE_TYPES and _is_actuator(row):
-            by_node.setdefault(row["uid"], {})[row["channel"]] = row
+        if _is_actuator(row):
+            nodes.setdefault(row["uid"], (row["node_type"], {}))[1][row["channel"]] = row
     targets = []
-    for uid, channels in by_node.items():
-        for name in IRRIGATION_CHANNELS:
-            if name in channels:
-                targets.append(Target(uid, name, channels[name]["config"] or {}))
-                break
+    for uid, (node_type, channels) in nodes.items():
+        name = irrigation_channel(node_type, channels)
+        if name is not None:
+            targets.append(Target(uid, name, channels[name]["config"] or {}))
     return targets
 
 

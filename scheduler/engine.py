@@ -19,17 +19,18 @@ from typing import Callable
 import execution
 import irrigation
 import lighting
-import scheduler_metrics as m
+import metrics as m
 import water_cycle
 from actuators import CommandSender
 from common.actuator_closes import run_due
 from common.alerts import add_zone_event
 from common.db import Database
 from common.env import Settings
-from config import SchedulerConfig
-from execution import Plan
+from context import JobContext
+from execution import Plan, Planner
 from runs import Firing, Writes, claim, finish, last_completed_tick, record_tick, take_due_followups
 from schedules import ZoneSchedule, load_schedules
+from settings import ServiceSettings
 from common.timespec import UTC, next_instant, occurrences
 
 log = logging.getLogger("scheduler.engine")
@@ -43,16 +44,15 @@ def system_clock() -> dt.datetime:
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, config: SchedulerConfig, db: Database, sender: CommandSender,
+    def __init__(self, settings: Settings, options: ServiceSettings, db: Database, sender: CommandSender,
                  clock: Clock = system_clock):
-        self.settings, self.config, self.db, self.sender, self.clock = settings, config, db, sender, clock
+        self.options, self.db, self.sender, self.clock = options, db, sender, clock
+        self.ctx = JobContext(db, sender, options, settings)   # what the jobs below are given
         self.last_tick: dt.datetime | None = None
         self._light_edges: dict[int, tuple] = {}   # zone → the lighting edge key already claimed or seen
         self._reported: set[tuple] = set()         # bad specs already reported
         self._next_due: dict[tuple, tuple] = {}    # (kind, zone) → (spec, evaluated at, next instant due)
-        self.water_notes: set[tuple] = set()       # water-change problems already logged
-        # kind → plan(scheduler, firing, facts, now) -> Plan (execution.py)
-        self.planners: dict[str, Callable[..., Plan]] = {"irrigation": irrigation.plan, "lighting": lighting.plan}
+        self.planners: dict[str, Planner] = {"irrigation": irrigation.plan, "lighting": lighting.plan}
         self._followups = {"dry_run_check": irrigation.dry_run_check, "finish": irrigation.finish_run,
                            "lighting_retry": lighting.retry}
 
@@ -67,7 +67,7 @@ class Scheduler:
             return []
         started = time.perf_counter()
         try:
-            zones = await load_schedules(self.db, self.config.irrigation_duration_sec)
+            zones = await load_schedules(self.db, self.options.irrigation_duration_sec)
             m.ZONES_LOADED.set(len(zones))
             m.ACTIVE_SCHEDULES.set(sum(z.item_count for z in zones))
             await self._report_bad_specs(zones)
@@ -76,7 +76,7 @@ class Scheduler:
             claimed = await claim(self.db, firings, now)
             self._count_claims(firings, claimed)
             await self._execute([f for f in claimed if f.status == "running"], now)
-            await water_cycle.advance(self, zones, now, after, now - dt.timedelta(seconds=self.config.catchup_sec))
+            await water_cycle.advance(self.ctx, zones, now, after, now - dt.timedelta(seconds=self.options.catchup_sec))
             await record_tick(self.db, now)
         except Exception:
             m.TICK_ERRORS.inc()
@@ -91,7 +91,7 @@ class Scheduler:
     async def _first_window_start(self, now: dt.datetime) -> dt.datetime:
         """The catch-up window; reaching back to the last tick any scheduler completed (at most
         MISSED_LOOKBACK) so that the times a downtime skipped are recorded as missed."""
-        start = now - dt.timedelta(seconds=self.config.catchup_sec)
+        start = now - dt.timedelta(seconds=self.options.catchup_sec)
         previous = await last_completed_tick(self.db)
         if previous is not None and previous < start:
             return max(previous, now - MISSED_LOOKBACK)
@@ -99,7 +99,7 @@ class Scheduler:
 
     def due(self, zones: list[ZoneSchedule], after: dt.datetime, now: dt.datetime) -> list[Firing]:
         """Every firing falling in (after, now]: irrigation times and lighting edges."""
-        horizon = now - dt.timedelta(seconds=self.config.catchup_sec)
+        horizon = now - dt.timedelta(seconds=self.options.catchup_sec)
         firings: list[Firing] = []
         for zone in zones:
             if zone.irrigation_times and not self._quiet(("irrigation", zone.zone_id),
@@ -153,11 +153,11 @@ class Scheduler:
         """Every claimed firing, stage by stage (execution.py); one firing's failure never stops the others."""
         if not firings:
             return
-        facts = await execution.read_facts(self, firings, now)
+        facts = await execution.read_facts(self.ctx, firings, now)
         planned: list[tuple[Firing, Plan]] = []
         for firing in firings:
             try:
-                planned.append((firing, self.planners[firing.kind](self, firing, facts, now)))
+                planned.append((firing, self.planners[firing.kind](self.ctx, firing, facts, now)))
             except Exception as exc:  # noqa: BLE001
                 await self._failed(firing, exc, now)
         planned = await self._write(planned, lambda plan: plan.before, now)
@@ -212,7 +212,7 @@ class Scheduler:
     async def _send(self, plans: list[Plan]) -> None:
         """Every command at once, so that issue_command batches them; one zone's in order (e.g. lights
         off before irrigation), SCHEDULER_CONCURRENCY zones side by side."""
-        gate = asyncio.Semaphore(self.config.concurrency)
+        gate = asyncio.Semaphore(self.options.concurrency)
         by_zone: dict[int, list[Plan]] = {}
         for plan in plans:
             by_zone.setdefault(plan.zone_id, []).append(plan)
@@ -221,7 +221,7 @@ class Scheduler:
             async with gate:
                 for plan in items:
                     try:
-                        await execution.send(self, plan)
+                        await execution.send(self.ctx, plan)
                     except asyncio.CancelledError:
                         raise
                     except Exception as exc:  # noqa: BLE001 - recorded as this firing's failure
@@ -267,7 +267,7 @@ class Scheduler:
         for run in await take_due_followups(self.db, now):
             kind = run["due_kind"]
             try:
-                await self._followups[kind](self, run, now)
+                await self._followups[kind](self.ctx, run, now)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001
@@ -286,7 +286,7 @@ class Scheduler:
                 await self.tick()
             except Exception:  # noqa: BLE001 - logged in tick(); the next tick covers the gap
                 pass
-            await _sleep_or_stop(stopping, max(0.0, self.config.interval_sec - (time.monotonic() - began)))
+            await _sleep_or_stop(stopping, max(0.0, self.options.interval_sec - (time.monotonic() - began)))
 
     async def followup_loop(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -294,7 +294,7 @@ class Scheduler:
                 await self.run_followups()
             except Exception:  # noqa: BLE001
                 log.exception("schedule_followups_failed")
-            await _sleep_or_stop(stopping, self.config.followup_poll_sec)
+            await _sleep_or_stop(stopping, self.options.followup_poll_sec)
 
 
 async def _sleep_or_stop(stopping: asyncio.Event, seconds: float) -> None:

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from actuators import Order, Sent, freshest_metrics, zones_channels
+from context import JobContext
 from runs import Firing, Writes, naive_utc
-
-if TYPE_CHECKING:
-    from engine import Scheduler
 
 
 @dataclass(slots=True)
@@ -46,19 +44,22 @@ class Plan:
     error: BaseException | None = None
 
 
-async def read_facts(sched: "Scheduler", firings: list[Firing], now: dt.datetime) -> Facts:
+Planner = Callable[[JobContext, Firing, Facts, dt.datetime], Plan]   # a kind's plan(ctx, firing, facts, now)
+
+
+async def read_facts(ctx: JobContext, firings: list[Firing], now: dt.datetime) -> Facts:
     zone_ids = sorted({f.zone.zone_id for f in firings})
     irrigated = sorted({f.zone.zone_id for f in firings if f.kind == "irrigation"})
-    facts = Facts(await zones_channels(sched.db, zone_ids))
+    facts = Facts(await zones_channels(ctx.db, zone_ids))
     if irrigated:
-        fresh_after = naive_utc(now) - dt.timedelta(minutes=sched.settings.telemetry_max_age_min)
-        facts.water_levels = await freshest_metrics(sched.db, irrigated, "WATER_LEVEL", fresh_after)
+        fresh_after = naive_utc(now) - dt.timedelta(minutes=ctx.settings.telemetry_max_age_min)
+        facts.water_levels = await freshest_metrics(ctx.db, irrigated, "WATER_LEVEL", fresh_after)
     return facts
 
 
-async def send(sched: "Scheduler", plan: Plan) -> None:
+async def send(ctx: JobContext, plan: Plan) -> None:
     for order in plan.orders:
-        plan.sent.append(await sched.sender.issue(plan.run_id, plan.gh_uid, plan.zone_id, order))
+        plan.sent.append(await ctx.sender.issue(plan.run_id, plan.gh_uid, plan.zone_id, order))
 
 
 def record_sent(plan: Plan, now: dt.datetime) -> None:
@@ -66,17 +67,17 @@ def record_sent(plan: Plan, now: dt.datetime) -> None:
     plan.outcome = plan.after(plan.sent, plan.later)
 
 
-async def run_one(sched: "Scheduler", plan: Plan, now: dt.datetime) -> str:
+async def run_one(ctx: JobContext, plan: Plan, now: dt.datetime) -> str:
     """Every stage for one plan (a follow-up, or a firing executed on its own)."""
-    await plan.before.flush(sched.db)
+    await plan.before.flush(ctx.db)
     if plan.outcome is not None:
         return plan.outcome
-    await send(sched, plan)
+    await send(ctx, plan)
     record_sent(plan, now)
-    await plan.later.flush(sched.db)
+    await plan.later.flush(ctx.db)
     return plan.outcome
 
 
-async def fire_one(sched: "Scheduler", firing: Firing, now: dt.datetime) -> str:
-    facts = await read_facts(sched, [firing], now)
-    return await run_one(sched, sched.planners[firing.kind](sched, firing, facts, now), now)
+async def fire_one(ctx: JobContext, planner: Planner, firing: Firing, now: dt.datetime) -> str:
+    facts = await read_facts(ctx, [firing], now)
+    return await run_one(ctx, planner(ctx, firing, facts, now), now)

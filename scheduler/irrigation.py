@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from common.actuator_closes import schedule_close
 from common.alerts import add_zone_event, ensure_alert
 import execution
 from actuators import Order, Sent, Target, freshest_metric, irrigation_targets, new_order
+from context import JobContext
 from execution import Facts, Plan
 from runs import Firing, Writes, command_statuses, finish, iso, naive_utc, scheduler_log, set_followup, update_details
-
-if TYPE_CHECKING:
-    from engine import Scheduler
 
 log = logging.getLogger("scheduler.irrigation")
 
@@ -54,7 +52,7 @@ def _fail(firing: Firing, writes: Writes, error: str, **extra: Any) -> str:
     return "failed"
 
 
-def plan(sched: "Scheduler", firing: Firing, facts: Facts, now: dt.datetime) -> Plan:
+def plan(ctx: JobContext, firing: Firing, facts: Facts, now: dt.datetime) -> Plan:
     zone = firing.zone
     base = {"zone_id": zone.zone_id, "run_id": firing.run_id, "scheduled_local": firing.occurrence.local.isoformat()}
     step = Plan(zone.zone_id, zone.gh_uid, firing.run_id, Writes(now).log(TASK, "running", base))
@@ -88,11 +86,11 @@ def plan(sched: "Scheduler", firing: Firing, facts: Facts, now: dt.datetime) -> 
     before.followup(firing.run_id, "finish", now + dt.timedelta(seconds=duration_sec))
     for target, cmd, _, cmd_id in step.orders:
         before.link(firing.run_id, cmd_id, target.node_uid, target.channel, cmd)
-    step.after = lambda sent, writes: _record_start(sched, firing, now, sent, writes)
+    step.after = lambda sent, writes: _record_start(ctx, firing, now, sent, writes)
     return step
 
 
-def _record_start(sched: "Scheduler", firing: Firing, now: dt.datetime, sent: list[Sent], writes: Writes) -> str:
+def _record_start(ctx: JobContext, firing: Firing, now: dt.datetime, sent: list[Sent], writes: Writes) -> str:
     zone, duration_sec = firing.zone, firing.zone.irrigation_duration_sec
     ok = [s for s in sent if s.ok]
     if not ok:
@@ -105,48 +103,49 @@ def _record_start(sched: "Scheduler", firing: Firing, now: dt.datetime, sent: li
         "nodes_count": len(ok), "duration_sec": duration_sec, "start_time": iso(now), "run_id": firing.run_id,
         "scheduled_local": firing.occurrence.local.isoformat(), "cmd_ids": [s.cmd_id for s in ok]})
     if flow_sensor:
-        writes.followup(firing.run_id, "dry_run_check", now + dt.timedelta(seconds=sched.config.dry_run_check_sec))
+        writes.followup(firing.run_id, "dry_run_check",
+                        now + dt.timedelta(seconds=ctx.options.dry_run_check_sec))
     else:
         writes.followup(firing.run_id, "finish", now + dt.timedelta(seconds=duration_sec))
     return "started"
 
 
-async def fire(sched: "Scheduler", firing: Firing, now: dt.datetime) -> str:
+async def fire(ctx: JobContext, firing: Firing, now: dt.datetime) -> str:
     """One firing executed on its own (the tick executes all of its firings together)."""
-    return await execution.fire_one(sched, firing, now)
+    return await execution.fire_one(ctx, plan, firing, now)
 
 
 def _started(run) -> dt.datetime:
     return run["started_at"] or dt.datetime.min
 
 
-async def dry_run_check(sched: "Scheduler", run, now: dt.datetime) -> str:
+async def dry_run_check(ctx: JobContext, run, now: dt.datetime) -> str:
     """Follow-up: flow seen since the start → carry on to `finish`; none → stop and fail."""
     details = run["details"] or {}
     zone_id, started = run["zone_id"], _started(run)
-    flow = await freshest_metric(sched.db, zone_id, "FLOW_RATE", started)
+    flow = await freshest_metric(ctx.db, zone_id, "FLOW_RATE", started)
     if flow is not None and flow >= FLOW_MIN_L_PER_MIN:
-        await update_details(sched.db, run["id"], {"flow_value": flow})
+        await update_details(ctx.db, run["id"], {"flow_value": flow})
         end = started.replace(tzinfo=dt.timezone.utc) + dt.timedelta(seconds=details.get("duration_sec", 0))
-        await set_followup(sched.db, run["id"], "finish", max(end, now))
+        await set_followup(ctx.db, run["id"], "finish", max(end, now))
         return "flow_ok"
-    answers = [r["status"] for r in await command_statuses(sched.db, run["id"])]
+    answers = [r["status"] for r in await command_statuses(ctx.db, run["id"])]
     if answers and all(a in ("failed", "timeout") for a in answers):
         # Nothing ran: no flow is expected, so no NO_FLOW alarm; the finish judges the run failed.
-        await set_followup(sched.db, run["id"], "finish", now)
+        await set_followup(ctx.db, run["id"], "finish", now)
         return "commands_failed"
 
-    gh_uid = await sched.db.fetchval(
+    gh_uid = await ctx.db.fetchval(
         "SELECT g.uid FROM zones z JOIN greenhouses g ON g.id = z.greenhouse_id WHERE z.id = $1", zone_id)
     orders = []
     for t in details.get("targets", []):
         target = Target(t["node_uid"], t["channel"], {})
         orders.append((target, "set_relay", {"state": False}) if target.is_valve else (target, "stop_pump", {}))
-    stopped = await sched.sender.send_all(run["id"], gh_uid, zone_id, orders) if gh_uid else []
+    stopped = await ctx.sender.send_all(run["id"], gh_uid, zone_id, orders) if gh_uid else []
     elapsed = round((naive_utc(now) - started).total_seconds(), 1) if run["started_at"] else None
     info = {"reason": "dry_run_detected", "flow_value": flow, "run_id": run["id"],
             "nodes": [{"node_uid": s.target.node_uid, "channel": s.target.channel} for s in stopped]}
-    async with sched.db.transaction() as conn:
+    async with ctx.db.transaction() as conn:
         await add_zone_event(conn, zone_id, "PUMP_STOPPED", info)
         await add_zone_event(conn, zone_id, "NO_FLOW", {"flow_value": flow, "threshold": FLOW_MIN_L_PER_MIN,
                                                           "run_id": run["id"]})
@@ -157,35 +156,35 @@ async def dry_run_check(sched: "Scheduler", run, now: dt.datetime) -> str:
         await add_zone_event(conn, zone_id, "IRRIGATION_FINISHED", {
             "actual_duration_sec": elapsed, "volume_l": 0.0, "flow_value": flow, "run_id": run["id"],
             "reason": "dry_run_detected"})
-    await finish(sched.db, run["id"], "failed", {"error": "dry_run_detected", "flow_value": flow,
+    await finish(ctx.db, run["id"], "failed", {"error": "dry_run_detected", "flow_value": flow,
                                                  "stop_commands": [s.summary() for s in stopped]}, now)
-    await scheduler_log(sched.db, TASK, "failed", {"zone_id": zone_id, "run_id": run["id"],
+    await scheduler_log(ctx.db, TASK, "failed", {"zone_id": zone_id, "run_id": run["id"],
                                                    "error": "dry_run_detected", "flow_value": flow})
     log.warning("irrigation_dry_run_detected", extra={"zone_id": zone_id, "run_id": run["id"], "flow_value": flow})
     return "dry_run_detected"
 
 
-async def finish_run(sched: "Scheduler", run, now: dt.datetime) -> str:
+async def finish_run(ctx: JobContext, run, now: dt.datetime) -> str:
     """Follow-up once the duration has passed: IRRIGATION_FINISHED, run and log completed — or,
     when no node acknowledged its start command, run and log failed."""
     details = run["details"] or {}
     duration = details.get("duration_sec")
     # The start commands as linked to the run before they were sent (also when details were never written).
-    rows = await command_statuses(sched.db, run["id"])
+    rows = await command_statuses(ctx.db, run["id"])
     targets = [{"node_uid": r["node_uid"], "channel": r["channel"], "cmd": r["cmd"], "cmd_id": r["cmd_id"]}
                for r in rows]
     answers = [r["status"] for r in rows]  # pending / sent / ack / failed / timeout, or unsent
     started = _started(run).replace(tzinfo=dt.timezone.utc)
-    answer_deadline = started + dt.timedelta(seconds=(duration or 0) + sched.settings.command_timeout_sec + 10)
+    answer_deadline = started + dt.timedelta(seconds=(duration or 0) + ctx.settings.command_timeout_sec + 10)
     if any(a in OPEN for a in answers) and not any(a in ACKED for a in answers) and now < answer_deadline:
         # No answer yet (the timeout sweep has not judged them either): look again shortly.
-        await set_followup(sched.db, run["id"], "finish", now + ANSWER_POLL)
+        await set_followup(ctx.db, run["id"], "finish", now + ANSWER_POLL)
         return "waiting_for_answers"
     commands = [dict(t, status=a) for t, a in zip(targets, answers)]
     if not any(a in ACKED for a in answers):
         error = "commands_failed" if targets else "not_started"  # none: the scheduler died before sending
         failed = {"zone_id": run["zone_id"], "run_id": run["id"], "error": error, "commands": commands}
-        async with sched.db.transaction() as conn:
+        async with ctx.db.transaction() as conn:
             await finish(conn, run["id"], "failed", {"error": error, "commands": commands}, now)
             await scheduler_log(conn, TASK, "failed", failed)
         log.warning("irrigation_commands_failed", extra={"zone_id": run["zone_id"], "run_id": run["id"],
@@ -195,7 +194,7 @@ async def finish_run(sched: "Scheduler", run, now: dt.datetime) -> str:
     volume = round(flow * duration / 60.0, 3) if isinstance(flow, (int, float)) and duration else None
     finished = {"actual_duration_sec": duration, "volume_l": volume, "flow_value": flow, "run_id": run["id"],
                 "nodes_count": sum(a in ACKED for a in answers)}
-    async with sched.db.transaction() as conn:
+    async with ctx.db.transaction() as conn:
         if "started_at" not in details:  # its scheduler died before it recorded the start
             await add_zone_event(conn, run["zone_id"], "IRRIGATION_STARTED", {
                 "nodes_count": finished["nodes_count"], "duration_sec": duration, "run_id": run["id"],

@@ -6,69 +6,59 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 
 from common.db import Database
 from common.env import Settings, settings_or_exit
 from common.mqtt import MqttClient
-from common.service import HttpServer, ops_app, run_service
+from common.service import HttpServer, drain_then_cancel, ops_app, ready_checks, run_service
 from common.topics import Topics
 from actuators import CommandSender
-from config import SchedulerConfig
-from engine import Clock, Scheduler, system_clock
+from engine import Scheduler
+from settings import ServiceSettings
 
 log = logging.getLogger("scheduler")
 
+STOP_GRACE_SEC = 30.0   # for the tick in progress to execute what it claimed
+
 
 class SchedulerService:
-    def __init__(self, settings: Settings, config: SchedulerConfig, clock: Clock = system_clock,
-                 run_loops: bool = True):
-        self.settings, self.config = settings, config
+    def __init__(self, settings: Settings, options: ServiceSettings):
+        self.settings, self.options = settings, options
         self.db = Database(settings)
         self.mqtt = MqttClient(settings, "-scheduler")
-        self.scheduler = Scheduler(settings, config, self.db, CommandSender(self.db, self.mqtt,
-                                                                            Topics(settings.mqtt_topic_root)),
-                                   clock=clock)
+        self.scheduler = Scheduler(settings, options, self.db,
+                                   CommandSender(self.db, self.mqtt, Topics(settings.mqtt_topic_root)))
         self.http = HttpServer(ops_app(self.ready, "scheduler"), settings.http_host, settings.scheduler_port)
-        self.run_loops = run_loops
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
     async def ready(self) -> dict[str, bool]:
-        return {"db": await self.db.ping(), "mqtt": self.mqtt.connected}
+        return await ready_checks(db=self.db, mqtt=self.mqtt)
 
     async def start(self) -> None:
-        self.settings.require_secrets()
         await self.db.connect()
         await self.mqtt.start()
         await self.http.start()
-        if self.run_loops:
-            self._tasks = [asyncio.create_task(self.scheduler.tick_loop(self._stopping), name="scheduler-tick"),
-                           asyncio.create_task(self.scheduler.followup_loop(self._stopping),
-                                               name="scheduler-followups")]
-        log.info("scheduler_started", extra={"interval_sec": self.config.interval_sec,
-                                             "catchup_sec": self.config.catchup_sec})
+        self._tasks = [asyncio.create_task(self.scheduler.tick_loop(self._stopping), name="scheduler-tick"),
+                       asyncio.create_task(self.scheduler.followup_loop(self._stopping), name="scheduler-followups")]
+        log.info("scheduler_started", extra={"interval_sec": self.options.interval_sec,
+                                             "catchup_sec": self.options.catchup_sec})
 
     async def stop(self) -> None:
         """Let the tick in progress finish (its claimed firings are executed), then close."""
         self._stopping.set()
-        if self._tasks:
-            done, pending = await asyncio.wait(self._tasks, timeout=30)
-            for task in pending:
-                task.cancel()
-            for task in pending:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            self._tasks = []
+        await drain_then_cancel(self._tasks, STOP_GRACE_SEC)
+        self._tasks = []
         await self.http.stop()
         await self.mqtt.stop()
         await self.db.close()
 
 
-def build(settings: Settings) -> SchedulerService:
-    return SchedulerService(settings, settings_or_exit(SchedulerConfig.from_env))
+def build(settings: Settings, options: ServiceSettings | None = None) -> SchedulerService:
+    options = options or settings_or_exit(lambda: ServiceSettings.from_env(settings))
+    return SchedulerService(settings, options)
 
 
 if __name__ == "__main__":

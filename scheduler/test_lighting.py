@@ -3,7 +3,7 @@ import asyncio
 
 import orjson
 
-from scheduler_testkit import add_node, events, local, make_scheduler, make_zone
+from testing import add_node, events, local, make_scheduler, make_zone
 
 TZ = "Europe/Berlin"
 

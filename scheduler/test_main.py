@@ -8,7 +8,7 @@ from prometheus_client import REGISTRY
 
 from common.mqtt import MqttClient
 from runs import command_statuses
-from scheduler_testkit import Clock, add_node, events, local, make_scheduler, make_zone, node_answers, set_metric
+from testing import Clock, add_node, events, local, make_scheduler, make_zone, node_answers, set_metric
 
 TZ = "Europe/Berlin"
 PUMP_LIMITS = {"safe_limits": {"max_duration_ms": 30000, "min_off_ms": 3000}}

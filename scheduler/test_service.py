@@ -2,7 +2,7 @@
 import httpx
 
 from common import testing
-from scheduler_testkit import add_node, make_zone
+from testing import add_node, make_zone
 
 
 async def test_service_process_ticks_serves_ops_and_stops_cleanly(settings, db, mqtt_probe):

@@ -11,7 +11,7 @@ import water_cycle
 from common import testing
 from runs import claim, command_statuses
 from schedules import load_schedules
-from scheduler_testkit import Clock, add_node, events, local, make_scheduler, make_zone, node_answers, set_metric
+from testing import Clock, add_node, events, local, make_scheduler, make_zone, node_answers, set_metric
 from tests.stack import simulator
 from tools.node_sim import Simulator
 from test_water_cycle import state, water_zone
@@ -191,8 +191,9 @@ async def test_a_run_whose_scheduler_died_while_starting_it_is_still_judged(sett
     def dies_once_sent(*args):  # the command is out; the scheduler dies before recording it
         raise RuntimeError("killed")
     monkeypatch.setattr(irrigation, "_record_start", dies_once_sent)
+    sched = make_scheduler(settings, db, mqtt, clock)
     with pytest.raises(RuntimeError):
-        await irrigation.fire(make_scheduler(settings, db, mqtt, clock), *(await _claimed(settings, db, mqtt, clock)))
+        await irrigation.fire(sched.ctx, *(await _claimed(settings, db, mqtt, clock)))
     monkeypatch.undo()
     [row] = await db.fetch("SELECT id FROM scheduler_runs WHERE zone_id = $1", zone)
     await node_answers(db, row["id"])

@@ -3,7 +3,7 @@ import asyncio
 import datetime as dt
 
 from common.mqtt import MqttClient
-from scheduler_testkit import add_node, events, local, make_scheduler, make_zone, set_metric
+from testing import add_node, events, local, make_scheduler, make_zone, set_metric
 
 TZ = "Europe/Berlin"
 CHANGE = {"enabled": True, "interval_days": 7, "time_of_day": "09:00", "drain_timeout_min": 30,

@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import TYPE_CHECKING
 
-import scheduler_metrics as m
+import metrics as m
 from actuators import DRAIN_CHANNELS, FILL_CHANNELS, freshest_metric, named_targets, zone_channels
 from common.actuator_closes import run_due, schedule_close
 from common.alerts import add_zone_event
+from context import JobContext
 from runs import Firing, claim, finish, iso, naive_utc, scheduler_log
 from schedules import WaterChange, ZoneSchedule
 from common.timespec import Occurrence, occurrences
-
-if TYPE_CHECKING:
-    from engine import Scheduler
 
 log = logging.getLogger("scheduler.water_cycle")
 
@@ -56,21 +53,21 @@ def solution_age_days(zone: ZoneSchedule, now: dt.datetime) -> float | None:
     return (naive_utc(now) - zone.solution_started_at).total_seconds() / 86400
 
 
-async def advance(sched: "Scheduler", zones: list[ZoneSchedule], now: dt.datetime, after: dt.datetime,
+async def advance(ctx: JobContext, zones: list[ZoneSchedule], now: dt.datetime, after: dt.datetime,
                   horizon: dt.datetime) -> None:
     """Start due water changes and move the ones under way on by at most one step each."""
     changing = [z for z in zones if z.water_state in CHANGING]
     for zone in zones:
         if zone.water_change is not None and zone.water_state == NORMAL:
-            await _guarded(sched, zone, _maybe_start(sched, zone, now, after, horizon))
+            await _guarded(ctx, zone, _maybe_start(ctx, zone, now, after, horizon))
     if changing:
-        cycles = {r["zone_id"]: r for r in await sched.db.fetch(
+        cycles = {r["zone_id"]: r for r in await ctx.db.fetch(
             "SELECT * FROM scheduler_water_cycles WHERE zone_id = ANY($1)", [z.zone_id for z in changing])}
         for zone in changing:
-            await _guarded(sched, zone, _step(sched, zone, cycles.get(zone.zone_id), now))
+            await _guarded(ctx, zone, _step(ctx, zone, cycles.get(zone.zone_id), now))
 
 
-async def _guarded(sched: "Scheduler", zone: ZoneSchedule, work) -> None:
+async def _guarded(ctx: JobContext, zone: ZoneSchedule, work) -> None:
     try:
         await work
     except Exception:  # noqa: BLE001 - one zone's failure never stops the others
@@ -78,24 +75,24 @@ async def _guarded(sched: "Scheduler", zone: ZoneSchedule, work) -> None:
         log.exception("water_change_failed", extra={"zone_id": zone.zone_id})
 
 
-async def _reason(sched: "Scheduler", zone: ZoneSchedule, settings: WaterChange, now: dt.datetime) -> str | None:
+async def _reason(ctx: JobContext, zone: ZoneSchedule, settings: WaterChange, now: dt.datetime) -> str | None:
     age = solution_age_days(zone, now)
     if age is not None and age >= settings.interval_days:
         return "interval"
     if settings.trigger_by_ec_drift and zone.ec_target:
-        fresh_after = naive_utc(now) - dt.timedelta(minutes=sched.settings.telemetry_max_age_min)
-        ec = await freshest_metric(sched.db, zone.zone_id, "EC", fresh_after)
+        fresh_after = naive_utc(now) - dt.timedelta(minutes=ctx.settings.telemetry_max_age_min)
+        ec = await freshest_metric(ctx.db, zone.zone_id, "EC", fresh_after)
         if ec is not None and abs(ec - zone.ec_target) / zone.ec_target * 100 >= settings.ec_drift_threshold:
             return "ec_drift"
     return None
 
 
-async def _maybe_start(sched: "Scheduler", zone: ZoneSchedule, now: dt.datetime, after: dt.datetime,
+async def _maybe_start(ctx: JobContext, zone: ZoneSchedule, now: dt.datetime, after: dt.datetime,
                        horizon: dt.datetime) -> None:
     settings = zone.water_change
     if zone.solution_started_at is None:
         # Unknown age: count from now rather than drain a tank nobody asked to change.
-        await sched.db.execute("UPDATE zones SET solution_started_at = $2 WHERE id = $1"
+        await ctx.db.execute("UPDATE zones SET solution_started_at = $2 WHERE id = $1"
                                " AND solution_started_at IS NULL", zone.zone_id, naive_utc(now))
         log.info("water_change_age_baseline", extra={"zone_id": zone.zone_id})
         return
@@ -108,24 +105,24 @@ async def _maybe_start(sched: "Scheduler", zone: ZoneSchedule, now: dt.datetime,
     else:
         due = [o for o in occurrences((settings.time_of_day,), zone.tz, after, now) if o.at >= horizon]
         if due:
-            reason = await _reason(sched, zone, settings, now)
+            reason = await _reason(ctx, zone, settings, now)
             if reason is not None:
                 firing = Firing(zone, "water_change", "water_change", due[-1], details={"reason": reason})
     if firing is None:
         return
-    rows = await zone_channels(sched.db, zone.zone_id)
+    rows = await zone_channels(ctx.db, zone.zone_id)
     drains, fills = named_targets(rows, DRAIN_CHANNELS), named_targets(rows, FILL_CHANNELS)
     if not drains or not fills:
-        if ("no_valves", zone.zone_id, firing.occurrence.local) not in sched.water_notes:
-            sched.water_notes.add(("no_valves", zone.zone_id, firing.occurrence.local))
+        if ("no_valves", zone.zone_id, firing.occurrence.local) not in ctx.water_notes:
+            ctx.water_notes.add(("no_valves", zone.zone_id, firing.occurrence.local))
             log.warning("water_change_no_valves", extra={"zone_id": zone.zone_id, "drain": len(drains),
                                                          "fill": len(fills)})
         return
-    if not await claim(sched.db, [firing], now):
+    if not await claim(ctx.db, [firing], now):
         m.DUPLICATES.labels("water_change").inc()
         return
     details = {"reason": firing.details["reason"], "solution_age_days": round(age, 2), "run_id": firing.run_id}
-    async with sched.db.transaction() as conn:
+    async with ctx.db.transaction() as conn:
         moved = await conn.fetchval(
             "UPDATE zones SET water_state = $2, updated_at = now() WHERE id = $1 AND water_state = $3 RETURNING id",
             zone.zone_id, DRAIN, NORMAL)
@@ -140,7 +137,7 @@ async def _maybe_start(sched: "Scheduler", zone: ZoneSchedule, now: dt.datetime,
     m.WATER_TRANSITIONS.labels(DRAIN).inc()
     m.FIRINGS.labels("water_change", "started").inc()
     m.SCHEDULE_EXECUTIONS.labels(str(zone.zone_id), "water_change").inc()
-    await _valves(sched, zone, firing.run_id, drains, True)
+    await _valves(ctx, zone, firing.run_id, drains, True)
     log.info("water_change_started", extra={"zone_id": zone.zone_id, **details})
 
 
@@ -158,21 +155,21 @@ async def _save_cycle(conn, zone_id: int, run_id: int | None, state: str, now: d
         """, zone_id, run_id, state, naive_utc(now), started, details or {})
 
 
-async def _valves(sched: "Scheduler", zone: ZoneSchedule, run_id: int | None, targets, open_: bool) -> None:
+async def _valves(ctx: JobContext, zone: ZoneSchedule, run_id: int | None, targets, open_: bool) -> None:
     for target in targets:
-        await sched.sender.send(run_id, zone.gh_uid, zone.zone_id, target, "set_relay", {"state": open_})
+        await ctx.sender.send(run_id, zone.gh_uid, zone.zone_id, target, "set_relay", {"state": open_})
 
 
-async def _step(sched: "Scheduler", zone: ZoneSchedule, cycle, now: dt.datetime) -> None:
+async def _step(ctx: JobContext, zone: ZoneSchedule, cycle, now: dt.datetime) -> None:
     settings = zone.water_change or WaterChange()
     if cycle is None or cycle["state"] != zone.water_state:
         # A state set outside the scheduler (or by an older cycle): time the step from now.
-        async with sched.db.transaction() as conn:
+        async with ctx.db.transaction() as conn:
             await _save_cycle(conn, zone.zone_id, None, zone.water_state, now)
         return
     since = cycle["state_since"]
     elapsed_min = (naive_utc(now) - since).total_seconds() / 60
-    level = await freshest_metric(sched.db, zone.zone_id, "WATER_LEVEL", since)
+    level = await freshest_metric(ctx.db, zone.zone_id, "WATER_LEVEL", since)
     state, nxt, reason = zone.water_state, None, None
     if state == DRAIN:
         if level is not None and level <= settings.drain_target_level:
@@ -191,9 +188,9 @@ async def _step(sched: "Scheduler", zone: ZoneSchedule, cycle, now: dt.datetime)
     run_id = cycle["run_id"]
     step = {"from": state, "to": nxt, "reason": reason, "level": level, "run_id": run_id,
             "step_minutes": round(elapsed_min, 1)}
-    rows = await zone_channels(sched.db, zone.zone_id) if nxt in (FILL, STABILIZE) else []
+    rows = await zone_channels(ctx.db, zone.zone_id) if nxt in (FILL, STABILIZE) else []
     drains, fills = named_targets(rows, DRAIN_CHANNELS), named_targets(rows, FILL_CHANNELS)
-    async with sched.db.transaction() as conn:
+    async with ctx.db.transaction() as conn:
         moved = await conn.fetchval(
             "UPDATE zones SET water_state = $2::varchar, updated_at = now(),"
             " solution_started_at = CASE WHEN $2::varchar = 'NORMAL_RECIRC' THEN $4::timestamp"
@@ -219,8 +216,8 @@ async def _step(sched: "Scheduler", zone: ZoneSchedule, cycle, now: dt.datetime)
             await scheduler_log(conn, TASK, "completed", dict(done, zone_id=zone.zone_id))
     m.WATER_TRANSITIONS.labels(nxt).inc()
     log.info("water_change_step", extra={"zone_id": zone.zone_id, **step})
-    if nxt in (FILL, STABILIZE) and sched.sender.mqtt.connected:
-        await run_due(sched.db, sched.sender.mqtt, sched.sender.topics, owner="scheduler", now=now,
+    if nxt in (FILL, STABILIZE) and ctx.sender.mqtt.connected:
+        await run_due(ctx.db, ctx.sender.mqtt, ctx.sender.topics, owner="scheduler", now=now,
                       zone_id=zone.zone_id)  # the closes just recorded; else the follow-up loop sends them
     if nxt == FILL:
-        await _valves(sched, zone, run_id, fills, True)
+        await _valves(ctx, zone, run_id, fills, True)

@@ -2,8 +2,8 @@
 
 Irrigation (capability `irrigation_control`, target `irrigation_interval_sec`): when the interval
 has passed since the last IRRIGATION_STARTED — or there was none: the first run fires at once —
-`run_pump {duration_ms}` on the first irrigation pump (`pump_in` / `pump_irrigation`, or any pump
-channel of an `irrig`/`pump` node), or `set_relay {state:true, duration_ms}` on `valve_irrigation`.
+`run_pump {duration_ms}` on the irrigation pump of an `irrig`/`pump` node (`pump_in`, else
+`pump_irrigation`), or `set_relay {state:true, duration_ms}` on its `valve_irrigation` (common.channels).
 Recirculation (capability `recirculation`, `recirculation_enabled`): every
 `recirculation_interval_min`, `run_pump` on `recirculation_pump` (or a pump of a `recirculation`
 node), or `set_relay` on `valve_recirculation`, for `recirculation_duration_sec` (default 300),
@@ -24,12 +24,11 @@ import gates
 from actions import ZoneContext
 from actuators import send
 from common.actuator_closes import run_due, schedule_close
-from common.channels import is_valve
+from common.channels import IRRIGATION_CHANNELS, irrigation_channel, is_valve
 from common.commands import RUN_PUMP_MAX_MS
 from snapshot import Node
 from common.schemas import as_number
 
-IRRIGATION_CHANNELS = ("pump_in", "pump_irrigation", "valve_irrigation")
 RECIRCULATION_CHANNELS = ("recirculation_pump", "valve_recirculation")
 VALVE_MAX_MS = 3_600_000
 OWNER = "automation"
@@ -105,7 +104,8 @@ async def run_irrigation(ctx: ZoneContext) -> None:
     due, since = _due(ctx, "IRRIGATION_STARTED", dt.timedelta(seconds=interval))
     if not due:
         return
-    actuator = gates.find_actuator(ctx.zone, IRRIGATION_CHANNELS, ("irrig", "pump"), ("pump",))
+    found = [(node, name) for node in ctx.zone.nodes if (name := irrigation_channel(node.type, node.channels))]
+    actuator = min(found, key=lambda a: (not a[0].online, IRRIGATION_CHANNELS.index(a[1])), default=None)
     if actuator is None:
         m.ACTUATIONS.labels("irrigation", "no_actuator").inc()
         return

@@ -46,9 +46,9 @@ from common.db import Database, _init_connection  # noqa: E402
 from common.mqtt import MqttClient  # noqa: E402
 from common.topics import Topics  # noqa: E402
 from actuators import CommandSender  # noqa: E402
-from config import SchedulerConfig  # noqa: E402
 from engine import Scheduler  # noqa: E402
 from schedules import LOAD_SQL  # noqa: E402
+from settings import ServiceSettings  # noqa: E402
 
 TIMEZONES = ["Europe/Berlin", "America/New_York", "Asia/Tokyo", "UTC", "Europe/Moscow"]
 NOW = dt.datetime(2026, 6, 1, 12, 0, 30, tzinfo=dt.timezone.utc)
@@ -180,7 +180,7 @@ async def run_size(zones: int, args: argparse.Namespace, steady: bool) -> tuple[
         await mqtt.start(wait=10)
         try:
             topics = Topics(settings.mqtt_topic_root)
-            sched = Scheduler(settings, SchedulerConfig(), db, CommandSender(db, mqtt, topics))
+            sched = Scheduler(settings, ServiceSettings(), db, CommandSender(db, mqtt, topics))
             for _ in range(3):
                 await db.fetch(LOAD_SQL)  # warm the plan and the caches
             trips = ROUND_TRIPS.count

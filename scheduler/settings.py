@@ -1,14 +1,14 @@
-"""Scheduler settings of its own (the common ones are in common/env.py); documented in README.md."""
+"""Settings of the scheduler alone (the shared ones are in common.env.Settings); documented in README.md."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping
 
-from common.env import EnvReader
+from common.env import EnvReader, Settings
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class ServiceSettings:
     interval_sec: float = 60.0          # SCHEDULER_INTERVAL_SEC: time between ticks
     catchup_sec: float = 300.0          # SCHEDULER_CATCHUP_SEC: the oldest a scheduled time may be and still fire
     followup_poll_sec: float = 1.0      # SCHEDULER_FOLLOWUP_POLL_SEC: how often due follow-ups are looked for
@@ -17,7 +17,9 @@ class SchedulerConfig:
     concurrency: int = 200              # SCHEDULER_CONCURRENCY: zones whose commands are in flight at once
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "SchedulerConfig":
+    def from_env(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> "ServiceSettings":
+        """The scheduler's knobs; in production also its one secret, PG_PASS."""
+        settings.require_secrets()
         env = EnvReader(environ)
         return cls(
             interval_sec=env.float("SCHEDULER_INTERVAL_SEC", 60.0, 1, 3600),

@@ -6,12 +6,13 @@ import itertools
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import pytest
-
+from common.commands import record_response
+from common.schemas import CommandResponse
+from common.testing import Channel, seed_greenhouse, seed_node, seed_zone
 from common.topics import Topics
 from actuators import CommandSender
-from config import SchedulerConfig
 from engine import Scheduler
+from settings import ServiceSettings
 
 _seq = itertools.count(1)
 
@@ -34,36 +35,26 @@ def local(tz: str, *args: int, fold: int = 0) -> dt.datetime:
 async def make_zone(db, *, targets: dict[str, Any], tz: str | None = "Europe/Berlin",
                     capabilities: dict | None = None, status: str = "online", settings: dict | None = None,
                     gh_uid: str | None = None) -> int:
+    """A zone (in greenhouse `gh_uid` with timezone `tz`) running a one-phase recipe of `targets`."""
     n = next(_seq)
-    gh_uid = gh_uid or f"gh-{n}"
-    gh = await db.fetchval("INSERT INTO greenhouses (uid, name, timezone) VALUES ($1, 'GH', $2)"
-                           " ON CONFLICT (uid) DO UPDATE SET name = excluded.name RETURNING id", gh_uid, tz)
-    zone = await db.fetchval(
-        "INSERT INTO zones (greenhouse_id, name, status, capabilities, settings) VALUES ($1, $2, $3, $4, $5)"
-        " RETURNING id", gh, f"zone {n}", status, capabilities, settings)
-    recipe = await db.fetchval("INSERT INTO recipes (name) VALUES ($1) RETURNING id", f"recipe {n}")
-    await db.execute("INSERT INTO recipe_phases (recipe_id, phase_index, name, targets) VALUES ($1, 0, 'p0', $2)",
-                     recipe, targets)
-    await db.execute("INSERT INTO zone_recipe_instances (zone_id, recipe_id, current_phase_index, started_at)"
-                     " VALUES ($1, $2, 0, now())", zone, recipe)
-    return zone
+    greenhouse = await seed_greenhouse(db, gh_uid or f"gh-{n}", timezone=tz)
+    return await seed_zone(db, greenhouse, f"zone {n}", targets=targets, status=status, capabilities=capabilities,
+                           settings=settings)
 
 
 async def add_node(db, zone_id: int, uid: str, node_type: str, channels: list[tuple[str, str, dict | None]],
                    status: str = "online") -> int:
-    node = await db.fetchval("INSERT INTO nodes (uid, zone_id, type, status) VALUES ($1, $2, $3, $4) RETURNING id",
-                             uid, zone_id, node_type, status)
-    for name, kind, config in channels:
-        await db.execute("INSERT INTO node_channels (node_id, channel, type, config) VALUES ($1, $2, $3, $4)",
-                         node, name, kind, config)
-    return node
+    """A node with `channels` given as (name, type, config)."""
+    return await seed_node(db, uid, zone_id, type=node_type, status=status,
+                           channels=[Channel(name, config, kind) for name, kind, config in channels])
 
 
 async def set_metric(db, zone_id: int, metric: str, value: float, at: dt.datetime) -> None:
     await db.execute(
         "INSERT INTO telemetry_last (zone_id, node_id, metric_type, value, updated_at) VALUES ($1, -1, $2, $3, $4)"
         " ON CONFLICT (zone_id, node_id, metric_type) DO UPDATE SET value = excluded.value,"
-        " updated_at = excluded.updated_at", zone_id, metric, value, at.astimezone(dt.timezone.utc).replace(tzinfo=None))
+        " updated_at = excluded.updated_at", zone_id, metric, value,
+        at.astimezone(dt.timezone.utc).replace(tzinfo=None))
 
 
 async def events(db, zone_id: int, *types: str) -> list:
@@ -71,16 +62,14 @@ async def events(db, zone_id: int, *types: str) -> list:
                           zone_id, list(types))
 
 
-def make_scheduler(settings, db, mqtt, clock: Clock | None = None, **config: Any) -> Scheduler:
-    return Scheduler(settings, SchedulerConfig(**config), db,
+def make_scheduler(settings, db, mqtt, clock: Clock | None = None, **options: Any) -> Scheduler:
+    return Scheduler(settings, ServiceSettings(**options), db,
                      CommandSender(db, mqtt, Topics(settings.mqtt_topic_root)),
                      clock=clock or Clock(dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)))
 
 
 async def node_answers(db, run_id: int, status: str = "ACK", error_code: str | None = None) -> None:
     """A node's command_response to each open command of the run, applied as history-logger does."""
-    from common.commands import record_response
-    from common.schemas import CommandResponse
     for row in await db.fetch("SELECT cmd_id FROM scheduler_run_command_status WHERE run_id = $1"
                               " AND status IN ('pending', 'sent')", run_id):
         payload = {"cmd_id": row["cmd_id"], "status": status, "error_code": error_code}
