@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import redis.asyncio as redis
 import redis.exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from .env import Settings
 
@@ -14,7 +16,10 @@ REDIS_TRANSIENT = (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, 
 CONFIG_CHANGED_CHANNEL = "config:changed"  # + key prefix: bridge → automation-engine reload signal
 
 
-def redis_client(settings: Settings) -> redis.Redis:
+def redis_client(settings: Settings, resend: bool = True) -> redis.Redis:
+    """resend=False: a command (or MULTI/EXEC) is never sent again by the client after a connection
+    broke. redis-py resends by default, which applies a write twice when only its reply was lost;
+    callers whose writes are not idempotent retry themselves and can tell whether it happened."""
     return redis.Redis(
         host=settings.redis_host,
         port=settings.redis_port,
@@ -23,6 +28,7 @@ def redis_client(settings: Settings) -> redis.Redis:
         socket_timeout=10,
         socket_connect_timeout=5,
         health_check_interval=15,
+        **({} if resend else {"retry": Retry(NoBackoff(), 0)}),
     )
 
 

@@ -179,6 +179,56 @@ class PrivateServer:
         self.close()
 
 
+class ReplyLosingProxy:
+    """A TCP proxy in front of a server that, when armed, lets the next request containing `marker`
+    through and then breaks the connection instead of passing the server's reply on: the request
+    was applied, the client only cannot know. Later connections pass everything."""
+
+    def __init__(self, host: str, port: int, marker: bytes):
+        self.target, self.marker = (host, port), marker
+        self.armed = False
+        self.dropped = 0
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> "ReplyLosingProxy":
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(*self.target)
+        losing = asyncio.Event()
+
+        async def requests() -> None:
+            while data := await client_r.read(65536):
+                if self.armed and self.marker in data:
+                    self.armed = False
+                    losing.set()
+                server_w.write(data)
+                await server_w.drain()
+
+        async def replies() -> None:
+            while data := await server_r.read(65536):
+                if losing.is_set():
+                    self.dropped += 1
+                    return
+                client_w.write(data)
+                await client_w.drain()
+
+        tasks = [asyncio.create_task(requests()), asyncio.create_task(replies())]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in (client_w, server_w):
+            writer.close()
+
+
 class PrivateMosquitto(PrivateServer):
     name = "mosquitto"
 

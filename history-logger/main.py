@@ -38,7 +38,7 @@ class HistoryLogger:
         self.settings = settings
         self.options = options
         self.db = Database(settings)
-        self.redis = redis_client(settings)
+        self.redis = redis_client(settings, resend=False)  # its appends retry themselves, exactly once
         self.keys = StreamKeys(settings)
         self.topics = Topics(settings.mqtt_topic_root)
         self.receiver = Receiver(settings, options, self.redis, self.keys)

@@ -19,7 +19,8 @@ from common.testing import drop_redis_keys
 import metrics as m
 import telemetry_parse as tp
 from node_cache import NodeCache
-from receiver import StreamKeys
+from receiver import Receiver, StreamKeys
+from settings import ServiceSettings
 from telemetry_writer import TelemetryWriter
 from testing import (Publisher, assert_exactly, fast_settings, seed, start_logger, telemetry_messages, wait_published,
                      wait_rows, wait_subscribed)
@@ -155,6 +156,26 @@ async def test_redis_restarted_loses_no_acknowledged_message(settings, db):
             await assert_exactly(db, 2000)
         finally:
             await service.stop()
+
+
+async def test_an_append_whose_reply_is_lost_is_stored_once(settings):
+    """Redis applied the append, the connection broke before its reply: the receiver asks instead of
+    appending again (the client it is given never resends on its own)."""
+    marker = b"reply-lost-" + testing.unique_id().encode()
+    async with testing.ReplyLosingProxy(settings.redis_host, settings.redis_port, marker) as proxy:
+        through = settings.replace(redis_port=proxy.port)
+        client = redis_client(through, resend=False)
+        keys = StreamKeys(through)
+        receiver = Receiver(through, ServiceSettings.from_env(through), client, keys)
+        try:
+            proxy.armed = True
+            await receiver.append([], [], [{b"t": b"hydro/gh/zn-1/nd/status", b"p": marker, b"ret": b"0",
+                                            b"at": b"1.0"}], [marker])
+            assert proxy.dropped == 1
+            assert await client.xlen(keys.events) == 1
+        finally:
+            await client.aclose()
+            await drop_redis_keys(settings)
 
 
 async def test_broker_restarted_resubscribes_and_stores_what_follows(settings, db):
