@@ -14,9 +14,9 @@ from actions import Services
 from common import testing
 from common.service import HttpServer
 from common.topics import Topics
-from config.settings import AutomationSettings
 from config_source import ConfigLoader
 from engine import Engine, utcnow
+from settings import ServiceSettings
 
 FULL_CAPS = {"ph_control": True, "ec_control": True, "climate_control": True, "light_control": True,
              "irrigation_control": True, "recirculation": True, "flow_sensor": True}
@@ -156,19 +156,19 @@ async def laravel():
 
 
 @pytest.fixture
-def auto_settings() -> AutomationSettings:
-    return AutomationSettings.from_env({}).replace(refusal_alert_cycles=3)
+def options(settings) -> ServiceSettings:
+    return ServiceSettings.from_env(settings, {}).replace(refusal_alert_cycles=3)
 
 
 @pytest.fixture
-async def make_engine(settings, db, mqtt, auto_settings):
-    """make_engine(laravel_url=None, **auto_changes) → an Engine on the test database."""
+async def make_engine(settings, db, mqtt, options):
+    """make_engine(laravel_url=None, **option_changes) → an Engine on the test database."""
     loaders: list[ConfigLoader] = []
 
     def make(laravel_url: str | None = "", owner: str | None = None, controllers=None, **changes) -> Engine:
         s = settings.replace(laravel_api_url=laravel_url or "", laravel_api_token="1|secret",
                              laravel_http_timeout_sec=3.0)
-        services = Services(db, mqtt, Topics(s.mqtt_topic_root), s, auto_settings.replace(**changes))
+        services = Services(db, mqtt, Topics(s.mqtt_topic_root), s, options.replace(**changes))
         loader = ConfigLoader(s, db)
         loaders.append(loader)
         return Engine(services, loader, owner=owner, controllers=controllers)
