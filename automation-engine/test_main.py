@@ -5,8 +5,7 @@ from common import testing
 from common.redis_client import CONFIG_CHANGED_CHANNEL, key, redis_client
 from main import build
 from settings import ServiceSettings
-from zone_fixtures import *  # noqa: F401,F403 - fixtures
-from zone_fixtures import automation_commands, seed_zone
+from testing import automation_commands, seed_zone
 
 
 async def test_service_runs_cycles_serves_ops_and_reloads_on_signal(settings, db):
