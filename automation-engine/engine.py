@@ -99,14 +99,14 @@ class Engine:
 
     # -- concurrency ----------------------------------------------------------------------
     def concurrency(self, total_zones: int) -> int:
-        options = self.services.options
-        if not options.adaptive_concurrency:
-            return options.max_concurrent_zones
+        auto = self.services.auto
+        if not auto.adaptive_concurrency:
+            return auto.max_concurrent_zones
         if self.avg_zone_time is None:
-            wanted = options.max_concurrent_zones  # nothing measured yet: be quick, not clever
+            wanted = auto.max_concurrent_zones  # nothing measured yet: be quick, not clever
         else:
-            wanted = math.ceil(total_zones * self.avg_zone_time / options.target_cycle_time_sec)
-        return max(options.min_concurrent_zones, min(options.max_concurrent_zones, wanted))
+            wanted = math.ceil(total_zones * self.avg_zone_time / auto.target_cycle_time_sec)
+        return max(auto.min_concurrent_zones, min(auto.max_concurrent_zones, wanted))
 
     def _measured(self, seconds: float) -> None:
         m.ZONE_PROCESSING_TIME.observe(seconds)
@@ -120,21 +120,21 @@ class Engine:
     async def _run_cycle(self, now: dt.datetime) -> CycleResult:
         started = time.monotonic()
         result = CycleResult()
-        services, options = self.services, self.services.options
+        services, auto = self.services, self.services.auto
         config = await self.config.load()
         result.config_source = config.source
         zones = await load_zones(services.db)
         result.zones = len(zones)
         claimed = await leases.claim(services.db, [z.id for z in zones], self.owner, now,
-                                     lease=dt.timedelta(seconds=options.zone_lease_sec),
-                                     min_gap=dt.timedelta(seconds=options.interval_sec / 2))
+                                     lease=dt.timedelta(seconds=auto.zone_lease_sec),
+                                     min_gap=dt.timedelta(seconds=auto.interval_sec / 2))
         mine = [z for z in zones if z.id in claimed]
         result.skipped = len(zones) - len(mine)
         try:
-            await load_facts(services.db, [z for z in mine if z.read_error is None], now, command_window=dt.timedelta(minutes=max(60.0, options.reassert_min)),
+            await load_facts(services.db, [z for z in mine if z.read_error is None], now, command_window=dt.timedelta(minutes=max(60.0, auto.reassert_min)),
                              fault_window=dt.timedelta(minutes=30),
                              sample_count=gates.REFERENCE_SAMPLES + 1,
-                             stuck_window=dt.timedelta(minutes=options.stuck_min_minutes))
+                             stuck_window=dt.timedelta(minutes=auto.stuck_min_minutes))
             result.concurrency = self.concurrency(len(mine))
             m.OPTIMAL_CONCURRENCY.set(result.concurrency)
             result.failed = await self._zones(mine, config, now, result)
@@ -236,7 +236,7 @@ class Engine:
     async def _failure_alert(self, result: CycleResult) -> None:
         db = self.services.db
         ratio = result.failed / result.processed if result.processed else 0.0
-        if result.processed and ratio > self.services.options.failing_zones_alert_ratio:
+        if result.processed and ratio > self.services.auto.failing_zones_alert_ratio:
             details = {**FAILURE_ALERT_MATCH, "failed": result.failed, "processed": result.processed,
                        "ratio": round(ratio, 3),
                        "message": f"{result.failed} of {result.processed} zones failed in one automation cycle"}

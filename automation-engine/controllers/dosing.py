@@ -77,7 +77,7 @@ def _size(spec: Spec, node, channel: str, diff: float) -> tuple[str, dict[str, A
 
 
 async def correct(ctx: ZoneContext, spec: Spec) -> None:
-    zone, now, options = ctx.zone, ctx.now, ctx.options
+    zone, now, auto = ctx.zone, ctx.now, ctx.auto
     if not zone.capability(spec.capability):
         return
     tgt = target(ctx.targets, spec.key)
@@ -93,9 +93,9 @@ async def correct(ctx: ZoneContext, spec: Spec) -> None:
     details = {**base, f"current_{spec.key}": current, "diff": diff}
     problem = gates.reading_problem(
         zone, spec.metric, reading, now, max_age=dt.timedelta(minutes=ctx.services.settings.telemetry_max_age_min),
-        max_rate_per_min=options.ph_max_rate_per_min if spec is PH else options.ec_max_rate_per_min,
-        stuck_min_samples=options.stuck_min_samples,
-        settle=dt.timedelta(minutes=options.ph_cooldown_min if spec is PH else options.ec_cooldown_min))
+        max_rate_per_min=auto.ph_max_rate_per_min if spec is PH else auto.ec_max_rate_per_min,
+        stuck_min_samples=auto.stuck_min_samples,
+        settle=dt.timedelta(minutes=auto.ph_cooldown_min if spec is PH else auto.ec_cooldown_min))
     if problem:
         await _refuse(ctx, spec, problem, details)
         return
@@ -136,20 +136,20 @@ async def correct(ctx: ZoneContext, spec: Spec) -> None:
     node, channel = actuator
     details.update(node_uid=node.uid, channel=channel)
     gate = gates.can_run_pump(zone, node, channel, now,
-                              telemetry_max_age=dt.timedelta(seconds=options.pump_telemetry_max_age_sec),
+                              telemetry_max_age=dt.timedelta(seconds=auto.pump_telemetry_max_age_sec),
                               water_max_age=dt.timedelta(minutes=ctx.services.settings.telemetry_max_age_min),
                               fault_window=dt.timedelta(minutes=30))
     if gate:
         await _refuse(ctx, spec, gate, details)
         return
-    cooldown = dt.timedelta(minutes=options.ph_cooldown_min if spec is PH else options.ec_cooldown_min)
+    cooldown = dt.timedelta(minutes=auto.ph_cooldown_min if spec is PH else auto.ec_cooldown_min)
     last = gates.last_time(zone, spec.dose_events, tuple(spec.pumps.values()))
     if last is not None and now - last < cooldown:
         await _refuse(ctx, spec, "settling", {**details, "last_dose_at": last.isoformat()})
         return
     if spec is PH:
         last_nutrient = gates.last_time(zone, EC.dose_events, tuple(EC.pumps.values()))
-        if last_nutrient is not None and now - last_nutrient < dt.timedelta(minutes=options.ph_after_nutrient_min):
+        if last_nutrient is not None and now - last_nutrient < dt.timedelta(minutes=auto.ph_after_nutrient_min):
             await _refuse(ctx, spec, "waiting_for_ec", {**details, "last_nutrient_at": last_nutrient.isoformat()})
             return
     sized = _size(spec, node, channel, diff)
@@ -159,8 +159,8 @@ async def correct(ctx: ZoneContext, spec: Spec) -> None:
     cmd, params, ml = sized
     count, ml_hour = gates.pumped_last_hour(zone, node, channel, now)
     cap_ml = as_number(ctx.targets.get("max_correction_per_hour_ml")) or (
-        options.ph_max_ml_per_hour if spec is PH else options.ec_max_ml_per_hour)
-    if count >= options.max_doses_per_pump_hour or ml_hour + ml > cap_ml + 1e-9:
+        auto.ph_max_ml_per_hour if spec is PH else auto.ec_max_ml_per_hour)
+    if count >= auto.max_doses_per_pump_hour or ml_hour + ml > cap_ml + 1e-9:
         await _refuse(ctx, spec, "hourly_cap", {**details, "doses_last_hour": count, "ml_last_hour": round(ml_hour, 3),
                                                 "cap_ml": cap_ml})
         return
