@@ -18,7 +18,6 @@ from typing import Any
 
 import orjson
 
-import engine_metrics as m
 from common.alerts import ZONE_EVENTS_INSERT, ensure_alert, resolve_alerts
 from common.commands import CommandPublishError, issue_command
 from common.db import CONNECTION_ERRORS, Database
@@ -26,7 +25,8 @@ from common.env import Settings
 from common.mqtt import MqttClient
 from common.timespec import zone_info
 from common.topics import Topics
-from config.settings import AutomationSettings
+import metrics as m
+from settings import ServiceSettings
 from snapshot import AlertRow, CommandRow, Node, ZoneData
 
 log = logging.getLogger("automation.actions")
@@ -148,7 +148,7 @@ class Services:
     mqtt: MqttClient
     topics: Topics
     settings: Settings
-    auto: AutomationSettings
+    auto: ServiceSettings
     refusals: RefusalTracker = field(default_factory=RefusalTracker)
     skip_reasons: dict[tuple[int, str], str] = field(default_factory=dict)  # last *_CORRECTION_SKIPPED reason
     conditions: dict[tuple[int, str], bool] = field(default_factory=dict)   # zone conditions for transition events
@@ -173,7 +173,7 @@ class ZoneContext:
     health: tuple[float, str] | None = None
 
     @property
-    def auto(self) -> AutomationSettings:
+    def auto(self) -> ServiceSettings:
         return self.services.auto
 
     @property

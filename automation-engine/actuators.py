@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-import engine_metrics as m
+import metrics as m
 from actions import ZoneContext
 from common.commands import CommandError, CommandPublishError
 from snapshot import CommandRow, Node

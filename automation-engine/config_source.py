@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-import engine_metrics as m
+import metrics as m
 from common.db import Database
 from common.env import Settings
 

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-import engine_metrics as m
+import metrics as m
 import gates
 import leases
 from actions import Services, ZoneContext

@@ -19,24 +19,24 @@ from common.env import Settings, settings_or_exit
 from common.infra_watch import ConnectionWatch
 from common.mqtt import MqttClient
 from common.redis_client import CONFIG_CHANGED_CHANNEL, key, redis_client
-from common.service import HttpServer, ops_app, run_service
+from common.service import HttpServer, cancel_tasks, ops_app, ready_checks, run_service
 from common.topics import Topics
-from config.settings import AutomationSettings
-from config_source import ConfigLoader
 from actions import Services
+from config_source import ConfigLoader
 from engine import Engine
-import engine_metrics as m
+import metrics as m
+from settings import ServiceSettings
 
 log = logging.getLogger("automation.main")
 
 
 class AutomationService:
-    def __init__(self, settings: Settings, auto: AutomationSettings):
+    def __init__(self, settings: Settings, options: ServiceSettings):
         self.settings = settings
-        self.auto = auto
+        self.options = options
         self.db = Database(settings)
         self.mqtt = MqttClient(settings, "-auto")
-        self.services = Services(self.db, self.mqtt, Topics(settings.mqtt_topic_root), settings, auto)
+        self.services = Services(self.db, self.mqtt, Topics(settings.mqtt_topic_root), settings, options)
         self.config = ConfigLoader(settings, self.db)
         self.engine = Engine(self.services, self.config)
         self.http = HttpServer(ops_app(self.ready, "automation-engine"), settings.http_host, settings.automation_port)
@@ -45,15 +45,14 @@ class AutomationService:
         self._stopping = False
         self._loop_task: asyncio.Task | None = None
         self._listen_task: asyncio.Task | None = None
-        self.watch = ConnectionWatch("automation-engine", self.db, self.mqtt, after_sec=auto.infra_alert_after_sec)
+        self.watch = ConnectionWatch("automation-engine", self.db, self.mqtt, after_sec=options.infra_alert_after_sec)
         self._watch_task: asyncio.Task | None = None
         self._cycles_ok = 0
 
     async def ready(self) -> dict[str, bool]:
-        return {"db": await self.db.ping(), "mqtt": self.mqtt.connected}
+        return await ready_checks(db=self.db, mqtt=self.mqtt)
 
     async def start(self) -> None:
-        self.settings.require_secrets(*(["LARAVEL_API_TOKEN"] if self.settings.laravel_api_url else []))
         await self.db.connect()
         await self.mqtt.start(wait=None)
         await self.http.start()
@@ -71,11 +70,7 @@ class AutomationService:
         if self._loop_task:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        for task in (self._listen_task, self._watch_task):
-            if task:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await cancel_tasks([t for t in (self._listen_task, self._watch_task) if t])
         if self.redis is not None:
             await self.redis.aclose()
         await self.config.close()
@@ -84,7 +79,7 @@ class AutomationService:
         await self.db.close()
 
     async def _loop(self) -> None:
-        interval = self.auto.interval_sec
+        interval = self.options.interval_sec
         with contextlib.suppress(asyncio.TimeoutError):  # a first cycle without the broker would only refuse
             await self.mqtt.wait_connected(5.0)
         while not self._stopping:
@@ -103,7 +98,7 @@ class AutomationService:
                 await asyncio.wait_for(self._wake.wait(), max(remaining, 0.0))
             if self._wake.is_set() and not self._stopping:
                 # early reload: no faster than CONFIG_RELOAD_MIN_SEC after the last cycle began
-                gap = self.auto.config_reload_min_sec - (time.monotonic() - started)
+                gap = self.options.config_reload_min_sec - (time.monotonic() - started)
                 if gap > 0:
                     await asyncio.sleep(gap)
 
@@ -136,8 +131,9 @@ class AutomationService:
                     await pubsub.aclose()
 
 
-def build(settings: Settings, auto: AutomationSettings | None = None) -> AutomationService:
-    return AutomationService(settings, auto or settings_or_exit(AutomationSettings.from_env))
+def build(settings: Settings, options: ServiceSettings | None = None) -> AutomationService:
+    options = options or settings_or_exit(lambda: ServiceSettings.from_env(settings))
+    return AutomationService(settings, options)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from common import testing
 from engine import utcnow
 from tools.node_sim import NodeSpec, ReservoirParams, SensorFault, SimOptions, Simulator
 from tools.node_sim.layout import actuator, hardware_id_for, sensor
-from zone_fixtures import *  # noqa: F401,F403 - fixtures
 
 STUCK_MIN_MINUTES = 0.25   # 15 s
 MARGIN = dt.timedelta(seconds=4)   # logger flush + one cycle + clock granularity
@@ -43,25 +42,16 @@ def _specs(zones: dict[str, int]) -> list[NodeSpec]:
 
 async def _seed(db) -> dict[str, int]:
     """As Laravel leaves it: nodes offline with last_seen_at NULL until they are heard from."""
-    gh = await db.fetchval("INSERT INTO greenhouses (uid, name, timezone) VALUES ('gh-cl', 'CL', 'UTC') RETURNING id")
-    recipe = await db.fetchval("INSERT INTO recipes (name) VALUES ('cl') RETURNING id")
-    await db.execute("INSERT INTO recipe_phases (recipe_id, phase_index, name, targets) VALUES ($1, 0, 'p', $2)",
-                     recipe, {"ph": {"min": 5.6, "max": 6.0}})
-    zones = {}
-    for name in SCENARIOS:
-        zones[name] = await db.fetchval(
-            "INSERT INTO zones (greenhouse_id, name, status, capabilities) VALUES ($1, $2, 'RUNNING',"
-            " '{\"ph_control\": true}') RETURNING id", gh, name)
-        await db.execute("INSERT INTO zone_recipe_instances (zone_id, recipe_id, current_phase_index, started_at)"
-                         " VALUES ($1, $2, 0, now())", zones[name], recipe)
+    gh = await testing.seed_greenhouse(db, "gh-cl", "CL", timezone="UTC")
+    zones = {name: await testing.seed_zone(db, gh, name, targets={"ph": {"min": 5.6, "max": 6.0}},
+                                           started_hours_ago=0, status="RUNNING", capabilities={"ph_control": True})
+             for name in SCENARIOS}
     for spec in _specs(zones):
-        node_id = await db.fetchval(
-            "INSERT INTO nodes (uid, hardware_id, zone_id, type, status, validated) VALUES ($1, $2, $3, 'ph',"
-            " 'offline', true) RETURNING id", spec.uid, spec.hardware_id, spec.zone_id)
-        for ch in spec.channels:
-            config = None if ch.is_sensor else {"safe_limits": ch.safe_limits, "ml_per_second": ch.ml_per_second}
-            await db.execute("INSERT INTO node_channels (node_id, channel, type, metric, config)"
-                             " VALUES ($1, $2, $3, $4, $5)", node_id, ch.name, ch.type.lower(), ch.metric, config)
+        channels = [testing.Channel(ch.name, None if ch.is_sensor else {"safe_limits": ch.safe_limits,
+                                                                          "ml_per_second": ch.ml_per_second},
+                                    type=ch.type.lower(), metric=ch.metric) for ch in spec.channels]
+        await testing.seed_node(db, spec.uid, spec.zone_id, channels=channels, hardware_id=spec.hardware_id,
+                                type="ph", status="offline", validated=True)
     return zones
 
 

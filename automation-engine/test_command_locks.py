@@ -6,8 +6,7 @@ import asyncio
 from common import testing
 from common.commands import issue_command
 from common.topics import Topics
-from zone_fixtures import *  # noqa: F401,F403 - fixtures
-from zone_fixtures import metric_value, seed_zone
+from testing import metric_value, seed_zone
 
 
 async def _lock_waiters(db) -> int:

@@ -5,8 +5,7 @@ import pytest
 
 from common.db import Database
 from targets import in_window, light_window
-from zone_fixtures import *  # noqa: F401,F403 - fixtures
-from zone_fixtures import (FULL_CAPS, PUMP_LIMITS, add_samples, alerts, automation_commands, events, heartbeat, later,
+from testing import (FULL_CAPS, PUMP_LIMITS, add_samples, alerts, automation_commands, events, heartbeat, later,
                            seed_zone, set_telemetry)
 
 CLIMATE_NODES = {"nd-clim": ("climate", {"temp_sensor": {}, "heater_1": {}, "fan_A": {}})}

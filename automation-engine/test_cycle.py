@@ -7,8 +7,7 @@ import pytest
 from common.db import Database
 from config_source import ConfigLoader
 from engine import CONTROLLERS
-from zone_fixtures import *  # noqa: F401,F403 - fixtures
-from zone_fixtures import alerts, automation_commands, events, later, metric_value, seed_zone
+from testing import alerts, automation_commands, events, later, metric_value, seed_zone
 
 
 async def test_laravel_config_gives_each_zone_its_greenhouse(db, make_engine, laravel, mqtt_probe, settings):

@@ -1,8 +1,7 @@
 """pH / EC corrections: direction, size, caps, events (contract §8.3)."""
 import pytest
 
-from zone_fixtures import *  # noqa: F401,F403 - fixtures
-from zone_fixtures import (add_samples, alerts, automation_commands, events, heartbeat, later, metric_value,
+from testing import (add_samples, alerts, automation_commands, events, heartbeat, later, metric_value,
                            seed_zone, set_telemetry)
 
 

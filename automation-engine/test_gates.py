@@ -1,8 +1,7 @@
 """Every safety gate in front of a dose: no command published, the refusal counted by reason."""
 import pytest
 
-from zone_fixtures import *  # noqa: F401,F403 - fixtures
-from zone_fixtures import (add_samples, alerts, automation_commands, events, later, metric_value, seed_zone,
+from testing import (add_samples, alerts, automation_commands, events, later, metric_value, seed_zone,
                            set_telemetry)
 
 

@@ -3,16 +3,15 @@ import httpx
 
 from common import testing
 from common.redis_client import CONFIG_CHANGED_CHANNEL, key, redis_client
-from config.settings import AutomationSettings
 from main import build
-from zone_fixtures import *  # noqa: F401,F403 - fixtures
-from zone_fixtures import automation_commands, seed_zone
+from settings import ServiceSettings
+from testing import automation_commands, seed_zone
 
 
 async def test_service_runs_cycles_serves_ops_and_reloads_on_signal(settings, db):
     z = await seed_zone(db, telemetry={"PH": 6.3, "EC": 1.4})
     s = settings.replace(automation_port=testing.free_port(), laravel_api_url="")
-    service = build(s, AutomationSettings.from_env({}).replace(interval_sec=600, config_reload_min_sec=0))
+    service = build(s, ServiceSettings.from_env(s, {}).replace(interval_sec=600, config_reload_min_sec=0))
     await service.start()
     try:
         await service.mqtt.wait_connected(10)
@@ -79,7 +78,7 @@ async def _refused(base):
 async def test_cycles_go_on_without_redis(settings, db):
     await seed_zone(db, telemetry={"PH": 5.8, "EC": 1.4})
     s = settings.replace(automation_port=testing.free_port(), laravel_api_url="", redis_port=testing.free_port())
-    service = build(s, AutomationSettings.from_env({}).replace(interval_sec=0.2))
+    service = build(s, ServiceSettings.from_env(s, {}).replace(interval_sec=0.2))
     await service.start()
     try:
         await testing.eventually(lambda: _cycles(service, 3), 20, message="cycles without Redis")

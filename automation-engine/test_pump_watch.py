@@ -1,6 +1,5 @@
 """PUMP_STUCK_ON: water moving (flow / pump current) while no command runs a pump or valve."""
-from zone_fixtures import *  # noqa: F401,F403 - fixtures
-from zone_fixtures import FULL_CAPS, PUMP_LIMITS, alerts, automation_commands, later, seed_zone, set_telemetry
+from testing import FULL_CAPS, PUMP_LIMITS, alerts, automation_commands, later, seed_zone, set_telemetry
 
 NODES = {"nd-ph": ("ph", {"ph_sensor": {}, "pump_acid": dict(PUMP_LIMITS), "pump_base": dict(PUMP_LIMITS)}),
          "nd-irr": ("irrig", {"flow_sensor": {}, "pump_current": {}, "pump_in": dict(PUMP_LIMITS),

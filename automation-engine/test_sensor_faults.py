@@ -1,8 +1,7 @@
 """Lying sensors and poisoned data: a stuck, jumping or absurd reading never doses, and one zone's
 data never fails another zone's cycle."""
 
-from zone_fixtures import *  # noqa: F401,F403 - fixtures
-from zone_fixtures import add_samples, automation_commands, later, metric_value, seed_zone, set_telemetry
+from testing import add_samples, automation_commands, later, metric_value, seed_zone, set_telemetry
 
 
 async def _cycle_log(engine, zone_id, at=None):

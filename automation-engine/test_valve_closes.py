@@ -6,10 +6,9 @@ import asyncio
 import pytest
 
 from common import testing
+from testing import automation_commands, events, heartbeat, later, seed_zone
 from tools.node_sim import SimOptions, Simulator
 from tools.node_sim.layout import NodeSpec, actuator, hardware_id_for
-from zone_fixtures import *  # noqa: F401,F403 - fixtures
-from zone_fixtures import automation_commands, events, heartbeat, later, seed_zone
 
 
 def simulate(settings, zone: int, uid: str, node_type: str, channel: str) -> Simulator:

@@ -14,7 +14,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-import engine_metrics as m
+import metrics as m
 import gates
 from actions import ZoneContext
 from common.commands import CommandError, CommandPublishError

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-import engine_metrics as m
+import metrics as m
 import gates
 from actions import ZoneContext
 from actuators import send

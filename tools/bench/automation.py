@@ -42,9 +42,9 @@ from common.db import Database  # noqa: E402
 from common.mqtt import MqttClient  # noqa: E402
 from common.topics import Topics  # noqa: E402
 from actions import Services  # noqa: E402
-from config.settings import AutomationSettings  # noqa: E402
 from config_source import ConfigLoader  # noqa: E402
 from engine import Engine, utcnow  # noqa: E402
+from settings import ServiceSettings  # noqa: E402
 from snapshot import load_facts, load_zones  # noqa: E402
 import datetime as dt  # noqa: E402
 
@@ -100,13 +100,13 @@ async def seed(conn: asyncpg.Connection, zones: int, out_of_band: float, samples
     return await conn.fetchval("SELECT count(*) FROM zones WHERE id % $1 = 0", every)
 
 
-async def bare_reads(db: Database, auto: AutomationSettings) -> float:
+async def bare_reads(db: Database, options: ServiceSettings) -> float:
     started = time.perf_counter()
     await ConfigLoader(db.settings, db)._from_db()
     zones = await load_zones(db)
     await load_facts(db, zones, utcnow(), command_window=dt.timedelta(minutes=60),
                      fault_window=dt.timedelta(minutes=30), sample_count=10,
-                     stuck_window=dt.timedelta(minutes=auto.stuck_min_minutes))
+                     stuck_window=dt.timedelta(minutes=options.stuck_min_minutes))
     return time.perf_counter() - started
 
 
@@ -124,10 +124,10 @@ async def run_size(zones: int, args: argparse.Namespace) -> dict:
         await conn.close()
         await db.connect()
         await mqtt.start(wait=10)
-        auto = AutomationSettings.from_env({})
-        engine = Engine(Services(db, mqtt, Topics(settings.mqtt_topic_root), settings, auto), ConfigLoader(settings, db))
+        options = ServiceSettings.from_env(settings, {})
+        engine = Engine(Services(db, mqtt, Topics(settings.mqtt_topic_root), settings, options), ConfigLoader(settings, db))
 
-        baseline_before = statistics.median([await bare_reads(db, auto) for _ in range(args.repeat)])
+        baseline_before = statistics.median([await bare_reads(db, options) for _ in range(args.repeat)])
         profiler = cProfile.Profile() if args.profile else None
         if profiler:
             profiler.enable()
@@ -146,7 +146,7 @@ async def run_size(zones: int, args: argparse.Namespace) -> dict:
         with GcTime() as steady_gc:
             steady = [await engine.run_cycle(utcnow() + dt.timedelta(seconds=15 * (i + 1))) for i in range(3)]
         steady_trips = (ROUND_TRIPS.count - trips) / 3
-        baseline_after = statistics.median([await bare_reads(db, auto) for _ in range(args.repeat)])
+        baseline_after = statistics.median([await bare_reads(db, options) for _ in range(args.repeat)])
     finally:
         await mqtt.stop()
         await db.close()

@@ -1,22 +1,18 @@
-"""Test helpers: seed zones with nodes and telemetry, a small real Laravel HTTP server, an engine."""
+"""Test helpers: seed zones with nodes and telemetry (rows through common.testing's seeding), a small
+real Laravel HTTP server. The fixtures are in conftest.py."""
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import REGISTRY
 
-from actions import Services
 from common import testing
 from common.service import HttpServer
-from common.topics import Topics
-from config.settings import AutomationSettings
-from config_source import ConfigLoader
-from engine import Engine, utcnow
+from engine import utcnow
 
 FULL_CAPS = {"ph_control": True, "ec_control": True, "climate_control": True, "light_control": True,
              "irrigation_control": True, "recirculation": True, "flow_sensor": True}
@@ -43,32 +39,19 @@ async def seed_zone(db, *, gh_uid: str = "gh-1", name: str = "Z", capabilities: 
                     phases: list[tuple[int | None, dict]] | None = None, history: int = 3) -> Seeded:
     """A zone with a recipe instance; `nodes` maps uid → (type, {channel: config}); telemetry rows of the
     first node that has a sensor for the metric (or the first node) updated `age_sec` ago."""
-    gh_id = await db.fetchval(
-        "INSERT INTO greenhouses (uid, name, timezone) VALUES ($1, 'GH', $2)"
-        " ON CONFLICT (uid) DO UPDATE SET timezone = EXCLUDED.timezone RETURNING id", gh_uid, timezone)
-    zone_id = await db.fetchval(
-        "INSERT INTO zones (greenhouse_id, name, status, capabilities) VALUES ($1, $2, $3, $4) RETURNING id",
-        gh_id, name, status, capabilities)
-    recipe_id = await db.fetchval("INSERT INTO recipes (name) VALUES ('R') RETURNING id")
-    for index, (hours, phase_targets) in enumerate(phases or [(None, targets or {"ph": 5.8, "ec": 1.4})]):
-        await db.execute("INSERT INTO recipe_phases (recipe_id, phase_index, name, duration_hours, targets)"
-                         " VALUES ($1, $2, $3, $4, $5)", recipe_id, index, f"P{index}", hours, phase_targets)
-    await db.execute("INSERT INTO zone_recipe_instances (zone_id, recipe_id, current_phase_index, started_at)"
-                     " VALUES ($1, $2, 0, now() - make_interval(secs => $3))", zone_id, recipe_id,
-                     started_hours_ago * 3600.0)
+    gh_id = await testing.seed_greenhouse(db, gh_uid, timezone=timezone)
+    zone_id = await testing.seed_zone(db, gh_id, name, phases=phases, targets=targets or {"ph": 5.8, "ec": 1.4},
+                                      started_hours_ago=started_hours_ago, status=status, capabilities=capabilities)
+    recipe_id = await db.fetchval("SELECT recipe_id FROM zone_recipe_instances WHERE zone_id = $1", zone_id)
     if nodes is None:
         nodes = {f"nd-ph-{zone_id}": ("ph", {"ph_sensor": {}, "pump_acid": dict(PUMP_LIMITS),
                                             "pump_base": dict(PUMP_LIMITS)}),
                  f"nd-ec-{zone_id}": ("ec", {"ec_sensor": {}, "pump_nutrient": dict(PUMP_LIMITS)})}
     seeded = Seeded(gh_id, zone_id, recipe_id)
     for uid, (node_type, channels) in nodes.items():
-        node_id = await db.fetchval(
-            "INSERT INTO nodes (uid, zone_id, type, status, validated, last_seen_at)"
-            " VALUES ($1, $2, $3, $4, true, now()) RETURNING id", uid, zone_id, node_type, node_status)
-        seeded.nodes[uid] = node_id
-        for channel, config in channels.items():
-            await db.execute("INSERT INTO node_channels (node_id, channel, type, config) VALUES ($1, $2, $3, $4)",
-                             node_id, channel, "sensor" if "sensor" in channel else "actuator", config)
+        seeded.nodes[uid] = await testing.seed_node(
+            db, uid, zone_id, channels=[testing.Channel(channel, config) for channel, config in channels.items()],
+            type=node_type, status=node_status, validated=True, last_seen_at=testing.Sql("now()"))
     first_node = next(iter(seeded.nodes.values()), -1)
     for metric, value in (telemetry or {}).items():
         await set_telemetry(db, zone_id, metric, value, age_sec=age_sec, node_id=first_node, history=history)
@@ -145,37 +128,6 @@ class FakeLaravel:
         self.greenhouses = [{"id": 1, "uid": gh_uid, "name": "GH", "timezone": timezone,
                              "zones": [{"id": z, "name": f"Z{z}", "status": "RUNNING", "nodes": []}
                                        for z in zone_ids]}]
-
-
-@pytest.fixture
-async def laravel():
-    server = FakeLaravel()
-    await server.server.start()
-    yield server
-    await server.server.stop()
-
-
-@pytest.fixture
-def auto_settings() -> AutomationSettings:
-    return AutomationSettings.from_env({}).replace(refusal_alert_cycles=3)
-
-
-@pytest.fixture
-async def make_engine(settings, db, mqtt, auto_settings):
-    """make_engine(laravel_url=None, **auto_changes) → an Engine on the test database."""
-    loaders: list[ConfigLoader] = []
-
-    def make(laravel_url: str | None = "", owner: str | None = None, controllers=None, **changes) -> Engine:
-        s = settings.replace(laravel_api_url=laravel_url or "", laravel_api_token="1|secret",
-                             laravel_http_timeout_sec=3.0)
-        services = Services(db, mqtt, Topics(s.mqtt_topic_root), s, auto_settings.replace(**changes))
-        loader = ConfigLoader(s, db)
-        loaders.append(loader)
-        return Engine(services, loader, owner=owner, controllers=controllers)
-
-    yield make
-    for loader in loaders:
-        await loader.close()
 
 
 def later(minutes: float = 0, seconds: float = 0) -> dt.datetime:

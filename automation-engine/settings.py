@@ -1,6 +1,6 @@
-"""automation-engine settings: the common Settings plus the controller's own knobs.
+"""Settings of the automation engine alone (the shared ones are in common.env.Settings).
 
-Every variable is documented with its default in ../README.md.
+Every variable is documented with its default in README.md.
 """
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
-from common.env import EnvReader, Settings, SettingsError, get_settings
+from common.env import EnvReader, Settings, SettingsError
 
 
 @dataclass(frozen=True)
-class AutomationSettings:
+class ServiceSettings:
     interval_sec: float
     adaptive_concurrency: bool
     target_cycle_time_sec: float
@@ -39,9 +39,11 @@ class AutomationSettings:
     infra_alert_after_sec: float
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "AutomationSettings":
+    def from_env(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> "ServiceSettings":
+        """The engine's knobs; in production also the secrets it uses (the Laravel token when it asks Laravel)."""
+        settings.require_secrets(*(["LARAVEL_API_TOKEN"] if settings.laravel_api_url else []))
         env = EnvReader(environ)
-        settings = cls(
+        options = cls(
             interval_sec=env.float("AUTOMATION_INTERVAL_SEC", 15.0, 0.1, 3600),
             adaptive_concurrency=env.bool("ADAPTIVE_CONCURRENCY", True),
             target_cycle_time_sec=env.float("TARGET_CYCLE_TIME_SEC", 15.0, 0.1, 3600),
@@ -65,14 +67,10 @@ class AutomationSettings:
             zone_lease_sec=env.float("ZONE_LEASE_SEC", 120.0, 1.0, 86_400),
             infra_alert_after_sec=env.float("INFRA_ALERT_AFTER_SEC", 60.0, 1.0, 86_400),
         )
-        if settings.min_concurrent_zones > settings.max_concurrent_zones:
-            raise SettingsError(f"MIN_CONCURRENT_ZONES={settings.min_concurrent_zones} is larger than "
-                                f"MAX_CONCURRENT_ZONES={settings.max_concurrent_zones}")
-        return settings
+        if options.min_concurrent_zones > options.max_concurrent_zones:
+            raise SettingsError(f"MIN_CONCURRENT_ZONES={options.min_concurrent_zones} is larger than "
+                                f"MAX_CONCURRENT_ZONES={options.max_concurrent_zones}")
+        return options
 
-    def replace(self, **changes) -> "AutomationSettings":
+    def replace(self, **changes) -> "ServiceSettings":
         return dataclasses.replace(self, **changes)
-
-
-def load(environ: Mapping[str, str] | None = None) -> tuple[Settings, AutomationSettings]:
-    return get_settings(environ), AutomationSettings.from_env(environ)
