@@ -148,7 +148,7 @@ class Services:
     mqtt: MqttClient
     topics: Topics
     settings: Settings
-    auto: ServiceSettings
+    options: ServiceSettings
     refusals: RefusalTracker = field(default_factory=RefusalTracker)
     skip_reasons: dict[tuple[int, str], str] = field(default_factory=dict)  # last *_CORRECTION_SKIPPED reason
     conditions: dict[tuple[int, str], bool] = field(default_factory=dict)   # zone conditions for transition events
@@ -173,8 +173,8 @@ class ZoneContext:
     health: tuple[float, str] | None = None
 
     @property
-    def auto(self) -> ServiceSettings:
-        return self.services.auto
+    def options(self) -> ServiceSettings:
+        return self.services.options
 
     @property
     def db(self) -> Database:
@@ -325,7 +325,7 @@ class ZoneContext:
         m.REFUSALS.labels(metric, reason).inc()
         self.log.append(f"refused:{metric}:{reason}")
         cycles = self.services.refusals.refused(self.zone.id, metric, reason)
-        if cycles >= self.auto.refusal_alert_cycles:
+        if cycles >= self.options.refusal_alert_cycles:
             await self.alert(DOSING_BLOCKED, {**details, "metric": metric, "reason": reason, "cycles": cycles,
                                               "message": f"{metric} correction refused for {cycles} cycles: {reason}"},
                              match={"metric": metric})

@@ -37,7 +37,7 @@ async def ensure(ctx: ZoneContext, controller: str, node: Node, channel: str, cm
         if last.status in ("failed", "timeout"):
             if age < RETRY_FAILED_AFTER:
                 return False
-        elif age < dt.timedelta(minutes=ctx.auto.reassert_min):
+        elif age < dt.timedelta(minutes=ctx.options.reassert_min):
             return False
         change = False
     else:

@@ -99,7 +99,7 @@ class Engine:
 
     # -- concurrency ----------------------------------------------------------------------
     def concurrency(self, total_zones: int) -> int:
-        auto = self.services.auto
+        auto = self.services.options
         if not auto.adaptive_concurrency:
             return auto.max_concurrent_zones
         if self.avg_zone_time is None:
@@ -120,7 +120,7 @@ class Engine:
     async def _run_cycle(self, now: dt.datetime) -> CycleResult:
         started = time.monotonic()
         result = CycleResult()
-        services, auto = self.services, self.services.auto
+        services, auto = self.services, self.services.options
         config = await self.config.load()
         result.config_source = config.source
         zones = await load_zones(services.db)
@@ -236,7 +236,7 @@ class Engine:
     async def _failure_alert(self, result: CycleResult) -> None:
         db = self.services.db
         ratio = result.failed / result.processed if result.processed else 0.0
-        if result.processed and ratio > self.services.auto.failing_zones_alert_ratio:
+        if result.processed and ratio > self.services.options.failing_zones_alert_ratio:
             details = {**FAILURE_ALERT_MATCH, "failed": result.failed, "processed": result.processed,
                        "ratio": round(ratio, 3),
                        "message": f"{result.failed} of {result.processed} zones failed in one automation cycle"}

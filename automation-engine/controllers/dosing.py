@@ -77,7 +77,7 @@ def _size(spec: Spec, node, channel: str, diff: float) -> tuple[str, dict[str, A
 
 
 async def correct(ctx: ZoneContext, spec: Spec) -> None:
-    zone, now, auto = ctx.zone, ctx.now, ctx.auto
+    zone, now, auto = ctx.zone, ctx.now, ctx.options
     if not zone.capability(spec.capability):
         return
     tgt = target(ctx.targets, spec.key)

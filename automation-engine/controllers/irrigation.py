@@ -63,7 +63,7 @@ async def _pump_cycle(ctx: ZoneContext, controller: str, actuator: tuple[Node, s
     ctx.services.conditions.pop((zone.id, f"{controller}_water_low"), None)
     node, channel = actuator
     refusal = gates.can_run_pump(zone, node, channel, now,
-                                 telemetry_max_age=dt.timedelta(seconds=ctx.auto.pump_telemetry_max_age_sec),
+                                 telemetry_max_age=dt.timedelta(seconds=ctx.options.pump_telemetry_max_age_sec),
                                  water_max_age=dt.timedelta(minutes=ctx.services.settings.telemetry_max_age_min),
                                  fault_window=dt.timedelta(minutes=30))
     if refusal:
