@@ -15,11 +15,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from common.db import Database
-from common.env import Settings
 from common.http_api import ok
 from common.mqtt import MqttClient
 from common.nodeconfig import NodeConfigFailure, publish_node_config
-from common.redis_client import CONFIG_CHANGED_CHANNEL, key
 from common.schemas import (CalibrateFlowRequest, CommandRequest, ConfigPublishRequest, FillRequest,
                             ZoneUpdatedRequest)
 from common.topics import zone_id_from_segment
@@ -33,10 +31,10 @@ from tasks import TaskRegistry
 @dataclass(frozen=True)
 class Deps:
     """What the routes use (built by main.BridgeService)."""
-    settings: Settings
     db: Database
     mqtt: MqttClient
     redis: Redis
+    config_channel: str  # the Redis channel the automation engine listens to for configuration changes
     publisher: Publisher
     routines: Routines
     tasks: TaskRegistry
@@ -181,8 +179,7 @@ def build_router(deps: Deps) -> APIRouter:
         automation engine listens to."""
         message = {"zone_id": body.zone_id, "greenhouse_uid": body.greenhouse_uid}
         try:
-            receivers = await deps.redis.publish(key(deps.settings, CONFIG_CHANGED_CHANNEL),
-                                                    orjson.dumps(message))
+            receivers = await deps.redis.publish(deps.config_channel, orjson.dumps(message))
         except (RedisError, OSError) as exc:
             raise ApiError(503, f"Redis unavailable: {exc}", deps.retry_after) from None
         return ok({**message, "receivers": receivers}, 202)

@@ -18,7 +18,7 @@ from common.db import PG_UNAVAILABLE, Database
 from common.env import Settings, settings_or_exit
 from common.http_docs import docs_app
 from common.mqtt import MqttClient
-from common.redis_client import redis_client
+from common.redis_client import CONFIG_CHANGED_CHANNEL, key, redis_client
 from common.service import HttpServer, add_ops_routes, ready_checks, run_service
 from common.topics import Topics
 
@@ -43,7 +43,8 @@ class BridgeService:
         self.publisher = Publisher(self.db, self.mqtt, Topics(settings.mqtt_topic_root))
         self.tasks = TaskRegistry(options.task_keep_sec, options.max_tasks)
         self.routines = Routines(self.db, self.publisher, options, self.tasks, instance=self.mqtt.client_id)
-        self.deps = Deps(settings=settings, db=self.db, mqtt=self.mqtt, redis=self.redis, publisher=self.publisher,
+        self.deps = Deps(db=self.db, mqtt=self.mqtt, redis=self.redis,
+                         config_channel=key(settings, CONFIG_CHANGED_CHANNEL), publisher=self.publisher,
                          routines=self.routines, tasks=self.tasks, retry_after=self.retry_after)
         self.app = create_app(self)
         self.http = HttpServer(self.app, settings.http_host, settings.bridge_port)
