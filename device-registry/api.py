@@ -9,9 +9,10 @@ from typing import Annotated, Any, Awaitable, Callable
 
 from fastapi import Body, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from common.db import Database
+from common.http_api import ok
 from common.http_docs import docs_app
 from common.nodeconfig import ConfigError, NodeConfigFailure, PublishResult
 from common.schemas import BIGINT_MAX
@@ -23,10 +24,6 @@ import nodes
 
 # Control characters in the uid are refused by the guard before any route.
 Uid = Annotated[str, Path(description="nodes.uid", examples=[ex.UID], min_length=1, max_length=128)]
-
-
-def ok(data: Any, status_code: int = 200) -> JSONResponse:
-    return JSONResponse({"status": "ok", "data": data}, status_code=status_code)
 
 
 def publish_data(result: PublishResult) -> dict[str, Any]:
@@ -72,23 +69,23 @@ def build_app(db: Database, delivery: ConfigDelivery, token: str,
                          status: str | None = Query(None, max_length=64),
                          lifecycle_state: str | None = Query(None, max_length=32),
                          limit: int = Query(500, ge=1, le=5000),
-                         offset: int = Query(0, ge=0, le=BIGINT_MAX)) -> JSONResponse:
+                         offset: int = Query(0, ge=0, le=BIGINT_MAX)) -> Response:
         return ok(await nodes.list_nodes(db, zone_id=zone_id, status=status, lifecycle_state=lifecycle_state,
                                          limit=limit, offset=offset))
 
     @app.get("/nodes/{uid}", tags=["nodes"], summary="A node", responses=ex.responses(ex.NODE_OK, 404, 422))
-    async def get_node(uid: Uid) -> JSONResponse:
+    async def get_node(uid: Uid) -> Response:
         return ok(await node_or_404(uid))
 
     @app.patch("/nodes/{uid}", tags=["nodes"], summary="Rename a node", responses=ex.responses(ex.NODE_OK, 404, 422))
-    async def rename(uid: Uid, body: Annotated[nodes.RenameBody, Body(openapi_examples=ex.RENAME)]) -> JSONResponse:
+    async def rename(uid: Uid, body: Annotated[nodes.RenameBody, Body(openapi_examples=ex.RENAME)]) -> Response:
         if not await nodes.rename(db, uid, body.name):
             raise HTTPException(404, f"node {uid!r} not found")
         return ok(await node_or_404(uid))
 
     @app.put("/nodes/{uid}/zone", tags=["nodes"], summary="Assign a node to a zone and send it its config",
              responses=ex.responses(ex.ZONE_OK, 404, 409, 422))
-    async def assign_zone(uid: Uid, body: Annotated[nodes.ZoneBody, Body(openapi_examples=ex.ZONE)]) -> JSONResponse:
+    async def assign_zone(uid: Uid, body: Annotated[nodes.ZoneBody, Body(openapi_examples=ex.ZONE)]) -> Response:
         await nodes.assign_zone(db, delivery, uid, body.zone_id)
         node = await node_or_404(uid)
         config = None
@@ -101,13 +98,13 @@ def build_app(db: Database, delivery: ConfigDelivery, token: str,
 
     @app.delete("/nodes/{uid}/zone", tags=["nodes"], summary="Take a node out of its zone",
                 responses=ex.responses(ex.UNASSIGN_OK, 404, 422))
-    async def unassign_zone(uid: Uid) -> JSONResponse:
+    async def unassign_zone(uid: Uid) -> Response:
         await nodes.unassign_zone(db, delivery, uid)
         return ok({"node": await node_or_404(uid)})
 
     @app.get("/nodes/{uid}/config", tags=["configs"], summary="A node's config, versions and delivery state",
              responses=ex.responses(ex.CONFIG_STATE_OK, 404, 422))
-    async def get_config(uid: Uid) -> JSONResponse:
+    async def get_config(uid: Uid) -> Response:
         state = await config_state(db, uid)
         if state is None:
             raise HTTPException(404, f"node {uid!r} not found")
@@ -115,7 +112,7 @@ def build_app(db: Database, delivery: ConfigDelivery, token: str,
 
     @app.put("/nodes/{uid}/config", tags=["configs"], summary="Store a node's config and publish it",
              responses=ex.responses(ex.PUBLISH_OK, 202, 400, 404, 422))
-    async def put_config(uid: Uid, body: Any = Body(..., openapi_examples=ex.PUT_CONFIG)) -> JSONResponse:
+    async def put_config(uid: Uid, body: Any = Body(..., openapi_examples=ex.PUT_CONFIG)) -> Response:
         config = body.get("config") if isinstance(body, dict) and isinstance(body.get("config"), dict) \
             and "channels" not in body else body
         if not isinstance(config, dict):
@@ -125,7 +122,7 @@ def build_app(db: Database, delivery: ConfigDelivery, token: str,
 
     @app.post("/nodes/{uid}/config/publish", tags=["configs"], summary="Send a node its current config again",
               responses=ex.responses(ex.PUBLISH_OK, 202, 400, 404, 422))
-    async def republish(uid: Uid) -> JSONResponse:
+    async def republish(uid: Uid) -> Response:
         result = await delivery.publish(uid)
         return ok(publish_data(result), status_code=200 if result.published else 202)
 

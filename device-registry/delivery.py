@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-import registry_metrics as rm
+import metrics
 from refusal_log import RefusalLog
 from common.alerts import add_zone_event, ensure_alert, resolve_alerts
 from common.db import Database
@@ -57,7 +57,7 @@ class ConfigDelivery:
         result = await publish_node_config(self.db, self.mqtt, self.topics, uid, config, defaults=self.defaults,
                                            source="registry")
         if not result.published:
-            rm.CONFIGS_FAILED.labels("broker").inc()
+            metrics.CONFIGS_FAILED.labels("broker").inc()
         return result
 
     async def deliver(self, uid: str, trigger: str) -> PublishResult | None:
@@ -66,25 +66,25 @@ class ConfigDelivery:
         at most once per REGISTRY_REPUBLISH_INTERVAL_SEC (the config is retained on the broker anyway)."""
         node = await find_node(self.db, uid)
         if node is None or node["zone_id"] is None or node["lifecycle_state"] not in CONFIGURABLE_STATES:
-            rm.MESSAGES_IGNORED.labels(trigger, "not_configurable").inc()
+            metrics.MESSAGES_IGNORED.labels(trigger, "not_configurable").inc()
             return None
         last = self._sent.get(node["uid"])
         now = time.monotonic()
         if last and last[0] == node["current_version"] and now - last[1] < self.republish_interval_sec:
-            rm.MESSAGES_IGNORED.labels(trigger, "recently_sent").inc()
+            metrics.MESSAGES_IGNORED.labels(trigger, "recently_sent").inc()
             return None
         try:
             result = await publish_node_config(self.db, self.mqtt, self.topics, node["uid"], None,
                                                defaults=self.defaults, source="registry")
         except NodeConfigFailure as exc:
-            rm.CONFIGS_FAILED.labels(exc.reason).inc()
+            metrics.CONFIGS_FAILED.labels(exc.reason).inc()
             log.warning("config_delivery_refused", extra={"node_uid": uid, "trigger": trigger, "error": str(exc)})
             return None
         if not result.published:
-            rm.CONFIGS_FAILED.labels("broker").inc()
+            metrics.CONFIGS_FAILED.labels("broker").inc()
             return result
         self._sent[node["uid"]] = (result.version, now)
-        rm.CONFIG_DELIVERIES.labels(trigger).inc()
+        metrics.CONFIG_DELIVERIES.labels(trigger).inc()
         log.info("config_delivered", extra={"node_uid": uid, "trigger": trigger, "version": result.version})
         return result
 
@@ -93,14 +93,14 @@ class ConfigDelivery:
         """A node came ONLINE: re-send its current config when it has not applied it yet."""
         node = await find_node(self.db, parsed.node)
         if node is None:
-            rm.MESSAGES_IGNORED.labels("status", "unknown_node").inc()
+            metrics.MESSAGES_IGNORED.labels("status", "unknown_node").inc()
             return None
         current = node["current_version"]
         applied = node["applied_version"]
         if current is None or (applied is not None and applied >= current):
             return None
         if node["node_error_version"] == current:  # the node refused this version: wait for a new one
-            rm.MESSAGES_IGNORED.labels("status", "refused_version").inc()
+            metrics.MESSAGES_IGNORED.labels("status", "refused_version").inc()
             return None
         return await self.deliver(node["uid"], "status")
 
@@ -114,7 +114,7 @@ class ConfigDelivery:
         if reason is None:
             version, reason = await self._published_version(node, response)
         if reason is not None:
-            rm.CONFIG_RESPONSES_INVALID.labels(reason).inc()
+            metrics.CONFIG_RESPONSES_INVALID.labels(reason).inc()
             self.refusals.warning(reason, "config_response_refused", gh=str(parsed.gh)[:128],
                                   zone=str(parsed.zone)[:128], node=str(parsed.node)[:128],
                                   node_id=response.node_id, version=response.version)
@@ -177,7 +177,7 @@ class ConfigDelivery:
             " VALUES ($1, $2, now(), now()) ON CONFLICT (node_id) DO UPDATE SET applied_version = $2,"
             " applied_at = now(), node_error = NULL, node_error_version = NULL, node_error_at = NULL,"
             " updated_at = now()", node["id"], version)
-        rm.CONFIGS_APPLIED.inc()
+        metrics.CONFIGS_APPLIED.inc()
         if parsed.gh != TEMP_GH and node["temp_pending"]:
             await self._clear_temp_topics(conn, node)
         if zone_id is not None:
@@ -194,7 +194,7 @@ class ConfigDelivery:
             "INSERT INTO node_config_delivery (node_id, node_error, node_error_version, node_error_at, updated_at)"
             " VALUES ($1, $2, $3, now(), now()) ON CONFLICT (node_id) DO UPDATE SET node_error = $2,"
             " node_error_version = $3, node_error_at = now(), updated_at = now()", node["id"], error, version)
-        rm.CONFIGS_FAILED.labels("node_error").inc()
+        metrics.CONFIGS_FAILED.labels("node_error").inc()
         if zone_id is not None:
             await ensure_alert(conn, zone_id=zone_id, alert_type="CONFIG_ERROR", match={"node_uid": node["uid"]},
                                details={"node_uid": node["uid"], "error": error, "version": version,

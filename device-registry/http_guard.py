@@ -1,26 +1,26 @@
 """One ASGI middleware in front of every route of the registry.
 
 Behind common.http_guard (HTTP_MAX_BODY_BYTES: an oversized body is refused before it is read). Order:
-the bearer token is checked before anything of the request is read (except /health, /ready, /metrics and
-the docs pages); then the path and query are checked for control characters; then the body, when there
+the bearer token is checked (common.http_api) before anything of the request is read (except /health,
+/ready, /metrics and the docs pages); then the path and query are checked for control characters; then the body, when there
 is one, is parsed and checked (common.schemas.json_problem_at) before any route sees it. Every refusal is counted by reason in
 `registry_http_refused_total` and logged once per reason per minute; every answer is counted by route
 and status in `registry_http_requests_total`.
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qsl
 
 import orjson
-from prometheus_client import Counter
 
+from common.http_api import bearer_refusal
 from common.http_docs import is_docs_path
 from common.http_guard import NotingSend, replay
 from common.schemas import json_problem_at
+import metrics
 from refusal_log import RefusalLog
 
 Scope = dict[str, Any]
@@ -28,12 +28,7 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
 OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
-NO_TOKEN = "Server misconfiguration: PY_API_TOKEN must be set for security"
-UNAUTHORIZED = "Unauthorized: invalid or missing token"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-REFUSED = Counter("registry_http_refused_total", "REST requests refused before or by validation", ["reason"])
-REQUESTS = Counter("registry_http_requests_total", "REST answers by route template and status", ["route", "status"])
 
 log = logging.getLogger("device_registry.http")
 _REFUSALS = RefusalLog(log)
@@ -68,7 +63,8 @@ class RegistryGuard:
             await self.app(scope, receive, send_and_note)
         finally:
             route = scope.get("route")
-            REQUESTS.labels(getattr(route, "path", None) or "unrouted", str(send_and_note.status or 500)).inc()
+            metrics.REQUESTS.labels(getattr(route, "path", None) or "unrouted",
+                                    str(send_and_note.status or 500)).inc()
 
     async def refuse(self, send: Send, refusal: Refusal, scope: Scope) -> None:
         count_refusal(refusal.reason, scope, refusal.detail)
@@ -82,17 +78,9 @@ class RegistryGuard:
         await send({"type": "http.response.body", "body": data})
 
     def _check_token(self, scope: Scope) -> None:
-        if not self.token:
-            raise Refusal(500, "no_token_configured", NO_TOKEN)
-        given = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, credentials = value.partition(b" ")
-                if scheme.lower() == b"bearer":
-                    given = credentials.strip()
-                break
-        if not hmac.compare_digest(given, self.token):
-            raise Refusal(401, "unauthorized", UNAUTHORIZED, headers=((b"www-authenticate", b"Bearer"),))
+        refusal = bearer_refusal(scope, self.token)
+        if refusal is not None:
+            raise Refusal(refusal.status, refusal.reason, refusal.detail, headers=refusal.headers)
 
     @staticmethod
     def _check_target(scope: Scope) -> None:
@@ -132,6 +120,6 @@ class RegistryGuard:
 
 
 def count_refusal(reason: str, scope: Scope, detail: str) -> None:
-    REFUSED.labels(reason).inc()
+    metrics.REFUSED.labels(reason).inc()
     _REFUSALS.warning(reason, "http_request_refused", method=scope.get("method"), path=str(scope.get("path"))[:200],
                      detail=detail[:300])

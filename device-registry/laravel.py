@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-import registry_metrics as rm
+import metrics
 from common.env import Settings
 from common.schemas import NodeHello
 
@@ -56,10 +56,10 @@ class LaravelForwarder:
                 outcome, detail = "unreachable", f"{type(exc).__name__}: {exc}"
             else:
                 if response.is_success:
-                    rm.LARAVEL_FORWARDS.labels("ok").inc()
+                    metrics.LARAVEL_FORWARDS.labels("ok").inc()
                     return True
                 if response.status_code < 500:
-                    rm.LARAVEL_FORWARDS.labels("refused").inc()
+                    metrics.LARAVEL_FORWARDS.labels("refused").inc()
                     log.warning("laravel_register_refused", extra={"hardware_id": hardware_id,
                                                                    "status": response.status_code,
                                                                    "body": response.text[:300]})
@@ -67,7 +67,7 @@ class LaravelForwarder:
                 outcome, detail = "server_error", f"HTTP {response.status_code}"
             log.info("laravel_register_retry", extra={"hardware_id": hardware_id, "attempt": attempt + 1,
                                                       "error": detail})
-        rm.LARAVEL_FORWARDS.labels(outcome).inc()
+        metrics.LARAVEL_FORWARDS.labels(outcome).inc()
         log.warning("laravel_register_failed", extra={"hardware_id": hardware_id, "error": detail})
         return False
 

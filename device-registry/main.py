@@ -10,17 +10,17 @@ import logging
 import sys
 from typing import Any, Awaitable
 
-import registry_settings
 from api import build_app
 from common.db import Database
 from common.env import Settings, settings_or_exit
 from common.mqtt import MqttClient
-from common.service import HttpServer, run_service
+from common.service import HttpServer, drain_then_cancel, ready_checks, run_service
 from common.topics import Topics
 from delivery import ConfigDelivery
 from laravel import LaravelForwarder
 from mqtt_handlers import RegistryHandlers
 from registration import NewNodeLimit
+from settings import ServiceSettings
 
 log = logging.getLogger("device_registry")
 
@@ -28,18 +28,18 @@ STOP_GRACE_SEC = 15.0
 
 
 class Registry:
-    def __init__(self, settings: Settings, rs: registry_settings.RegistrySettings):
+    def __init__(self, settings: Settings, options: ServiceSettings):
         self.settings = settings
-        self.rs = rs
+        self.options = options
         self.db = Database(settings)
         self.mqtt = MqttClient(settings, "-registry")
         self.topics = Topics(settings.mqtt_topic_root)
-        self.delivery = ConfigDelivery(self.db, self.mqtt, self.topics, rs.config_defaults(),
-                                       rs.republish_interval_sec, rs.applied_events)
-        self.forwarder = (LaravelForwarder(settings, rs.laravel_retries, rs.laravel_retry_base_sec)
-                          if rs.forward_hello else None)
+        self.delivery = ConfigDelivery(self.db, self.mqtt, self.topics, options.config_defaults(),
+                                       options.republish_interval_sec, options.applied_events)
+        self.forwarder = (LaravelForwarder(settings, options.laravel_retries, options.laravel_retry_base_sec)
+                          if options.forward_hello else None)
         self.handlers = RegistryHandlers(self.db, self.mqtt, self.topics, self.delivery, self.forwarder, self.spawn,
-                                         NewNodeLimit(rs.new_nodes_per_min))
+                                         NewNodeLimit(options.new_nodes_per_min))
         self.app = build_app(self.db, self.delivery, settings.py_api_token, self.ready)
         self.http = HttpServer(self.app, settings.http_host, settings.registry_port)
         self._tasks: set[asyncio.Task] = set()
@@ -56,7 +56,7 @@ class Registry:
             log.error("background_task_failed", exc_info=task.exception())
 
     async def ready(self) -> dict[str, bool]:
-        return {"db": await self.db.ping(), "mqtt": self.mqtt.connected}
+        return await ready_checks(db=self.db, mqtt=self.mqtt)
 
     async def start(self) -> None:
         if not self.settings.py_api_token:
@@ -66,26 +66,20 @@ class Registry:
         await self.mqtt.start()
         await self.http.start()
         log.info("registry_started", extra={"port": self.settings.registry_port,
-                                            "forward_hello": self.rs.forward_hello})
+                                            "forward_hello": self.options.forward_hello})
 
     async def stop(self) -> None:
         await self.http.stop()
         await self.mqtt.stop(drain=True)
-        if self._tasks:
-            done, pending = await asyncio.wait(set(self._tasks), timeout=STOP_GRACE_SEC)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await drain_then_cancel(set(self._tasks), STOP_GRACE_SEC)
         if self.forwarder is not None:
             await self.forwarder.close()
         await self.db.close()
 
 
-def build(settings: Settings, rs: registry_settings.RegistrySettings | None = None) -> Registry:
-    def load() -> registry_settings.RegistrySettings:
-        settings.require_secrets("PY_API_TOKEN")
-        return registry_settings.load(settings)
-    return Registry(settings, rs or settings_or_exit(load))
+def build(settings: Settings, options: ServiceSettings | None = None) -> Registry:
+    options = options or settings_or_exit(lambda: ServiceSettings.from_env(settings))
+    return Registry(settings, options)
 
 
 if __name__ == "__main__":

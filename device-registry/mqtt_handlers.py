@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from pydantic import ValidationError
 
-import registry_metrics as rm
+import metrics
 from common.db import Database
 from common.mqtt import Message, MqttClient
 from common.schemas import ConfigResponse, NodeHello, Status, describe_error, json_problem_at
@@ -71,13 +71,13 @@ class RegistryHandlers:
         except TopicError:
             parsed = None
         if parsed is None or parsed.kind != kind:
-            rm.MESSAGES_IGNORED.labels(kind, "bad_topic").inc()
+            metrics.MESSAGES_IGNORED.labels(kind, "bad_topic").inc()
             return None
         return parsed
 
     # -- node_hello ---------------------------------------------------------------------------
     async def on_hello(self, message: Message) -> None:
-        rm.HELLO_RECEIVED.inc()
+        metrics.HELLO_RECEIVED.inc()
         parsed = self._parse(message, "node_hello")
         if parsed is None:
             return
@@ -93,13 +93,13 @@ class RegistryHandlers:
         reg = await register_hello(self.db, hello, topic_gh=parsed.gh, topic_zone=parsed.zone,
                                    may_create=self.new_node_limit.allow)
         if reg is None:
-            rm.HELLO_RATE_LIMITED.inc()
+            metrics.HELLO_RATE_LIMITED.inc()
             self.refusals.warning("rate_limited", "node_hello_rate_limited", hardware_id=hello.hardware_id,
                                   limit_per_min=self.new_node_limit.per_minute)
             return
-        rm.REGISTRATIONS.labels("created" if reg.created else "updated").inc()
+        metrics.REGISTRATIONS.labels("created" if reg.created else "updated").inc()
         if reg.created:
-            rm.HELLO_REGISTERED.inc()
+            metrics.HELLO_REGISTERED.inc()
         log.info("node_registered" if reg.created else "node_hello_known",
                  extra={"node_uid": reg.uid, "hardware_id": hello.hardware_id, "zone_id": reg.zone_id,
                         "lifecycle_state": reg.lifecycle_state})
@@ -109,7 +109,7 @@ class RegistryHandlers:
             await self.delivery.deliver(reg.uid, "node_hello")
 
     def _refuse_hello(self, message: Message, reason: str, detail: str) -> None:
-        rm.HELLO_INVALID.labels(reason).inc()
+        metrics.HELLO_INVALID.labels(reason).inc()
         self.refusals.warning(f"hello_{reason}", "node_hello_refused", topic=message.topic[:300], error=detail[:300])
 
     # -- config_response ----------------------------------------------------------------------
@@ -121,16 +121,16 @@ class RegistryHandlers:
         try:
             response = ConfigResponse.model_validate(data) if data is not None else None
         except ValidationError as exc:
-            rm.CONFIG_RESPONSES_INVALID.labels("invalid_field").inc()
+            metrics.CONFIG_RESPONSES_INVALID.labels("invalid_field").inc()
             self.refusals.warning("config_response_invalid_field", "config_response_refused",
                                   topic=message.topic[:300], error=describe_error(exc)[:300])
             return
         if response is None:
-            rm.CONFIG_RESPONSES_INVALID.labels(reason).inc()
+            metrics.CONFIG_RESPONSES_INVALID.labels(reason).inc()
             self.refusals.warning(f"config_response_{reason}", "config_response_refused",
                                   topic=message.topic[:300], error="not a JSON object PostgreSQL can store")
             return
-        rm.CONFIG_RESPONSES.labels("ok" if response.ok else "error").inc()
+        metrics.CONFIG_RESPONSES.labels("ok" if response.ok else "error").inc()
         await self.delivery.on_config_response(parsed, response)
 
     # -- status -------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ class RegistryHandlers:
         except ValidationError:
             status = None
         if status is None:
-            rm.MESSAGES_IGNORED.labels("status", "invalid").inc()
+            metrics.MESSAGES_IGNORED.labels("status", "invalid").inc()
             return
         if status.normalised == "online":
             await self.delivery.on_status_online(parsed)
@@ -156,14 +156,14 @@ class RegistryHandlers:
             return
         data, reason = _json_object(message.payload)
         if data is None:
-            rm.MESSAGES_IGNORED.labels("config_request", reason).inc()
+            metrics.MESSAGES_IGNORED.labels("config_request", reason).inc()
             self.refusals.warning(f"config_request_{reason}", "config_request_refused", topic=message.topic[:300])
             return
         ident = next((data[k] for k in ("node_id", "node_uid", "uid", "hardware_id")
                       if isinstance(data.get(k), str)), None)
         node = await find_node(self.db, ident)
         if node is None:
-            rm.MESSAGES_IGNORED.labels("config_request", "unknown_node").inc()
+            metrics.MESSAGES_IGNORED.labels("config_request", "unknown_node").inc()
             self.refusals.warning("config_request_unknown_node", "config_request_unknown_node",
                                   topic=message.topic[:300], node=str(ident)[:128])
             return

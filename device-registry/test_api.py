@@ -5,8 +5,8 @@ import re
 import httpx
 import pytest
 
-from registry_testkit import (TOKEN, api, make_zone, metric, node, registry, start_registry,  # noqa: F401
-                              wait_node)
+from common.testing import seed_zone
+from testing import TOKEN, make_zone, metric, start_registry, wait_node
 
 
 def url(service, path):
@@ -93,7 +93,7 @@ async def test_assign_and_unassign_zone(settings, db, registry, api, node, mqtt_
     response = await api.post(f"/nodes/{uid}/config/publish")
     assert response.status_code == 400 and "zone" in response.json()["detail"]
 
-    homeless = await db.fetchval("INSERT INTO zones (name) VALUES ('no greenhouse') RETURNING id")
+    homeless = await seed_zone(db, None, "no greenhouse")
     response = await api.put(f"/nodes/{uid}/zone", json={"zone_id": homeless})
     assert response.status_code == 200 and response.json()["data"]["node"]["zone_id"] == homeless
     assert response.json()["data"]["config"] == {

@@ -7,7 +7,7 @@ from common import testing
 from common.schemas import NodeHello
 from common.service import HttpServer
 from laravel import LaravelForwarder, register_body
-from registry_testkit import FakeNode, make_zone, metric, start_registry, wait_node
+from testing import FakeNode, make_zone, metric, start_registry, wait_node
 
 
 class FakeLaravel:

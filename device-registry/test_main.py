@@ -4,8 +4,7 @@ import orjson
 import pytest
 
 from common import testing
-from registry_testkit import (FakeNode, api, make_zone, metric, node, node_row, registry,  # noqa: F401
-                              start_registry, wait_node)
+from testing import FakeNode, make_zone, metric, node_row, start_registry, wait_node
 
 
 def config_msgs(probe, settings, gh, zone_id, uid):

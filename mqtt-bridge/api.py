@@ -5,29 +5,40 @@ Success bodies are `{"status":"ok","data":{...}}`; errors are FastAPI's `{"detai
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Annotated, Any
+from dataclasses import dataclass
+from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Body, Path, Query
 from fastapi.responses import Response
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from common.db import Database
+from common.http_api import ok
+from common.mqtt import MqttClient
 from common.nodeconfig import NodeConfigFailure, publish_node_config
-from common.redis_client import CONFIG_CHANGED_CHANNEL, key
 from common.schemas import (CalibrateFlowRequest, CommandRequest, ConfigPublishRequest, FillRequest,
                             ZoneUpdatedRequest)
 from common.topics import zone_id_from_segment
 
 import examples as ex
-from publisher import ApiError
+from publisher import ApiError, Publisher
+from routines import Routines
+from tasks import TaskRegistry
 
-if TYPE_CHECKING:
-    from main import BridgeService
 
-
-def ok(data: dict[str, Any], status: int = 200) -> Response:
-    return Response(orjson.dumps({"status": "ok", "data": data}), status_code=status,
-                    media_type="application/json")
+@dataclass(frozen=True)
+class Deps:
+    """What the routes use (built by main.BridgeService)."""
+    db: Database
+    mqtt: MqttClient
+    redis: Redis
+    config_channel: str  # the Redis channel the automation engine listens to for configuration changes
+    publisher: Publisher
+    routines: Routines
+    tasks: TaskRegistry
+    retry_after: dict[str, str]  # headers of a 503
 
 
 def parse_zone(segment: str) -> int:
@@ -52,7 +63,7 @@ AsyncFlag = Annotated[bool, Query(alias="async", description="1 → run in the b
                                                            "task id (poll GET /bridge/tasks/{task_id})")]
 
 
-def build_router(service: "BridgeService") -> APIRouter:
+def build_router(deps: Deps) -> APIRouter:
     router = APIRouter(prefix="/bridge", tags=["bridge"])
 
     @router.post("/zones/{zone_id}/commands", summary="Send a command to a node of a zone",
@@ -62,7 +73,7 @@ def build_router(service: "BridgeService") -> APIRouter:
         """Publish `type` as the command's `cmd` to `{gh}/zn-{zone_id}/{node_uid}/{channel}/command` (QoS 1).
         `greenhouse_uid` and `node_uid` may be omitted: they are looked up in the database (the node is the
         one in the zone that has `channel`). A repeated `cmd_id` is published once and answered the same."""
-        issued = await service.publisher.zone_command(parse_zone(zone_id), body)
+        issued = await deps.publisher.zone_command(parse_zone(zone_id), body)
         return ok({"command_id": issued.cmd_id})
 
     @router.post("/nodes/{node_uid}/commands", summary="Send a command to a node",
@@ -70,7 +81,7 @@ def build_router(service: "BridgeService") -> APIRouter:
     async def node_command(node_uid: NodePath,
                            body: Annotated[CommandRequest, Body(openapi_examples=ex.NODE_COMMAND)]) -> Response:
         """As the zone route; `zone_id` and `greenhouse_uid` may be omitted (taken from the node's zone)."""
-        issued = await service.publisher.node_command(node_uid, body)
+        issued = await deps.publisher.node_command(node_uid, body)
         return ok({"command_id": issued.cmd_id})
 
     @router.post("/nodes/{node_uid}/config", summary="Publish a node its NodeConfig",
@@ -85,12 +96,12 @@ def build_router(service: "BridgeService") -> APIRouter:
             raise ApiError(422, [{"loc": ["body", "node_uid"], "type": "value_error", "input": body.node_uid[:128],
                                   "msg": f"must equal the node uid of the path ({node_uid[:128]!r})"}])
         try:
-            result = await publish_node_config(service.db, service.mqtt, service.publisher.topics, node_uid,
+            result = await publish_node_config(deps.db, deps.mqtt, deps.publisher.topics, node_uid,
                                                body.config, zone_id=body.zone_id, gh_uid=body.greenhouse_uid or None)
         except NodeConfigFailure as exc:
             raise ApiError(exc.status_code, str(exc)) from None
         if not result.published:
-            raise ApiError(503, result.error, service.retry_after)
+            raise ApiError(503, result.error, deps.retry_after)
         return ok({"published": True, "topic": result.topic, "version": result.version,
                    "config_hash": result.config_hash, "changed": result.changed})
 
@@ -99,7 +110,7 @@ def build_router(service: "BridgeService") -> APIRouter:
     async def command_status(cmd_id: Annotated[str, Path(max_length=255, pattern=PRINTABLE,
                                                          examples=[ex.CMD_ID])]) -> Response:
         """Status `pending → sent → ack | failed | timeout` with its timestamps and the node's error."""
-        row = await service.db.fetchrow(
+        row = await deps.db.fetchrow(
             "SELECT c.cmd_id, c.cmd, c.status, c.zone_id, n.uid AS node_uid, c.channel,"
             " CASE WHEN jsonb_typeof(c.params) = 'object' THEN c.params ELSE '{}'::jsonb END AS params, c.source,"
             " c.error_code, c.error_message, c.created_at, c.sent_at, c.ack_at, c.failed_at, c.updated_at"
@@ -112,10 +123,10 @@ def build_router(service: "BridgeService") -> APIRouter:
         return ok(data)
 
     async def start_routine(kind: str, zone_id: int, run, background: bool) -> Response:
-        entry = service.tasks.start(kind, zone_id, run)
+        entry = deps.tasks.start(kind, zone_id, run)
         if background:
             return ok({"task_id": entry.id}, 202)
-        return ok(await service.tasks.wait(entry))
+        return ok(await deps.tasks.wait(entry))
 
     @router.post("/zones/{zone_id}/fill", summary="Fill the zone's tank to a level",
                  responses=ex.responses(ex.LEVEL_OK, 400, 401, 404, 409, 422, 500, 503, accepted=True))
@@ -125,8 +136,8 @@ def build_router(service: "BridgeService") -> APIRouter:
         reaches `target_level` (0.1–1.0) or `max_duration_sec` passes; the node is then told to stop.
         Events FILL_STARTED / FILL_FINISHED."""
         zid = parse_zone(zone_id)
-        gh_uid = await service.routines.check_level("fill", zid, body)
-        return await start_routine("fill", zid, lambda: service.routines.run_level("fill", zid, gh_uid, body),
+        gh_uid = await deps.routines.check_level("fill", zid, body)
+        return await start_routine("fill", zid, lambda: deps.routines.run_level("fill", zid, gh_uid, body),
                                    background)
 
     @router.post("/zones/{zone_id}/drain", summary="Drain the zone's tank to a level",
@@ -135,8 +146,8 @@ def build_router(service: "BridgeService") -> APIRouter:
                     background: AsyncFlag = False) -> Response:
         """Mirror of fill: `drain`, stop once WATER_LEVEL ≤ `target_level` (0.0–0.9). DRAIN_* events."""
         zid = parse_zone(zone_id)
-        gh_uid = await service.routines.check_level("drain", zid, body)
-        return await start_routine("drain", zid, lambda: service.routines.run_level("drain", zid, gh_uid, body),
+        gh_uid = await deps.routines.check_level("drain", zid, body)
+        return await start_routine("drain", zid, lambda: deps.routines.run_level("drain", zid, gh_uid, body),
                                    background)
 
     @router.post("/zones/{zone_id}/calibrate-flow", summary="Calibrate a flow sensor with a pump run",
@@ -147,16 +158,16 @@ def build_router(service: "BridgeService") -> APIRouter:
         """`run_pump` for `pump_duration_sec` (5–60), average the zone's FLOW_RATE samples of the run,
         compute K and store it in `node_channels.config.flow_calibration`. FLOW_CALIBRATION_* events."""
         zid = parse_zone(zone_id)
-        gh_uid, channel_id, node_uid = await service.routines.check_calibration(zid, body)
+        gh_uid, channel_id, node_uid = await deps.routines.check_calibration(zid, body)
         return await start_routine(
             "calibrate_flow", zid,
-            lambda: service.routines.run_calibration(zid, gh_uid, channel_id, node_uid, body), background)
+            lambda: deps.routines.run_calibration(zid, gh_uid, channel_id, node_uid, body), background)
 
     @router.get("/tasks/{task_id}", summary="State of a background routine",
                 responses=ex.responses(ex.TASK_OK, 401, 404, 422))
     async def task_status(task_id: Annotated[str, Path(max_length=64, examples=[ex.TASK_ID])]) -> Response:
         """`state` is running, succeeded, failed (see `result.error` or `error`) or cancelled."""
-        entry = service.tasks.get(task_id)
+        entry = deps.tasks.get(task_id)
         if entry is None:
             raise ApiError(404, f"task {task_id!r} not found")
         return ok(entry.as_dict())
@@ -168,10 +179,9 @@ def build_router(service: "BridgeService") -> APIRouter:
         automation engine listens to."""
         message = {"zone_id": body.zone_id, "greenhouse_uid": body.greenhouse_uid}
         try:
-            receivers = await service.redis.publish(key(service.settings, CONFIG_CHANGED_CHANNEL),
-                                                    orjson.dumps(message))
+            receivers = await deps.redis.publish(deps.config_channel, orjson.dumps(message))
         except (RedisError, OSError) as exc:
-            raise ApiError(503, f"Redis unavailable: {exc}", service.retry_after) from None
+            raise ApiError(503, f"Redis unavailable: {exc}", deps.retry_after) from None
         return ok({**message, "receivers": receivers}, 202)
 
     return router

@@ -3,9 +3,8 @@
 Order (contract §7.1 [DECISION]: auth first): the bearer token is checked before anything of the
 body is read, then the body is read up to the size limit, then the route validates it.
 
-* No PY_API_TOKEN configured → 500 "Server misconfiguration: PY_API_TOKEN must be set for security"
-  (the contract's answer; the bridge fails closed, nothing under /bridge/ runs).
-* Wrong or missing token → 401 "Unauthorized: invalid or missing token" (constant-time compare).
+* No PY_API_TOKEN configured → 500, wrong or missing token → 401 (common.http_api.bearer_refusal;
+  the bridge fails closed, nothing under /bridge/ runs).
 * Body larger than BRIDGE_MAX_BODY_BYTES → 413, decided from Content-Length or while reading
   (never more than the limit is buffered).
 * A body that is not JSON every part of the system can carry → 422 naming the field, before any
@@ -15,7 +14,6 @@ body is read, then the body is read up to the size limit, then the route validat
 """
 from __future__ import annotations
 
-import hmac
 import json
 import time
 from typing import Any, Awaitable, Callable
@@ -23,18 +21,17 @@ from typing import Any, Awaitable, Callable
 import orjson
 from starlette.routing import Router
 
+from common.http_api import bearer_refusal
 from common.http_guard import NotingSend, replay, send_json
 from common.schemas import json_problem_at
 
-import bridge_metrics as bm
+import metrics
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
 PROTECTED_PREFIX = "/bridge/"
-NO_TOKEN = "Server misconfiguration: PY_API_TOKEN must be set for security"
-UNAUTHORIZED = "Unauthorized: invalid or missing token"
 
 
 class BodyTooLarge(Exception):
@@ -57,12 +54,12 @@ class BridgeGuard:
         send_and_note = NotingSend(send)
         try:
             if scope["path"].startswith(PROTECTED_PREFIX):
-                refusal = self._refusal(scope)
+                refusal = self._auth_refusal(scope)
                 if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
                     try:
                         receive, body = await self._buffered(scope, receive)
                     except BodyTooLarge:
-                        bm.REJECTED.labels("body_too_large").inc()
+                        metrics.REJECTED.labels("body_too_large").inc()
                         refusal = (413, f"request body is larger than {self.max_body} bytes", ())
                     else:
                         refusal = _unsafe_json(body)
@@ -73,24 +70,15 @@ class BridgeGuard:
             await self.app(scope, receive, send_and_note)
         finally:
             path = self._template(scope)
-            bm.REQUESTS.labels(path, str(send_and_note.status or 500)).inc()
-            bm.LATENCY.labels(path).observe(time.perf_counter() - started)
+            metrics.REQUESTS.labels(path, str(send_and_note.status or 500)).inc()
+            metrics.LATENCY.labels(path).observe(time.perf_counter() - started)
 
-    def _refusal(self, scope: Scope) -> tuple[int, str, tuple] | None:
-        if not self.token:
-            bm.REJECTED.labels("no_token_configured").inc()
-            return 500, NO_TOKEN, ()
-        given = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, credentials = value.partition(b" ")
-                if scheme.lower() == b"bearer":
-                    given = credentials.strip()
-                break
-        if not hmac.compare_digest(given, self.token):
-            bm.REJECTED.labels("unauthorized").inc()
-            return 401, UNAUTHORIZED, ((b"www-authenticate", b"Bearer"),)
-        return None
+    def _auth_refusal(self, scope: Scope) -> tuple[int, str, tuple] | None:
+        refusal = bearer_refusal(scope, self.token)
+        if refusal is None:
+            return None
+        metrics.REJECTED.labels(refusal.reason).inc()
+        return refusal.status, refusal.detail, refusal.headers
 
     async def _buffered(self, scope: Scope, receive: Receive) -> tuple[Receive, bytes]:
         """Read the whole body (at most max_body bytes) and hand it on in one message."""
@@ -150,11 +138,11 @@ def _unsafe_json(body: bytes) -> tuple[int, list, tuple] | None:
         try:  # the json module reads NaN, Infinity and integers of any size: find the field to name
             data = json.loads(body, parse_constant=float)
         except (ValueError, RecursionError):
-            bm.REJECTED.labels("invalid_json").inc()
+            metrics.REJECTED.labels("invalid_json").inc()
             return 422, [{"loc": ["body"], "msg": f"invalid JSON: {str(exc)[:200]}", "type": "json_invalid"}], ()
     found = json_problem_at(data)
     if found is None:
         return None
-    bm.REJECTED.labels("unsafe_json").inc()
+    metrics.REJECTED.labels("unsafe_json").inc()
     path, message = found
     return 422, [{"loc": ["body", *path], "msg": message, "type": "value_error"}], ()

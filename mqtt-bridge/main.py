@@ -7,37 +7,33 @@ says what is down, requests answer 503 with Retry-After until it is back.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
-import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from common.commands import CommandConflict, CommandError, CommandPublishError
-from common.db import CONNECTION_ERRORS, Database
+from common.db import PG_UNAVAILABLE, Database
 from common.env import Settings, settings_or_exit
 from common.http_docs import docs_app
 from common.mqtt import MqttClient
-from common.redis_client import redis_client
-from common.service import HttpServer, add_ops_routes, run_service
+from common.redis_client import CONFIG_CHANGED_CHANNEL, key, redis_client
+from common.service import HttpServer, add_ops_routes, ready_checks, run_service
 from common.topics import Topics
 
-from api import build_router
-from bridge_settings import BridgeSettings
+from api import Deps, build_router
 from http_guard import PROTECTED_PREFIX, BridgeGuard
 from publisher import ApiError, Publisher
 from routines import Routines
+from settings import ServiceSettings
 from tasks import TaskRegistry
 
 log = logging.getLogger("bridge")
 
-DB_UNAVAILABLE = (*CONNECTION_ERRORS, asyncpg.exceptions.PostgresConnectionError, asyncio.TimeoutError)
-
 
 class BridgeService:
-    def __init__(self, settings: Settings, options: BridgeSettings):
+    def __init__(self, settings: Settings, options: ServiceSettings):
         self.settings = settings
         self.options = options
         self.retry_after = {"Retry-After": str(options.retry_after_sec)}
@@ -47,11 +43,14 @@ class BridgeService:
         self.publisher = Publisher(self.db, self.mqtt, Topics(settings.mqtt_topic_root))
         self.tasks = TaskRegistry(options.task_keep_sec, options.max_tasks)
         self.routines = Routines(self.db, self.publisher, options, self.tasks, instance=self.mqtt.client_id)
+        self.deps = Deps(db=self.db, mqtt=self.mqtt, redis=self.redis,
+                         config_channel=key(settings, CONFIG_CHANGED_CHANNEL), publisher=self.publisher,
+                         routines=self.routines, tasks=self.tasks, retry_after=self.retry_after)
         self.app = create_app(self)
         self.http = HttpServer(self.app, settings.http_host, settings.bridge_port)
 
     async def checks(self) -> dict[str, bool]:
-        return {"mqtt": self.mqtt.connected, "db": await self.db.ping()}
+        return await ready_checks(db=self.db, mqtt=self.mqtt)
 
     async def start(self) -> None:
         await self.db.connect(wait=False)  # lazy: a database that is down now is a 503 per request, not a crash
@@ -83,7 +82,7 @@ def create_app(service: BridgeService) -> FastAPI:
                    description="REST → MQTT gateway: node commands, NodeConfig publishing, zone water routines. "
                                "Every /bridge route needs the bearer token.",
                    protected=lambda path: path.startswith(PROTECTED_PREFIX))
-    app.include_router(build_router(service))
+    app.include_router(build_router(service.deps))
     retry = service.retry_after
 
     @app.exception_handler(ApiError)
@@ -108,7 +107,7 @@ def create_app(service: BridgeService) -> FastAPI:
         log.warning("db_unavailable", extra={"path": request.url.path, "error": repr(exc)})
         return JSONResponse({"detail": "database unavailable, retry later"}, 503, headers=retry)
 
-    for kind in DB_UNAVAILABLE:
+    for kind in PG_UNAVAILABLE:
         app.add_exception_handler(kind, db_unavailable)
 
     add_ops_routes(app, service.checks)
@@ -131,12 +130,8 @@ def create_app(service: BridgeService) -> FastAPI:
     return app
 
 
-def build(settings: Settings, options: BridgeSettings | None = None) -> BridgeService:
-    if options is None:
-        def load() -> BridgeSettings:
-            settings.require_secrets("PY_API_TOKEN")
-            return BridgeSettings.from_env()
-        options = settings_or_exit(load)
+def build(settings: Settings, options: ServiceSettings | None = None) -> BridgeService:
+    options = options or settings_or_exit(lambda: ServiceSettings.from_env(settings))
     return BridgeService(settings, options)
 
 

@@ -39,8 +39,8 @@ from common.channels import DRAIN_CHANNELS, FILL_CHANNELS, is_valve
 from common.db import Database
 from common.schemas import CalibrateFlowRequest, FillRequest
 
-from bridge_settings import BridgeSettings
 from publisher import ApiError, Publisher
+from settings import ServiceSettings
 from tasks import TaskRegistry, current_task_id
 
 log = logging.getLogger("bridge.routines")
@@ -80,7 +80,7 @@ def _utcnow() -> dt.datetime:
 
 
 class Routines:
-    def __init__(self, db: Database, publisher: Publisher, options: BridgeSettings,
+    def __init__(self, db: Database, publisher: Publisher, options: ServiceSettings,
                  tasks: TaskRegistry | None = None, instance: str = "bridge"):
         self.db = db
         self.publisher = publisher

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-import bridge_metrics as bm
+import metrics
 from publisher import ApiError
 
 log = logging.getLogger("bridge.tasks")
@@ -97,7 +97,7 @@ class TaskRegistry:
 
     async def _run(self, entry: RoutineTask, run: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         current_task_id.set(entry.id)
-        bm.ROUTINES_RUNNING.inc()
+        metrics.ROUTINES_RUNNING.inc()
         try:
             entry.result = await run()
             if entry.result.get("success"):
@@ -115,8 +115,8 @@ class TaskRegistry:
                 log.error("routine_failed", exc_info=exc, extra={"task_id": entry.id, "kind": entry.kind,
                                                                  "zone_id": entry.zone_id})
         finally:
-            bm.ROUTINES_RUNNING.dec()
-            bm.ROUTINES.labels(entry.kind, entry.state).inc()
+            metrics.ROUTINES_RUNNING.dec()
+            metrics.ROUTINES.labels(entry.kind, entry.state).inc()
             entry.finished_at = dt.datetime.now(dt.timezone.utc)
             entry.finished_mono = time.monotonic()
 

@@ -7,7 +7,7 @@ import asyncio
 import orjson
 import pytest
 
-from bridge_fixtures import TOKEN, bridge, running_bridge, world  # noqa: F401 - fixtures
+from testing import TOKEN, running_bridge
 
 DEEP = b"[" * 100 + b"]" * 100
 VERY_DEEP = b"[" * 5000 + b"]" * 5000

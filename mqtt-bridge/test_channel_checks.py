@@ -7,9 +7,8 @@ import asyncio
 import pytest
 
 from common.commands import CommandError, channel_kind, issue_command
+from common.testing import insert_row
 from common.topics import Topics
-
-from bridge_fixtures import bridge, world  # noqa: F401 - fixtures
 
 
 @pytest.mark.parametrize("body, words", [
@@ -30,8 +29,8 @@ from bridge_fixtures import bridge, world  # noqa: F401 - fixtures
      "duration_ms=6000 exceeds the channel's safe_limits.max_duration_ms=4000"),
 ])
 async def test_actuation_on_the_wrong_or_an_unknown_channel_is_refused(bridge, world, mqtt_probe, db, body, words):
-    await db.execute("INSERT INTO node_channels (node_id, channel, type, config) VALUES ($1, 'valve_x', 'actuator',"
-                     " $2)", world.irr, {"safe_limits": {"max_duration_ms": 4000, "min_off_ms": 0}})
+    await insert_row(db, "node_channels", node_id=world.irr, channel="valve_x", type="actuator",
+                     config={"safe_limits": {"max_duration_ms": 4000, "min_off_ms": 0}})
     full = {"greenhouse_uid": "gh-1", "node_uid": "nd-irr-1", **body}
     response = await bridge.http.post(f"/bridge/zones/{world.zone}/commands", json=full)
     assert response.status_code == 422, response.text

@@ -10,7 +10,6 @@ import pytest
 from common.commands import record_response
 from common.schemas import CommandResponse
 
-from bridge_fixtures import bridge, world  # noqa: F401 - fixtures
 
 CMD_ID = "5f0c3c1e-7d1a-4b7e-9a51-0b6f1b2a9c10"
 

@@ -8,8 +8,6 @@ import pytest
 
 from common import testing
 
-from bridge_fixtures import bridge, world  # noqa: F401 - fixtures
-
 
 def node_config(zone: int, **changes) -> dict:
     config = {

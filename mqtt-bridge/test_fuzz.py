@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from common import testing
 
-from bridge_fixtures import bridge, world  # noqa: F401 - fixtures
 
 HOSTILE_TEXT = st.text(alphabet=st.sampled_from(["\x00", "\x7f", "/", "+", "#", "١", "٢", "１", "é", "a", "0",
                                                  "\n", " ", "\ud7ff", "\ud800", "💩"]), max_size=20)

@@ -11,7 +11,7 @@ import pytest
 from common import testing
 from common.commands import sweep_timeouts
 
-from bridge_fixtures import TOKEN, FAST, bridge, running_bridge, valves, world  # noqa: F401 - fixtures
+from testing import TOKEN, running_bridge
 
 LARAVEL_HEADERS = {"Content-Type": "application/json", "User-Agent": "GuzzleHttp/7",
                    "Authorization": f"Bearer {TOKEN}"}

@@ -13,7 +13,7 @@ import pytest
 from common import testing
 from common.redis_client import CONFIG_CHANGED_CHANNEL, key, redis_client
 
-from bridge_fixtures import TOKEN, bridge, running_bridge, world  # noqa: F401 - fixtures
+from testing import TOKEN, running_bridge
 
 COMMAND = {"type": "stop_pump", "greenhouse_uid": "gh-1", "node_uid": "nd-irr-1", "channel": "pump_in"}
 

@@ -9,11 +9,12 @@ import orjson
 import pytest
 
 from common import testing
+from common.testing import insert_row, seed_node
 from tests.stack import simulator
 from tools.node_sim import Simulator
 from tools.node_sim.layout import NodeSpec, actuator, hardware_id_for
 
-from bridge_fixtures import TOKEN, bridge, running_bridge, valves, world  # noqa: F401 - fixtures
+from testing import TOKEN, running_bridge
 
 
 async def set_level(db, zone: int, node: int, value: float) -> None:
@@ -90,12 +91,9 @@ async def test_drain_in_the_background_times_out_and_still_closes(bridge, valves
 @pytest.mark.parametrize("route, missing", [("fill", "fill valve"), ("drain", "drain valve")])
 async def test_without_a_valve_the_routine_is_refused_up_front(bridge, world, mqtt_probe, db, route, missing):
     # The demo irrigation node: pump_in, flow_sensor and water_level, no valve (nor an offline one).
-    await db.execute("INSERT INTO node_channels (node_id, channel, type) VALUES ($1, 'flow_sensor', 'sensor'),"
-                     " ($1, 'water_level', 'sensor')", world.irr)
-    off = await db.fetchval("INSERT INTO nodes (uid, zone_id, type, status) VALUES ('nd-off', $1, 'irrig', 'offline')"
-                            " RETURNING id", world.zone)
-    await db.execute("INSERT INTO node_channels (node_id, channel, type) VALUES ($1, 'valve_fill', 'actuator'),"
-                     " ($1, 'valve_drain', 'actuator')", off)
+    for channel in ("flow_sensor", "water_level"):
+        await insert_row(db, "node_channels", node_id=world.irr, channel=channel, type="sensor")
+    await seed_node(db, "nd-off", world.zone, type="irrig", status="offline", channels=["valve_fill", "valve_drain"])
     for suffix in ("", "?async=1"):
         response = await bridge.http.post(f"/bridge/zones/{world.zone}/{route}{suffix}", json={"target_level": 0.5})
         assert response.status_code == 409, response.text
@@ -271,8 +269,7 @@ async def test_a_bridge_killed_during_a_fill_closes_the_valve_after_its_restart(
 
 async def test_a_refused_open_ends_the_routine_failed_at_once(settings, world, db):
     # The water valve sits on a node whose firmware has no set_relay handler: it answers unknown_command.
-    await db.execute("INSERT INTO node_channels (node_id, channel, type) VALUES ($1, 'valve_drain', 'actuator')",
-                     world.ph)
+    await insert_row(db, "node_channels", node_id=world.ph, channel="valve_drain", type="actuator")
     await db.execute("UPDATE nodes SET validated = true, last_seen_at = now()")
     settings = settings.replace(bridge_port=testing.free_port(), history_logger_port=testing.free_port(),
                                 history_logger_metrics_port=testing.free_port(), py_api_token=TOKEN)
@@ -299,8 +296,7 @@ async def test_a_refused_open_ends_the_routine_failed_at_once(settings, world, d
 async def test_a_valve_switched_on_for_a_duration_through_the_api_is_closed_even_across_a_restart(
         settings, world, db):
     # Laravel's valve test button: set_relay {state: true, duration_ms: 3000}; the firmware ignores duration_ms.
-    await db.execute("INSERT INTO node_channels (node_id, channel, type) VALUES ($1, 'valve_irrigation', 'actuator')",
-                     world.irr)
+    await insert_row(db, "node_channels", node_id=world.irr, channel="valve_irrigation", type="actuator")
     sim = simulate(settings, world.zone, "nd-irr-1", "irrig", [actuator("valve_irrigation")])
     node = sim.node("nd-irr-1")
     try:

@@ -16,3 +16,5 @@ MESSAGES_IGNORED = Counter("registry_messages_ignored_total", "status / config_r
 LARAVEL_FORWARDS = Counter("registry_laravel_register_total", "node_hello forwards to Laravel", ["result"])
 HELLO_RATE_LIMITED = Counter("registry_node_hello_rate_limited_total",
                              "node_hello messages of unknown hardware refused: over REGISTRY_NEW_NODES_PER_MIN")
+REFUSED = Counter("registry_http_refused_total", "REST requests refused before or by validation", ["reason"])
+REQUESTS = Counter("registry_http_requests_total", "REST answers by route template and status", ["route", "status"])

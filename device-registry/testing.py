@@ -1,4 +1,4 @@
-"""Test fixtures of the registry: the service on the test's own settings, a test "node", an HTTP client.
+"""Helpers the registry's tests import: the service on the test's own settings, a test "node", zones.
 
 The node is a plain paho publisher (what a firmware node sends); what the registry publishes is seen
 through the root `mqtt_probe` fixture, subscribed to the whole topic root.
@@ -8,14 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import orjson
-import pytest
 from prometheus_client import REGISTRY
 
 import main
-import registry_settings
 from common import testing
+from settings import ServiceSettings
 
 TOKEN = "registry-test-token"
 
@@ -85,36 +83,15 @@ async def wait_subscribed(settings) -> None:
 async def start_registry(settings, environ: dict | None = None, token: str = TOKEN):
     s = settings.replace(registry_port=testing.free_port(), py_api_token=token, mqtt_clean_session=True,
                          http_host="127.0.0.1")
-    service = main.build(s, registry_settings.load(s, environ or {}))
+    service = main.build(s, ServiceSettings.from_env(s, environ or {}))
     await service.start()
     await service.mqtt.wait_connected(15)
     await wait_subscribed(s)
     return service
 
 
-@pytest.fixture
-async def registry(settings, db):
-    service = await start_registry(settings)
-    yield service
-    await service.stop()
-
-
-@pytest.fixture
-async def api(registry):
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{registry.settings.registry_port}",
-                                 headers={"Authorization": f"Bearer {TOKEN}"}, timeout=20) as client:
-        yield client
-
-
-@pytest.fixture
-def node(settings):
-    return FakeNode(settings)
-
-
 async def make_zone(db, gh_uid: str = "gh-1") -> int:
-    gh_id = await db.fetchval("SELECT id FROM greenhouses WHERE uid = $1", gh_uid) or await db.fetchval(
-        "INSERT INTO greenhouses (uid, name) VALUES ($1, 'Main') RETURNING id", gh_uid)
-    return await db.fetchval("INSERT INTO zones (greenhouse_id, name) VALUES ($1, 'Zone') RETURNING id", gh_id)
+    return await testing.seed_zone(db, await testing.seed_greenhouse(db, gh_uid, "Main"), "Zone")
 
 
 async def node_row(db, hardware_id: str = "esp32-a1b2c3d4e5f6"):

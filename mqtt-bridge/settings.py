@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from common.env import EnvReader
+from common.env import EnvReader, Settings
 
 
 @dataclass(frozen=True)
-class BridgeSettings:
+class ServiceSettings:
     max_body_bytes: int          # larger request bodies are refused with 413
     retry_after_sec: int         # Retry-After of a 503 (broker or database unreachable)
     routine_poll_sec: float      # fill / drain poll WATER_LEVEL this often (contract: 2 s)
@@ -21,7 +21,8 @@ class BridgeSettings:
     routine_stale_sec: float = 30.0  # a running routine not refreshed this long is another bridge's, dead
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "BridgeSettings":
+    def from_env(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> "ServiceSettings":
+        settings.require_secrets("PY_API_TOKEN")  # every /bridge route needs it
         env = EnvReader(environ)
         return cls(
             max_body_bytes=env.int("BRIDGE_MAX_BODY_BYTES", 65_536, 1024, 16 * 1024 * 1024),
