@@ -147,12 +147,11 @@ async def drain_then_cancel(tasks: Iterable[asyncio.Task], grace_sec: float) -> 
 
 
 async def cancel_tasks(tasks: list[asyncio.Task]) -> None:
-    """Cancel a service's background tasks and wait until each has ended."""
+    """Cancel a service's background tasks and wait until each has ended (how it ended is its own
+    business: a task that failed was logged where it ran, and shutdown goes on)."""
     for task in tasks:
         task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def serve_until_signalled(service: Service) -> None:
@@ -170,8 +169,8 @@ async def serve_until_signalled(service: Service) -> None:
 
 def run_service(name: str, build: Callable[[Settings], Service], load: Callable[[], Settings] | None = None) -> int:
     """Entry point of every `main.py`: load settings, run, exit 0. A configuration error found while
-    loading, building or starting (e.g. a missing production secret checked in `start()`) prints one
-    line and exits 2, the same for every service."""
+    loading or building (a bad value, a missing production secret: each service's settings check
+    the secrets it uses as they load) prints one line and exits 2, the same for every service."""
     settings = settings_or_exit(load) if load else settings_or_exit()
     setup_logging(name, settings.log_level)
 

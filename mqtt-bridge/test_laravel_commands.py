@@ -3,7 +3,6 @@ pre-written `pending` rows, `[]` params, UI pass-through commands, numeric strin
 cmd_ids answered with the command's real state."""
 from __future__ import annotations
 
-import asyncio
 
 import orjson
 import pytest
