@@ -6,8 +6,9 @@ import pytest
 
 from common import testing
 from common.alerts import ensure_alert, resolve_alerts
-from common.commands import (CommandError, CommandPublishError, build_payload, issue_command, new_cmd_id,
-                             record_response, sweep_timeouts, validate_command)
+from common.command_catalogue import CommandError, validate_command
+from common.commands import (CommandPublishError, build_payload, issue_command, new_cmd_id, record_response,
+                             sweep_timeouts)
 from common.mqtt import MqttClient
 from common.schemas import CommandResponse
 from common.topics import Topics

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from common.commands import CommandError, channel_kind, issue_command
+from common.command_catalogue import CommandError, channel_kind
+from common.commands import issue_command
 from common.topics import Topics
 
 from bridge_fixtures import bridge, world  # noqa: F401 - fixtures
