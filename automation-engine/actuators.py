@@ -9,7 +9,8 @@ from typing import Any
 
 import metrics as m
 from actions import ZoneContext
-from common.commands import CommandError, CommandPublishError
+from common.command_catalogue import CommandError
+from common.commands import CommandPublishError
 from snapshot import CommandRow, Node
 
 RETRY_FAILED_AFTER = dt.timedelta(minutes=1)

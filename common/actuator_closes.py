@@ -18,7 +18,8 @@ from typing import Any
 import asyncpg
 
 from . import metrics
-from .commands import CommandError, CommandPublishError, issue_command, new_cmd_id
+from .command_catalogue import CommandError
+from .commands import CommandPublishError, issue_command, new_cmd_id
 from .db import Database
 from .mqtt import MqttClient
 from .topics import Topics

@@ -28,7 +28,6 @@ import collections
 import logging
 import socket
 import ssl
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -41,13 +40,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from . import metrics
+from . import metrics, paho_compat
 from .env import Settings
 
 log = logging.getLogger("common.mqtt")
 
-PUBACK = 0x40
-_PUBACK = struct.Struct("!BBH")  # fixed header, remaining length 2, packet id
 SESSION_EXPIRY_SEC = 7 * 24 * 3600  # a persistent session outlives a week of downtime
 
 
@@ -300,20 +297,16 @@ class MqttClient:
         client = self._client
         if client is None:
             return
-        with client._out_message_mutex:  # paho keeps unacknowledged messages to resend after reconnect
-            client._out_messages.pop(mid, None)
+        paho_compat.forget_unacknowledged(client, mid)
 
     def ack(self, messages: list[Message]) -> None:
-        """PUBACK messages (manual-ack mode); QoS 0 ones and those of a previous connection are skipped.
-
-        The PUBACKs of a batch go out as one write: paho would wake its network thread and send
-        once per message, which costs more than the rest of receiving a message."""
+        """PUBACK messages (manual-ack mode) in one write; QoS 0 ones and those of a previous
+        connection are skipped."""
         client, generation = self._client, self._generation
         mids = [m.mid for m in messages if m.qos == 1 and m.generation == generation]
         if client is None or not mids:
             return
-        packet = b"".join(_PUBACK.pack(PUBACK, 2, mid) for mid in mids)
-        client._packet_queue(PUBACK, packet, mids[-1], 1)
+        paho_compat.send_pubacks(client, mids)
 
     # -- paho thread callbacks ------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:

@@ -13,12 +13,8 @@ NOW = dt.datetime(2026, 6, 1, 8, 0)
 
 
 async def valve_zone(db) -> int:
-    gh = await db.fetchval("INSERT INTO greenhouses (uid, name) VALUES ('gh-1', 'GH') RETURNING id")
-    zone = await db.fetchval("INSERT INTO zones (greenhouse_id, name) VALUES ($1, 'Z') RETURNING id", gh)
-    node = await db.fetchval("INSERT INTO nodes (uid, zone_id, type, status) VALUES ('nd-valve', $1, 'irrig',"
-                             " 'online') RETURNING id", zone)
-    await db.execute("INSERT INTO node_channels (node_id, channel, type) VALUES ($1, 'valve_irrigation', 'actuator')",
-                     node)
+    zone = await testing.seed_zone(db, "gh-1", "Z")
+    await testing.seed_node(db, "nd-valve", zone, type="irrig", status="online", channels=["valve_irrigation"])
     return zone
 
 

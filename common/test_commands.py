@@ -6,8 +6,9 @@ import pytest
 
 from common import testing
 from common.alerts import ensure_alert, resolve_alerts
-from common.commands import (CommandError, CommandPublishError, build_payload, issue_command, new_cmd_id,
-                             record_response, sweep_timeouts, validate_command)
+from common.command_catalogue import CommandError, validate_command
+from common.commands import (CommandPublishError, build_payload, issue_command, new_cmd_id, record_response,
+                             sweep_timeouts)
 from common.mqtt import MqttClient
 from common.schemas import CommandResponse
 from common.topics import Topics
@@ -15,12 +16,9 @@ from common.topics import Topics
 
 @pytest.fixture
 async def zone(db):
-    gh = await db.fetchval("INSERT INTO greenhouses (uid, name) VALUES ('gh-1', 'GH') RETURNING id")
-    zone_id = await db.fetchval("INSERT INTO zones (greenhouse_id, name) VALUES ($1, 'Z') RETURNING id", gh)
-    node_id = await db.fetchval("INSERT INTO nodes (uid, zone_id, type) VALUES ('nd-1', $1, 'pump') RETURNING id",
-                                zone_id)
-    await db.execute("INSERT INTO node_channels (node_id, channel, type, config) VALUES ($1, 'pump_in', 'actuator', $2)",
-                     node_id, {"safe_limits": {"max_duration_ms": 5000, "min_off_ms": 3000}})
+    zone_id = await testing.seed_zone(db, "gh-1", "Z")
+    await testing.seed_node(db, "nd-1", zone_id, type="pump", channels=[
+        testing.Channel("pump_in", {"safe_limits": {"max_duration_ms": 5000, "min_off_ms": 3000}})])
     return zone_id
 
 
@@ -286,9 +284,9 @@ async def test_min_off_holds_a_pump_for_every_source_and_by_default(settings, db
     (3000 ms) when its channel states no limits; one that states min_off_ms 0 runs again once its run is over."""
     topics = Topics(settings.mqtt_topic_root)
     node_id = await db.fetchval("SELECT id FROM nodes WHERE uid = 'nd-1'")
-    await db.execute("INSERT INTO node_channels (node_id, channel, type, config) VALUES"
-                     " ($1, 'pump_bare', 'actuator', '{}'), ($1, 'pump_free', 'actuator', $2)",
-                     node_id, {"safe_limits": {"max_duration_ms": 5000, "min_off_ms": 0}})
+    await testing.insert_row(db, "node_channels", node_id=node_id, channel="pump_bare", type="actuator", config={})
+    await testing.insert_row(db, "node_channels", node_id=node_id, channel="pump_free", type="actuator",
+                             config={"safe_limits": {"max_duration_ms": 5000, "min_off_ms": 0}})
 
     def run(channel):
         return issue_command(db, mqtt, topics, gh_uid="gh-1", zone_id=zone, node_uid="nd-1", channel=channel,

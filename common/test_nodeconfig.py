@@ -122,17 +122,12 @@ def test_build_config_from_rows():
 # ---------------------------------------------------------------------------------------
 async def make_node(db, *, zone=True, greenhouse=True, uid="nd-ph-1", hardware_id="esp32-a1b2c3d4e5f6",
                     config=None):
-    gh_id = await db.fetchval("INSERT INTO greenhouses (uid, name) VALUES ('gh-1', 'Main') RETURNING id") \
-        if greenhouse else None
-    zone_id = await db.fetchval("INSERT INTO zones (greenhouse_id, name) VALUES ($1, 'A') RETURNING id", gh_id) \
-        if zone else None
-    node_id = await db.fetchval(
-        "INSERT INTO nodes (uid, hardware_id, type, zone_id, config, lifecycle_state)"
-        " VALUES ($1, $2, 'ph', $3, $4, 'ASSIGNED_TO_ZONE') RETURNING id",
-        uid, hardware_id, zone_id, config if config is not None else {"wifi": {"ssid": "Farm", "pass": "p"}})
-    await db.executemany(
-        "INSERT INTO node_channels (node_id, channel, type, metric, config) VALUES ($1, $2, $3, $4, $5)",
-        [(node_id, "ph_sensor", "sensor", "PH", None), (node_id, "pump_acid", "actuator", None, None)])
+    gh_id = await testing.seed_greenhouse(db, "gh-1", "Main") if greenhouse else None
+    zone_id = await testing.seed_zone(db, gh_id, "A") if zone else None
+    node_id = await testing.seed_node(
+        db, uid, zone_id, hardware_id=hardware_id, type="ph", lifecycle_state="ASSIGNED_TO_ZONE",
+        config=config if config is not None else {"wifi": {"ssid": "Farm", "pass": "p"}},
+        channels=[testing.Channel("ph_sensor", metric="PH"), "pump_acid"])
     return node_id, zone_id
 
 

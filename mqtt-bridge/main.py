@@ -13,7 +13,8 @@ import sys
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from common.commands import CommandConflict, CommandError, CommandPublishError
+from common.command_catalogue import CommandError
+from common.commands import CommandConflict, CommandPublishError
 from common.db import PG_UNAVAILABLE, Database
 from common.env import Settings, settings_or_exit
 from common.http_docs import docs_app

@@ -15,7 +15,8 @@ import datetime as dt
 from typing import Any
 
 from common.actuator_closes import schedule_close
-from common.commands import IssuedCommand, issue_command, validate_command
+from common.command_catalogue import validate_command
+from common.commands import IssuedCommand, issue_command
 from common.db import Database
 from common.mqtt import MqttClient
 from common.schemas import CommandRequest

@@ -138,7 +138,8 @@ class TaskRegistry:
 
 
 def _status_of(exc: Exception) -> int:
-    from common.commands import CommandError, CommandPublishError
+    from common.command_catalogue import CommandError
+    from common.commands import CommandPublishError
     if isinstance(exc, CommandError):
         return 422
     if isinstance(exc, CommandPublishError):

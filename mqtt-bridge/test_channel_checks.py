@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from common.commands import CommandError, channel_kind, issue_command
+from common.command_catalogue import CommandError, channel_kind
+from common.commands import issue_command
 from common.testing import insert_row
 from common.topics import Topics
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from common.channels import DRAIN_CHANNELS, FILL_CHANNELS, irrigation_channel, is_valve
-from common.commands import RUN_PUMP_MAX_MS, CommandError, CommandPublishError, issue_command, new_cmd_id
+from common.command_catalogue import RUN_PUMP_MAX_MS, CommandError
+from common.commands import CommandPublishError, issue_command, new_cmd_id
 from common.db import Database
 from common.mqtt import MqttClient
 from common.topics import Topics

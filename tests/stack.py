@@ -18,7 +18,7 @@ import httpx
 from common import testing
 from common.db import Database
 from common.topics import Topics
-from tools.node_sim import NodeSpec, SimOptions, Simulator, default_channels
+from tools.node_sim import ChannelSpec, NodeSpec, SimOptions, Simulator, default_channels
 from tools.node_sim.layout import hardware_id_for
 
 SERVICES = ("history-logger", "device-registry", "mqtt-bridge", "automation-engine", "scheduler")
@@ -96,25 +96,43 @@ async def run_with_db(settings, work):
         await db.close()
 
 
-# -- Laravel-like seeding of nodes ------------------------------------------------------------------
+# -- Laravel-like seeding ---------------------------------------------------------------------------
+async def seed_shared_recipe(db: Database, name: str, phases: list[dict], zone_phases: dict[int, int]) -> int:
+    """One recipe of open-ended phases (their targets) that several zones run, each at its phase
+    (zone id → phase index), begun now."""
+    recipe = await testing.insert_row(db, "recipes", name=name)
+    for index, targets in enumerate(phases):
+        await testing.insert_row(db, "recipe_phases", recipe_id=recipe, phase_index=index, name=f"P{index}",
+                                 targets=targets)
+    for zone, phase in zone_phases.items():
+        await testing.insert_row(db, "zone_recipe_instances", zone_id=zone, recipe_id=recipe,
+                                 current_phase_index=phase, started_at=testing.Sql("now()"))
+    return recipe
+
+
 def node_spec(uid: str, node_type: str, gh: str | None, zone_id: int | None) -> NodeSpec:
     return NodeSpec(uid=uid, type=node_type, hardware_id=hardware_id_for(uid), gh=gh, zone_id=zone_id,
                     channels=default_channels(node_type))
 
 
-async def seed_nodes(db: Database, specs: list[NodeSpec]) -> None:
-    """Nodes as Laravel registers them (offline, never seen) with their channels."""
+async def seed_nodes(db: Database, specs: list[NodeSpec]) -> dict[str, int]:
+    """Nodes as Laravel registers them (offline, never seen) with their channels; uid → node id."""
+    ids = {}
     for spec in specs:
-        node_id = await db.fetchval(
-            "INSERT INTO nodes (uid, hardware_id, zone_id, type, status, lifecycle_state, validated)"
-            " VALUES ($1, $2, $3, $4, 'offline', 'ACTIVE', true) RETURNING id",
-            spec.uid, spec.hardware_id, spec.zone_id, spec.type)
-        for ch in spec.channels:
-            config = None if ch.type == "SENSOR" else {"safe_limits": ch.safe_limits,
-                                                         **({"ml_per_second": ch.ml_per_second}
-                                                            if ch.ml_per_second else {})}
-            await db.execute("INSERT INTO node_channels (node_id, channel, type, metric, config)"
-                             " VALUES ($1, $2, $3, $4, $5)", node_id, ch.name, ch.type.lower(), ch.metric, config)
+        ids[spec.uid] = await testing.seed_node(db, spec.uid, spec.zone_id, channels=[_channel(ch) for ch in spec.channels],
+                                hardware_id=spec.hardware_id, type=spec.type, status="offline",
+                                lifecycle_state="ACTIVE", validated=True)
+    return ids
+
+
+def _channel(ch: ChannelSpec) -> testing.Channel:
+    """A simulated channel as Laravel stores it: an actuator's config holds its limits (and dose rate)."""
+    if ch.type == "SENSOR":
+        return testing.Channel(ch.name, type="sensor", metric=ch.metric)
+    config = {"safe_limits": ch.safe_limits}
+    if ch.ml_per_second:
+        config["ml_per_second"] = ch.ml_per_second
+    return testing.Channel(ch.name, config, type=ch.type.lower(), metric=ch.metric)
 
 
 # -- the services as processes ----------------------------------------------------------------------

@@ -453,8 +453,7 @@ def grafana_sql(sql: str) -> str:
 
 
 async def test_dashboard_sql_runs_on_the_schema(db):
-    zone = await db.fetchval("INSERT INTO greenhouses (uid, name) VALUES ('gh-1', 'g') RETURNING id")
-    zone = await db.fetchval("INSERT INTO zones (greenhouse_id, name) VALUES ($1, 'Zone A') RETURNING id", zone)
+    zone = await testing.seed_zone(db, "gh-1", "Zone A")
     await db.execute("INSERT INTO telemetry_samples (zone_id, metric_type, value, ts) VALUES ($1, 'PH', 5.9,"
                      " now() - interval '1 second')",  # Laravel's ts keeps whole seconds: never after now()
                      zone)

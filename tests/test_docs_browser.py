@@ -34,15 +34,12 @@ NODES_OP = "#operations-nodes-list_nodes_nodes_get"
 @pytest.fixture
 async def world(db):
     """As Laravel leaves it: greenhouse gh-1, a zone, an irrigation node with its pump channel."""
-    gh_id = await db.fetchval("INSERT INTO greenhouses (uid, name, created_at, updated_at) "
-                              "VALUES ('gh-1', 'Greenhouse 1', now(), now()) RETURNING id")
-    zone = await db.fetchval("INSERT INTO zones (greenhouse_id, name, created_at, updated_at) "
-                             "VALUES ($1, 'Zone A', now(), now()) RETURNING id", gh_id)
-    node = await db.fetchval("INSERT INTO nodes (uid, zone_id, type, status, created_at, updated_at) "
-                             "VALUES ('nd-irr-1', $1, 'irrig', 'online', now(), now()) RETURNING id", zone)
-    await db.execute("INSERT INTO node_channels (node_id, channel, type, config, created_at, updated_at) "
-                     "VALUES ($1, 'pump_in', 'actuator', $2, now(), now())",
-                     node, {"safe_limits": {"max_duration_ms": 5000, "min_off_ms": 3000}})
+    now = testing.Sql("now()")
+    gh_id = await testing.seed_greenhouse(db, "gh-1", "Greenhouse 1", created_at=now, updated_at=now)
+    zone = await testing.seed_zone(db, gh_id, "Zone A", created_at=now, updated_at=now)
+    await testing.seed_node(db, "nd-irr-1", zone, type="irrig", status="online", created_at=now, updated_at=now,
+                            channels=[testing.Channel("pump_in", {"safe_limits": {"max_duration_ms": 5000,
+                                                                                  "min_off_ms": 3000}})])
     return SimpleNamespace(zone=zone, node="nd-irr-1")
 
 

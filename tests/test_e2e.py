@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from common import testing
 from common.db import Database
 from tests.stack import (SERVICES, ServiceStack, create_database, tear_down, free_ports,
-                         node_spec, run_with_db, seed_nodes)
+                         node_spec, run_with_db, seed_nodes, seed_shared_recipe)
 from tools.node_sim import NodeSpec, ReservoirParams
 from tools.node_sim.layout import actuator, hardware_id_for, sensor
 
@@ -58,21 +58,15 @@ _spec = node_spec
 
 async def _seed(db: Database, irrigation_time: str) -> dict[str, int]:
     """Like Laravel would: a greenhouse, a dosing zone (A) and a scheduled zone (B), their nodes."""
-    gh = await db.fetchval("INSERT INTO greenhouses (uid, name, timezone) VALUES ('gh-e2e', 'E2E', 'UTC') RETURNING id")
-    recipe = await db.fetchval("INSERT INTO recipes (name) VALUES ('e2e') RETURNING id")
-    await db.execute(
-        "INSERT INTO recipe_phases (recipe_id, phase_index, name, targets) VALUES ($1, 0, 'a', $2), ($1, 1, 'b', $3)",
-        recipe, {"ph": PH_TARGET, "ec": {"min": 0.6, "max": 1.6}},
-        {"irrigation_schedule": irrigation_time, "irrigation_duration_sec": 2})
+    gh = await testing.seed_greenhouse(db, "gh-e2e", "E2E", timezone="UTC")
     zones = {}
     for name, caps, settings in (("A", {"ph_control": True}, None), ("B", None, None), ("C", None, WATER_CHANGE)):
-        zones[name] = await db.fetchval(
-            "INSERT INTO zones (greenhouse_id, name, status, capabilities, settings, solution_started_at)"
-            " VALUES ($1, $2, 'RUNNING', $3, $4, now()) RETURNING id", gh, name, caps, settings)
+        zones[name] = await testing.seed_zone(db, gh, name, status="RUNNING", capabilities=caps, settings=settings,
+                                              solution_started_at=testing.Sql("now()"))
     # Zones B and C run the recipe's second phase (its schedule); phases are open-ended (no duration).
-    for name, phase in (("A", 0), ("B", 1), ("C", 1)):
-        await db.execute("INSERT INTO zone_recipe_instances (zone_id, recipe_id, current_phase_index, started_at)"
-                         " VALUES ($1, $2, $3, now())", zones[name], recipe, phase)
+    await seed_shared_recipe(db, "e2e", [{"ph": PH_TARGET, "ec": {"min": 0.6, "max": 1.6}},
+                                         {"irrigation_schedule": irrigation_time, "irrigation_duration_sec": 2}],
+                             {zones["A"]: 0, zones["B"]: 1, zones["C"]: 1})
     await seed_nodes(db, _registered_specs(zones) + [_spec("nd-e2e-silent", "irrig", "gh-e2e", zones["B"]),
                                                      _spec("nd-e2e-burst", "climate", "gh-e2e", zones["B"]),
                                                      _spec("nd-e2e-quiet", "climate", "gh-e2e", zones["B"])])

@@ -118,14 +118,11 @@ def query_string(params: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 async def _seed(db: Database) -> dict[str, int]:
     """A greenhouse with a zone of nodes (as Laravel writes them) and an empty zone."""
-    gh = await db.fetchval("INSERT INTO greenhouses (uid, name, timezone) VALUES ($1, 'Fuzz', 'UTC') RETURNING id", GH)
-    ids = {name: await db.fetchval("INSERT INTO zones (greenhouse_id, name, status) VALUES ($1, $2, 'RUNNING')"
-                                   " RETURNING id", gh, name) for name in ("Z", "E")}
+    gh = await testing.seed_greenhouse(db, GH, "Fuzz", timezone="UTC")
+    ids = {name: await testing.seed_zone(db, gh, name, status="RUNNING") for name in ("Z", "E")}
     nodes = (("nd-fz-tel", "climate"), ("nd-fz-hb", "climate"), ("nd-fz-act", "climate"), ("nd-fz-reg", "ph"),
              ("nd-fz-cfg", "ph"))
-    await seed_nodes(db, [node_spec(uid, node_type, GH, ids["Z"]) for uid, node_type in nodes])
-    for uid, _ in nodes:
-        ids[uid] = await db.fetchval("SELECT id FROM nodes WHERE uid = $1", uid)
+    ids.update(await seed_nodes(db, [node_spec(uid, node_type, GH, ids["Z"]) for uid, node_type in nodes]))
     return ids
 
 

@@ -2,7 +2,10 @@
 and configs, and how its reservoir responds to doses."""
 from __future__ import annotations
 
+import ast
+import collections
 import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -10,7 +13,8 @@ import pytest
 from common import testing
 from common.commands import build_payload, new_cmd_id
 from common.testing import MqttProbe, eventually, publish_sync
-from tools.node_sim import ReservoirParams, SimOptions, Simulator, synthetic_layout
+from tools.node_sim import Reservoir, ReservoirParams, SimOptions, Simulator, synthetic_layout
+from tools.node_sim import node as sim_node
 from tools.node_sim.layout import actuator
 
 PH_NODE = "nd-sim-ph-z1-1"
@@ -332,3 +336,44 @@ def test_sensor_fault_command_line_forms():
     for bad in ("nd-1=stuck", "nd-1/ph_sensor=melted", "nd-1/ph_sensor=stuck:high", "nd-1/ph_sensor=spikes"):
         with pytest.raises(ValueError, match="sensor fault"):
             SensorFault.parse(bad)
+
+
+def test_a_node_runs_on_a_host_of_its_own_not_only_the_fleet():
+    """SimNode takes options, its reservoir, counters and deferred work from a NodeHost; it never
+    imports the fleet (which imports it)."""
+    imported = [n.module for n in ast.walk(ast.parse(Path(sim_node.__file__).read_text()))
+                if isinstance(n, ast.ImportFrom)]
+    assert "fleet" not in imported
+
+    settings = testing.isolated_settings()
+
+    class Host:
+        options = SimOptions(host=settings.mqtt_host, port=settings.mqtt_port, topic_root=settings.mqtt_topic_root,
+                             client_prefix=f"{settings.mqtt_client_id}-", poll_ms=100)
+        reservoir = Reservoir(1)
+        counts: collections.Counter[str] = collections.Counter()
+
+        def reservoir_for(self, node):
+            return self.reservoir
+
+        def count(self, name, n=1):
+            self.counts[name] += n
+
+        def defer(self, action):
+            action()
+
+    host = Host()
+    [spec] = synthetic_layout(1, 1, 1, node_types=("ph",))
+    node = sim_node.SimNode(spec, host)
+    node.start()
+    try:
+        assert node.connected.wait(10)
+        deadline = time.monotonic() + 10
+        while not host.counts["telemetry_sent"] and time.monotonic() < deadline:
+            node.tick(time.monotonic())
+            time.sleep(0.05)
+    finally:
+        node.stop()
+        publish_sync(settings.mqtt_host, settings.mqtt_port,  # its retained status / lwt
+                     [(node.node_topic(kind), b"", 1, True) for kind in ("status", "lwt")])
+    assert host.counts["connects"] == 1 and host.counts["telemetry_sent"] > 0

@@ -23,7 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from common import testing
 from common.db import Database
 from tests.stack import (PORT_FIELDS, SERVICES, ServiceStack, create_database, tear_down,
-                         free_ports, node_spec, run_with_db, seed_nodes)
+                         free_ports, node_spec, run_with_db, seed_nodes, seed_shared_recipe)
 
 TOKEN = "replicas-token"
 PH_TARGET = {"min": 5.6, "max": 6.0}
@@ -54,20 +54,13 @@ def _auth() -> dict[str, str]:
 async def _seed(db: Database) -> dict[str, int]:
     """Like Laravel: a dosing zone A, irrigated zones B and D (their schedule is set by the scheduler
     test), an empty zone C, and their nodes."""
-    gh = await db.fetchval("INSERT INTO greenhouses (uid, name, timezone) VALUES ('gh-rep', 'Rep', 'UTC') RETURNING id")
-    recipe = await db.fetchval("INSERT INTO recipes (name) VALUES ('rep') RETURNING id")
-    await db.execute(
-        "INSERT INTO recipe_phases (recipe_id, phase_index, name, targets) VALUES ($1, 0, 'a', $2), ($1, 1, 'b', $3)",
-        recipe, {"ph": PH_TARGET, "ec": {"min": 0.6, "max": 1.6}},
-        {"irrigation_duration_sec": 2})
+    gh = await testing.seed_greenhouse(db, "gh-rep", "Rep", timezone="UTC")
     zones = {}
     for name, caps in (("A", {"ph_control": True}), ("B", None), ("C", None), ("D", None)):
-        zones[name] = await db.fetchval(
-            "INSERT INTO zones (greenhouse_id, name, status, capabilities) VALUES ($1, $2, 'RUNNING', $3) RETURNING id",
-            gh, name, caps)
-    for name, phase in (("A", 0), ("B", 1), ("D", 1)):
-        await db.execute("INSERT INTO zone_recipe_instances (zone_id, recipe_id, current_phase_index, started_at)"
-                         " VALUES ($1, $2, $3, now())", zones[name], recipe, phase)
+        zones[name] = await testing.seed_zone(db, gh, name, status="RUNNING", capabilities=caps)
+    await seed_shared_recipe(db, "rep", [{"ph": PH_TARGET, "ec": {"min": 0.6, "max": 1.6}},
+                                         {"irrigation_duration_sec": 2}],
+                             {zones["A"]: 0, zones["B"]: 1, zones["D"]: 1})
     await seed_nodes(db, _simulated(zones) + [node_spec("nd-rep-burst", "climate", "gh-rep", zones["B"])])
     return zones
 

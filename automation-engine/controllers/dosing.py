@@ -17,7 +17,8 @@ from typing import Any
 import metrics as m
 import gates
 from actions import ZoneContext
-from common.commands import CommandError, CommandPublishError
+from common.command_catalogue import CommandError
+from common.commands import CommandPublishError
 from common.schemas import as_number
 from targets import target
 

@@ -25,7 +25,7 @@ from actions import ZoneContext
 from actuators import send
 from common.actuator_closes import run_due, schedule_close
 from common.channels import IRRIGATION_CHANNELS, irrigation_channel, is_valve
-from common.commands import RUN_PUMP_MAX_MS
+from common.command_catalogue import RUN_PUMP_MAX_MS
 from snapshot import Node
 from common.schemas import as_number
 

@@ -18,8 +18,9 @@ from common.env import settings_or_exit
 from common.logs import setup_logging
 
 from .faults import SensorFault
-from .fleet import SimOptions, Simulator
+from .fleet import Simulator
 from .layout import NODE_TYPES, layout_from_db, synthetic_layout
+from .options import SimOptions
 from .reservoir import ReservoirParams
 
 

@@ -24,7 +24,7 @@ import random
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
 import orjson
 import paho.mqtt.client as paho
@@ -36,10 +36,8 @@ from common.topics import TEMP_GH, TEMP_ZONE, Topics
 
 from .faults import SensorFault
 from .layout import ChannelSpec, NodeSpec
-
-if TYPE_CHECKING:
-    from .fleet import Simulator
-    from .reservoir import Reservoir
+from .options import SimOptions
+from .reservoir import Reservoir
 
 log = logging.getLogger("node_sim")
 
@@ -67,11 +65,26 @@ class CommandRefused(Exception):
         self.code = code
 
 
+class NodeHost(Protocol):
+    """What a node uses of the fleet it runs in (fleet.Simulator)."""
+
+    options: SimOptions
+
+    def reservoir_for(self, node: SimNode) -> Reservoir:
+        """The water the node's sensors read and its pumps change."""
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add to one of the fleet's statistics."""
+
+    def defer(self, action: Callable[[], None]) -> None:
+        """Run `action` later, outside the node's network callbacks (e.g. a restart)."""
+
+
 class SimNode:
-    def __init__(self, spec: NodeSpec, sim: "Simulator"):
+    def __init__(self, spec: NodeSpec, host: NodeHost):
         self.spec = spec
-        self.sim = sim
-        self.topics = Topics(sim.options.topic_root)
+        self.host = host
+        self.topics = Topics(host.options.topic_root)
         self.config_version = 0
         self.applied_config: dict | None = None
         self.boot = time.monotonic()
@@ -113,8 +126,8 @@ class SimNode:
         return self.topics.channel_topic(*self.segments, channel, kind)
 
     @property
-    def reservoir(self) -> "Reservoir":
-        return self.sim.reservoir_for(self)
+    def reservoir(self) -> Reservoir:
+        return self.host.reservoir_for(self)
 
     def channel(self, name: str) -> ChannelSpec | None:
         return next((c for c in self.spec.channels if c.name == name), None)
@@ -133,7 +146,7 @@ class SimNode:
         with self._lock:
             if self._client is not None:
                 return
-            o = self.sim.options
+            o = self.host.options
             client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{o.client_prefix}{self.spec.hardware_id}",
                                  protocol=paho.MQTTv311, clean_session=True)
             if o.username:
@@ -183,7 +196,7 @@ class SimNode:
             except OSError:
                 pass
             sock.close()
-        self.sim.count("offline_events")
+        self.host.count("offline_events")
 
     def restart(self) -> None:
         """Reconnect with the current ids (after a config changed them): a fresh session and will."""
@@ -207,7 +220,7 @@ class SimNode:
         if mid != self._subscribe_mid:
             return
         self.connected.set()
-        self.sim.count("connects")
+        self.host.count("connects")
         with self._lock:
             pending, self._pending_config_response = self._pending_config_response, None
         if pending is not None:  # the answer to the config that gave this node its new ids
@@ -231,7 +244,7 @@ class SimNode:
         if not self.connected.is_set():
             return
         self._stop_expired_pumps(now)
-        o = self.sim.options
+        o = self.host.options
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + o.heartbeat_sec
             self._send_heartbeat()
@@ -255,17 +268,17 @@ class SimNode:
                    "rssi": -55 - self._random.randint(0, 15), "ts": int(time.time())}
         data = self._maybe_malformed(orjson.dumps(payload))
         if self.publish(self.node_topic("heartbeat"), data, qos=1):
-            self.sim.count("heartbeats_sent")
+            self.host.count("heartbeats_sent")
 
     def _send_hello(self) -> None:
-        o = self.sim.options
+        o = self.host.options
         payload = {"message_type": "node_hello", "hardware_id": self.spec.hardware_id, "node_type": self.spec.type,
                    "fw_version": self.spec.fw_version, "hardware_revision": "sim",
                    "capabilities": sorted({c.metric.lower() for c in self.spec.channels if c.is_sensor}),
                    "provisioning_meta": {"greenhouse_token": o.hello_greenhouse or None,
                                          "zone_id": o.hello_zone_id, "node_name": None}}
         if self.publish(self.topics.node_hello(), orjson.dumps(payload), qos=1):
-            self.sim.count("hellos_sent")
+            self.host.count("hellos_sent")
 
     def _send_telemetry(self, ch: ChannelSpec) -> None:
         value = self.reservoir.reading(ch.metric)
@@ -278,13 +291,13 @@ class SimNode:
                    "raw": int(value * 1000), "ts": round(time.time(), 3), "stable": True}
         data = self._maybe_malformed(orjson.dumps(payload))
         if self.publish(self.channel_topic(ch.name, "telemetry"), data, qos=1):
-            self.sim.count("telemetry_sent")
+            self.host.count("telemetry_sent")
 
     def _maybe_malformed(self, data: bytes) -> bytes:
-        rate = self.sim.options.malformed_rate
+        rate = self.host.options.malformed_rate
         if rate <= 0 or self._random.random() >= rate:
             return data
-        self.sim.count("malformed_sent")
+        self.host.count("malformed_sent")
         return self._random.choice(MALFORMED)
 
     # -- incoming -------------------------------------------------------------------------
@@ -303,14 +316,14 @@ class SimNode:
 
     # commands ----------------------------------------------------------------------------
     def _handle_command(self, channel: str, payload: bytes) -> None:
-        self.sim.count("commands_received")
+        self.host.count("commands_received")
         try:
             cmd = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            self.sim.count("commands_dropped")
+            self.host.count("commands_dropped")
             return
         if not isinstance(cmd, dict) or not isinstance(cmd.get("cmd_id"), str) or not cmd["cmd_id"]:
-            self.sim.count("commands_dropped")  # firmware drops commands without cmd_id, no answer
+            self.host.count("commands_dropped")  # firmware drops commands without cmd_id, no answer
             return
         cmd_id = cmd["cmd_id"]
         with self._lock:
@@ -330,7 +343,7 @@ class SimNode:
                             "error_message": str(exc), "details": {"channel": channel}}
         response["ts"] = self.uptime_ms() // 1000
         if self._should_drop():
-            self.sim.count("responses_dropped")
+            self.host.count("responses_dropped")
             return
         self._publish_response(self.channel_topic(channel, "command_response"), response)
 
@@ -339,13 +352,13 @@ class SimNode:
             if self.drop_responses > 0:
                 self.drop_responses -= 1
                 return True
-        rate = self.sim.options.drop_rate
+        rate = self.host.options.drop_rate
         return rate > 0 and self._random.random() < rate
 
     def _publish_response(self, topic: str, response: dict, config: bool = False) -> None:
         self.responses.append({"topic": topic, **response})
         if self.publish(topic, orjson.dumps(response), qos=1):
-            self.sim.count(("config_response_" if config else "response_") + response["status"].lower())
+            self.host.count(("config_response_" if config else "response_") + response["status"].lower())
 
     def _execute(self, channel: str, name: str, params: dict[str, Any]) -> dict[str, Any]:
         """Carry a command out; returns details for the ACK or raises CommandRefused."""
@@ -418,7 +431,7 @@ class SimNode:
     def _check_pump_free(self, ch: ChannelSpec, now: float, limits: dict) -> None:
         if self._pump_until.get(ch.name, 0) > now:
             raise CommandRefused("pump_busy", f"{ch.name} is running")
-        min_off = limits.get("min_off_ms", 0) / 1000.0 / self.sim.options.cooldown_divisor
+        min_off = limits.get("min_off_ms", 0) / 1000.0 / self.host.options.cooldown_divisor
         if now - self._pump_off_at.get(ch.name, -1e9) < min_off:
             raise CommandRefused("pump_busy", f"{ch.name} is in its min-off cooldown")
 
@@ -436,7 +449,7 @@ class SimNode:
             res.add_nutrient(ml)
         else:  # irrigation / recirculation pumps move water; flow and current show while they run
             res.irrigate(seconds)
-        self.sim.count("pump_runs")
+        self.host.count("pump_runs")
 
     def _stop_pump(self, ch: ChannelSpec, now: float) -> None:
         if self._pump_until.get(ch.name, 0) > now:
@@ -471,7 +484,7 @@ class SimNode:
     def _handle_config(self, payload: bytes) -> None:
         if not payload:  # a retained copy being cleared
             return
-        self.sim.count("configs_received")
+        self.host.count("configs_received")
         try:
             raw = orjson.loads(payload)
             config = NodeConfig.model_validate(raw)
@@ -495,7 +508,7 @@ class SimNode:
             self.config_version = config.version
             self.applied_config = raw
             self._next_poll.clear()
-        self.sim.count("configs_applied")
+        self.host.count("configs_applied")
         if not ids_changed:
             self._publish_response(self.node_topic("config_response"), response, config=True)
             return
@@ -503,10 +516,10 @@ class SimNode:
         with self._lock:
             self.spec.uid, self.spec.gh, self.spec.zone_id = config.node_id, config.gh_uid, new_zone
             self._pending_config_response = response
-        self.sim.defer(self.restart)
+        self.host.defer(self.restart)
 
     def _refuse_config(self, error: str, version: Any) -> None:
-        self.sim.count("configs_refused")
+        self.host.count("configs_refused")
         response = {"status": "ERROR", "error": error[:300], "node_id": self.uid,
                     "version": version if isinstance(version, int) else None, "ts": int(time.time())}
         self._publish_response(self.node_topic("config_response"), response, config=True)
