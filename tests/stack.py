@@ -119,9 +119,9 @@ async def seed_nodes(db: Database, specs: list[NodeSpec]) -> dict[str, int]:
     """Nodes as Laravel registers them (offline, never seen) with their channels; uid → node id."""
     ids = {}
     for spec in specs:
-        ids[spec.uid] = await testing.seed_node(db, spec.uid, spec.zone_id, channels=[_channel(ch) for ch in spec.channels],
-                                hardware_id=spec.hardware_id, type=spec.type, status="offline",
-                                lifecycle_state="ACTIVE", validated=True)
+        ids[spec.uid] = await testing.seed_node(
+            db, spec.uid, spec.zone_id, channels=[_channel(ch) for ch in spec.channels], hardware_id=spec.hardware_id,
+            type=spec.type, status="offline", lifecycle_state="ACTIVE", validated=True)
     return ids
 
 
