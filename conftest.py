@@ -14,10 +14,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from common import testing
-from common.db import Database
-from common.migrate import apply_migrations
-from common.mqtt import MqttClient
+# Helpers that tests assert through show the compared values too, as assertions in test files do.
+pytest.register_assert_rewrite("common.testing", "testing", "stack")
+
+from common import testing  # noqa: E402
+from common.db import Database  # noqa: E402
+from common.migrate import apply_migrations  # noqa: E402
+from common.mqtt import MqttClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 SERVICE_DIRS = [ROOT / d for d in ("mqtt-bridge", "history-logger", "automation-engine", "scheduler",
@@ -30,6 +33,21 @@ def pytest_configure(config: pytest.Config) -> None:
     if len(services) > 1:
         raise pytest.UsageError(f"one service per pytest run (these share module names): {sorted(services)};"
                                 " `make test` runs each in its own process")
+
+
+_reruns: list[pytest.TestReport] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.outcome == "rerun":
+        _reruns.append(report)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """A test that passed on its rerun keeps the failure of its first attempt readable in the log."""
+    for report in _reruns:
+        terminalreporter.write_sep("-", f"first attempt of {report.nodeid} ({report.when})")
+        terminalreporter.write_line(report.longreprtext[-4000:])
 
 
 # ---------------------------------------------------------------------------------------
