@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 # Helpers that tests assert through show the compared values too, as assertions in test files do.
-pytest.register_assert_rewrite("common.testing", "testing", "stack")
+pytest.register_assert_rewrite("common.testing", "testing", "tests.stack")
 
 from common import testing  # noqa: E402
 from common.db import Database  # noqa: E402

@@ -472,17 +472,26 @@ async def seed_zone(db, greenhouse: str | int | None = "gh-1", name: str = "Zone
                     phases: list[tuple[float | None, dict]] | None = None, targets: dict | None = None,
                     started_hours_ago: float = 1.0, **columns: Any) -> int:
     """A zone in `greenhouse` (a uid, created if missing, an id, or None); with `targets` (one phase) or
-    `phases` ([(duration_hours, targets)]) it runs a recipe whose phase 0 began `started_hours_ago`."""
+    `phases` it runs a recipe of its own (seed_recipe)."""
     gh_id = await seed_greenhouse(db, greenhouse) if isinstance(greenhouse, str) else greenhouse
     zone_id = await insert_row(db, "zones", greenhouse_id=gh_id, name=name, **columns)
     if targets is not None or phases:
-        recipe = await insert_row(db, "recipes", name=f"recipe {zone_id}")
-        for index, (hours, phase_targets) in enumerate(phases or [(None, targets)]):
-            await insert_row(db, "recipe_phases", recipe_id=recipe, phase_index=index, name=f"P{index}",
-                             duration_hours=hours, targets=phase_targets)
-        await insert_row(db, "zone_recipe_instances", zone_id=zone_id, recipe_id=recipe, current_phase_index=0,
-                         started_at=Sql(f"now() - make_interval(secs => {float(started_hours_ago) * 3600.0})"))
+        await seed_recipe(db, phases or [(None, targets)], {zone_id: 0}, started_hours_ago)
     return zone_id
+
+
+async def seed_recipe(db, phases: list[tuple[float | None, dict]], zones: dict[int, int],
+                      started_hours_ago: float = 1.0) -> int:
+    """A recipe of `phases` ([(duration_hours or None, targets)]) that each zone runs at its phase index
+    (zone id → index), begun `started_hours_ago`."""
+    recipe = await insert_row(db, "recipes", name=f"recipe of zone {min(zones)}")
+    for index, (hours, phase_targets) in enumerate(phases):
+        await insert_row(db, "recipe_phases", recipe_id=recipe, phase_index=index, name=f"P{index}",
+                         duration_hours=hours, targets=phase_targets)
+    for zone_id, phase in zones.items():
+        await insert_row(db, "zone_recipe_instances", zone_id=zone_id, recipe_id=recipe, current_phase_index=phase,
+                         started_at=Sql(f"now() - make_interval(secs => {float(started_hours_ago) * 3600.0})"))
+    return recipe
 
 
 async def seed_node(db, uid: str, zone_id: int | None = None, *, channels: list[Channel | str] = (),

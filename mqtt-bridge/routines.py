@@ -24,7 +24,6 @@ stops their actuator, writes `*_FINISHED {status: "interrupted"}` and records th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
@@ -38,6 +37,7 @@ from common.alerts import add_zone_event
 from common.channels import DRAIN_CHANNELS, FILL_CHANNELS, is_valve
 from common.db import Database
 from common.schemas import CalibrateFlowRequest, FillRequest
+from common.service import cancel_tasks
 
 from publisher import ApiError, Publisher
 from settings import ServiceSettings
@@ -98,9 +98,7 @@ class Routines:
 
     async def close(self) -> None:
         if self._recovery is not None:
-            self._recovery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recovery
+            await cancel_tasks([self._recovery])
             self._recovery = None
 
     async def _recovery_loop(self) -> None:

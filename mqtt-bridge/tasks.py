@@ -17,6 +17,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+from common.command_catalogue import CommandError
+from common.commands import CommandPublishError
+from common.service import drain_then_cancel
+
 import metrics
 from publisher import ApiError
 
@@ -127,19 +131,11 @@ class TaskRegistry:
 
     async def stop(self, grace_sec: float = 15.0) -> None:
         """Wait for runs to finish (the caller has told them to end), cancel what is left after grace_sec."""
-        running = [t.task for t in self._tasks.values() if t.task is not None and not t.task.done()]
-        if not running:
-            return
-        _, late = await asyncio.wait(running, timeout=grace_sec)
-        for task in late:
-            task.cancel()
-        if late:
-            await asyncio.gather(*late, return_exceptions=True)
+        await drain_then_cancel([t.task for t in self._tasks.values() if t.task is not None and not t.task.done()],
+                                grace_sec)
 
 
 def _status_of(exc: Exception) -> int:
-    from common.command_catalogue import CommandError
-    from common.commands import CommandPublishError
     if isinstance(exc, CommandError):
         return 422
     if isinstance(exc, CommandPublishError):

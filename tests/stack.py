@@ -97,19 +97,6 @@ async def run_with_db(settings, work):
 
 
 # -- Laravel-like seeding ---------------------------------------------------------------------------
-async def seed_shared_recipe(db: Database, name: str, phases: list[dict], zone_phases: dict[int, int]) -> int:
-    """One recipe of open-ended phases (their targets) that several zones run, each at its phase
-    (zone id → phase index), begun now."""
-    recipe = await testing.insert_row(db, "recipes", name=name)
-    for index, targets in enumerate(phases):
-        await testing.insert_row(db, "recipe_phases", recipe_id=recipe, phase_index=index, name=f"P{index}",
-                                 targets=targets)
-    for zone, phase in zone_phases.items():
-        await testing.insert_row(db, "zone_recipe_instances", zone_id=zone, recipe_id=recipe,
-                                 current_phase_index=phase, started_at=testing.Sql("now()"))
-    return recipe
-
-
 def node_spec(uid: str, node_type: str, gh: str | None, zone_id: int | None) -> NodeSpec:
     return NodeSpec(uid=uid, type=node_type, hardware_id=hardware_id_for(uid), gh=gh, zone_id=zone_id,
                     channels=default_channels(node_type))

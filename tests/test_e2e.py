@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from common import testing
 from common.db import Database
 from tests.stack import (SERVICES, ServiceStack, create_database, tear_down, free_ports,
-                         node_spec, run_with_db, seed_nodes, seed_shared_recipe)
+                         node_spec, run_with_db, seed_nodes)
 from tools.node_sim import NodeSpec, ReservoirParams
 from tools.node_sim.layout import actuator, hardware_id_for, sensor
 
@@ -64,9 +64,9 @@ async def _seed(db: Database, irrigation_time: str) -> dict[str, int]:
         zones[name] = await testing.seed_zone(db, gh, name, status="RUNNING", capabilities=caps, settings=settings,
                                               solution_started_at=testing.Sql("now()"))
     # Zones B and C run the recipe's second phase (its schedule); phases are open-ended (no duration).
-    await seed_shared_recipe(db, "e2e", [{"ph": PH_TARGET, "ec": {"min": 0.6, "max": 1.6}},
-                                         {"irrigation_schedule": irrigation_time, "irrigation_duration_sec": 2}],
-                             {zones["A"]: 0, zones["B"]: 1, zones["C"]: 1})
+    await testing.seed_recipe(db, [(None, {"ph": PH_TARGET, "ec": {"min": 0.6, "max": 1.6}}),
+                                   (None, {"irrigation_schedule": irrigation_time, "irrigation_duration_sec": 2})],
+                              {zones["A"]: 0, zones["B"]: 1, zones["C"]: 1}, started_hours_ago=0)
     await seed_nodes(db, _registered_specs(zones) + [_spec("nd-e2e-silent", "irrig", "gh-e2e", zones["B"]),
                                                      _spec("nd-e2e-burst", "climate", "gh-e2e", zones["B"]),
                                                      _spec("nd-e2e-quiet", "climate", "gh-e2e", zones["B"])])

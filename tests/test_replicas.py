@@ -23,7 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from common import testing
 from common.db import Database
 from tests.stack import (PORT_FIELDS, SERVICES, ServiceStack, create_database, tear_down,
-                         free_ports, node_spec, run_with_db, seed_nodes, seed_shared_recipe)
+                         free_ports, node_spec, run_with_db, seed_nodes)
 
 TOKEN = "replicas-token"
 PH_TARGET = {"min": 5.6, "max": 6.0}
@@ -58,9 +58,9 @@ async def _seed(db: Database) -> dict[str, int]:
     zones = {}
     for name, caps in (("A", {"ph_control": True}), ("B", None), ("C", None), ("D", None)):
         zones[name] = await testing.seed_zone(db, gh, name, status="RUNNING", capabilities=caps)
-    await seed_shared_recipe(db, "rep", [{"ph": PH_TARGET, "ec": {"min": 0.6, "max": 1.6}},
-                                         {"irrigation_duration_sec": 2}],
-                             {zones["A"]: 0, zones["B"]: 1, zones["D"]: 1})
+    await testing.seed_recipe(db, [(None, {"ph": PH_TARGET, "ec": {"min": 0.6, "max": 1.6}}),
+                                   (None, {"irrigation_duration_sec": 2})],
+                              {zones["A"]: 0, zones["B"]: 1, zones["D"]: 1}, started_hours_ago=0)
     await seed_nodes(db, _simulated(zones) + [node_spec("nd-rep-burst", "climate", "gh-rep", zones["B"])])
     return zones
 
