@@ -143,7 +143,7 @@ class MqttClient:
         self._loop = asyncio.get_running_loop()
         self._connected_event = asyncio.Event()
         self._wake = asyncio.Event()
-        client = paho.Client(
+        client = paho_compat.BufferedReadClient(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=paho.MQTTv5,
