@@ -19,7 +19,8 @@ from common.env import Settings, settings_or_exit
 from common.infra_watch import ConnectionWatch
 from common.mqtt import MqttClient
 from common.redis_client import CONFIG_CHANGED_CHANNEL, key, redis_client
-from common.service import HttpServer, cancel_tasks, ops_app, ready_checks, run_service
+from common.lifecycle import cancel_tasks
+from common.service import HttpServer, ops_app, ready_checks, run_service
 from common.topics import Topics
 from actions import Services
 from config_source import ConfigLoader

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-from typing import Awaitable, Callable, Iterable, Protocol
+from typing import Awaitable, Callable
 
 import uvicorn
 from fastapi import FastAPI, Response
@@ -21,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .env import Settings, settings_or_exit
 from .http_guard import GuardedApp, HttpLimits, internal_error, protocol_with_timeout, validation_error
+from .lifecycle import Service, serve_until_signalled
 from .logs import setup_logging
 from .redis_client import REDIS_TRANSIENT
 
@@ -29,11 +29,6 @@ log = logging.getLogger("common.service")
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
 METRICS_EXAMPLE = '# HELP mqtt_connected 1 while the MQTT client is connected\n# TYPE mqtt_connected gauge\n' \
                   'mqtt_connected{client_id="hydro-registry"} 1.0\n'
-
-
-class Service(Protocol):
-    async def start(self) -> None: ...
-    async def stop(self) -> None: ...
 
 
 def add_ops_routes(app: FastAPI, ready: ReadyCheck, metrics: bool = True) -> FastAPI:
@@ -135,36 +130,6 @@ async def ready_checks(db=None, mqtt=None, redis=None) -> dict[str, bool]:
     if mqtt is not None:
         checks["mqtt"] = mqtt.connected
     return checks
-
-
-async def drain_then_cancel(tasks: Iterable[asyncio.Task], grace_sec: float) -> None:
-    """Shutdown: let running work end for `grace_sec`, then cancel what is left and wait for it."""
-    tasks = list(tasks)
-    if not tasks:
-        return
-    _, pending = await asyncio.wait(tasks, timeout=grace_sec)
-    await cancel_tasks(list(pending))
-
-
-async def cancel_tasks(tasks: list[asyncio.Task]) -> None:
-    """Cancel a service's background tasks and wait until each has ended (how it ended is its own
-    business: a task that failed was logged where it ran, and shutdown goes on)."""
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def serve_until_signalled(service: Service) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await service.start()
-    log.info("service_started")
-    await stop.wait()
-    log.info("service_stopping")
-    await service.stop()
-    log.info("service_stopped")
 
 
 def run_service(name: str, build: Callable[[Settings], Service], load: Callable[[], Settings] | None = None) -> int:

@@ -14,7 +14,8 @@ from api import build_app
 from common.db import Database
 from common.env import Settings, settings_or_exit
 from common.mqtt import MqttClient
-from common.service import HttpServer, drain_then_cancel, ready_checks, run_service
+from common.lifecycle import drain_then_cancel
+from common.service import HttpServer, ready_checks, run_service
 from common.topics import Topics
 from delivery import ConfigDelivery
 from laravel import LaravelForwarder

@@ -22,7 +22,7 @@ from typing import Awaitable, Callable
 
 from common import commands
 from common.db import Database
-from common.service import cancel_tasks
+from common.lifecycle import cancel_tasks
 
 import ingest_log
 import metrics as m

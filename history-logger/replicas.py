@@ -27,7 +27,7 @@ import redis.asyncio as redis
 from common.env import Settings
 from common.mqtt import MqttClient
 from common.redis_client import REDIS_TRANSIENT, key
-from common.service import cancel_tasks
+from common.lifecycle import cancel_tasks
 
 import metrics as m
 from receiver import Receiver, StreamKeys, subscribe

@@ -37,7 +37,7 @@ from common.alerts import add_zone_event
 from common.channels import DRAIN_CHANNELS, FILL_CHANNELS, is_valve
 from common.db import Database
 from common.schemas import CalibrateFlowRequest, FillRequest
-from common.service import cancel_tasks
+from common.lifecycle import cancel_tasks
 
 from publisher import ApiError, Publisher
 from settings import ServiceSettings

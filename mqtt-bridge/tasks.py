@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 
 from common.command_catalogue import CommandError
 from common.commands import CommandPublishError
-from common.service import drain_then_cancel
+from common.lifecycle import drain_then_cancel
 
 import metrics
 from publisher import ApiError

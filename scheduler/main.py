@@ -12,7 +12,8 @@ import sys
 from common.db import Database
 from common.env import Settings, settings_or_exit
 from common.mqtt import MqttClient
-from common.service import HttpServer, drain_then_cancel, ops_app, ready_checks, run_service
+from common.lifecycle import drain_then_cancel
+from common.service import HttpServer, ops_app, ready_checks, run_service
 from common.topics import Topics
 from actuators import CommandSender
 from engine import Scheduler

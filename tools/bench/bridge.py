@@ -53,7 +53,7 @@ def serve_bridge() -> None:
     sys.path.insert(0, str(BRIDGE))
     from common.env import settings_or_exit
     from common.logs import setup_logging
-    from common.service import serve_until_signalled
+    from common.lifecycle import serve_until_signalled
 
     from main import build
 
