@@ -11,7 +11,6 @@ service's current MQTT connection, up to the moment before which every received 
 PostgreSQL (the oldest entry still in the streams, or when input started to be held). A logger,
 broker, Redis or database outage therefore never makes a healthy fleet look silent: a node is
 offline only if it was not heard from in NODE_OFFLINE_TIMEOUT_SEC of that window.
-Every second: samples kept out of the stream by queue sampling refresh telemetry_last.
 """
 from __future__ import annotations
 
@@ -54,23 +53,20 @@ Window = tuple[float, float]  # (since, until) in epoch seconds
 
 class Housekeeping:
     def __init__(self, db: Database, options: ServiceSettings, timeout_sec: int, offline_sec: int,
-                 prune: Callable[[], Awaitable[None]], flush_sampled: Callable[[], Awaitable[int]],
-                 listening: Callable[[], Awaitable[Window | None]]):
+                 prune: Callable[[], Awaitable[None]], listening: Callable[[], Awaitable[Window | None]]):
         self.db = db
         self.listening = listening
         self.options = options
         self.timeout_sec = timeout_sec
         self.offline_sec = offline_sec
         self.prune = prune
-        self.flush_sampled = flush_sampled
         self.tasks: list[asyncio.Task] = []
         self.stopping = False
 
     def start(self) -> None:
         o = self.options
         self.tasks = [asyncio.create_task(self._every(o.timeout_sweep_sec, self.sweep_timeouts), name="sweep"),
-                      asyncio.create_task(self._every(o.offline_sweep_sec, self.offline_sweep), name="offline"),
-                      asyncio.create_task(self._every(1.0, self.flush_sampled), name="sampled-last")]
+                      asyncio.create_task(self._every(o.offline_sweep_sec, self.offline_sweep), name="offline")]
 
     async def stop(self) -> None:
         self.stopping = True  # besides cancel: a cancel swallowed inside a client library still ends the loop

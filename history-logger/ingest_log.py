@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncpg
 import redis.asyncio as redis
+import redis.exceptions as rex
 
 from common.db import Database
 
@@ -38,8 +39,14 @@ async def claim(conn: asyncpg.Connection, stream: str, entry_ids: list[bytes]) -
 
 
 async def prune(db: Database, client: redis.Redis, stream: str, group: str, min_age_sec: int = 600) -> int:
-    """Delete records older than min_age_sec below the group's oldest pending entry."""
-    summary = await client.xpending(stream, group)
+    """Delete records older than min_age_sec below the group's oldest pending entry (none before
+    the group exists: its writer, a process of its own, may not have created it yet)."""
+    try:
+        summary = await client.xpending(stream, group)
+    except rex.ResponseError as exc:
+        if "NOGROUP" in str(exc):
+            return 0
+        raise
     oldest = summary.get("min") if summary and summary.get("pending") else None
     bound = split_id(oldest) if oldest else (2**62, 0)
     result = await db.execute(

@@ -20,13 +20,13 @@ from common.topics import Topics
 
 import http_api
 from housekeeping import Housekeeping, prune_streams
-from node_cache import NodeCache
 from node_events import NodeEvents
-from receiver import Receiver, StreamKeys, subscribe
+from receiver import Receiver, subscribe
+from streams import StreamKeys
 from replicas import Replicas
 from settings import ServiceSettings
 from stream_consumer import StreamConsumer
-from telemetry_writer import TelemetryWriter
+from writer_process import WriterProcess
 
 log = logging.getLogger("history_logger")
 
@@ -43,16 +43,9 @@ class HistoryLogger:
         self.topics = Topics(settings.mqtt_topic_root)
         self.receiver = Receiver(settings, options, self.redis, self.keys)
         self.mqtt = MqttClient(settings, "-logger", manual_ack=True)
-        self.cache = NodeCache(self.db)
-        self.writer = TelemetryWriter(self.db, self.redis, self.keys, self.cache, options.dead_letter_max,
-                                      settings.telemetry_batch_size)
+        self.writer = WriterProcess(settings, options, self.receiver.note_queued)
         self.events = NodeEvents(settings, self.db, self.keys.events, self.redis, self.keys.dead,
                                  options.dead_letter_max)
-        self.telemetry_consumer = StreamConsumer(
-            self.redis, self.keys.telemetry, self.keys.group, options.consumer, self.writer.handle,
-            count=settings.telemetry_batch_size, block_ms=settings.telemetry_flush_ms,
-            claim_idle_ms=options.claim_idle_ms, name="telemetry", counter_key=self.keys.queued,
-            on_queued=self.receiver.note_queued)
         self.events_consumer = StreamConsumer(
             self.redis, self.keys.events, self.keys.group, options.consumer, self.events.handle,
             count=EVENTS_BATCH, block_ms=settings.telemetry_flush_ms, claim_idle_ms=options.claim_idle_ms,
@@ -60,7 +53,7 @@ class HistoryLogger:
         self.housekeeping = Housekeeping(
             self.db, options, settings.command_timeout_sec, settings.node_offline_timeout_sec,
             lambda: prune_streams(self.db, self.redis, [self.keys.telemetry, self.keys.events], self.keys.group),
-            self.writer.flush_sampled, self.listening)
+            self.listening)
         self.api = HttpServer(http_api.build_app(self.receiver, self.ready), settings.http_host,
                               settings.history_logger_port)
         self.replicas = Replicas(settings, options, self.redis, self.receiver) if settings.mqtt_shared_group else None
@@ -70,7 +63,7 @@ class HistoryLogger:
     async def ready(self) -> dict[str, bool]:
         checks = await ready_checks(db=self.db, redis=self.redis)
         # connected is not enough: the dispatcher that hands messages to the receiver must run too
-        return {**checks, "mqtt": self.mqtt.connected and self.mqtt.dispatching}
+        return {**checks, "mqtt": self.mqtt.connected and self.mqtt.dispatching, "writer": self.writer.alive}
 
     async def _others_alive(self) -> bool:
         try:
@@ -97,7 +90,7 @@ class HistoryLogger:
             await self.receiver.refresh_queue_len()
         except REDIS_TRANSIENT as exc:
             log.warning("redis_unavailable_at_start", extra={"error": str(exc)})
-        self.telemetry_consumer.start()
+        self.writer.start()
         self.events_consumer.start()
         self.housekeeping.start()
         await self.api.start()
@@ -123,7 +116,7 @@ class HistoryLogger:
         if self.replicas is not None:
             await self.replicas.stop(session_ended=end_session)
         await self.api.stop()
-        await self.telemetry_consumer.stop()      # the batch in hand is written and acknowledged
+        await self.writer.stop()                  # the batch in hand is written and acknowledged
         await self.events_consumer.stop()
         await self.housekeeping.stop()
         await self.metrics_http.stop()

@@ -20,6 +20,8 @@ FLUSH_SECONDS = Histogram("telemetry_flush_seconds", "Time to write one batch to
                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 COMMIT_LAG = Histogram("telemetry_commit_lag_seconds", "From a reading's timestamp to its commit in PostgreSQL",
                        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600))
+WRITER_RESTARTS = Counter("history_logger_writer_restarts_total",
+                          "Telemetry writer processes that exited unexpectedly and were started again")
 WRITE_RETRIES = Counter("history_logger_write_retries_total", "Retries after a transient failure", ["target"])
 
 HEARTBEATS = Counter("heartbeat_received_total", "Heartbeats received")

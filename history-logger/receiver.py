@@ -26,13 +26,14 @@ import redis.asyncio as redis
 
 from common.env import Settings
 from common.mqtt import LeaveUnacknowledged, Message, MqttClient
-from common.redis_client import REDIS_TRANSIENT, key
+from common.redis_client import REDIS_TRANSIENT
 from common.topics import Topics
 
 import metrics as m
 import telemetry_parse as tp
 from settings import ServiceSettings
-from telemetry_parse import Rejected, Sample
+from streams import Sample, StreamKeys, encode_entry
+from telemetry_parse import Rejected
 
 log = logging.getLogger("history_logger.receiver")
 
@@ -53,17 +54,6 @@ async def subscribe(mqtt: MqttClient, receiver: "Receiver") -> None:
     for kind in EVENT_KINDS:
         for filter_ in receiver.topics.filters(kind):
             await mqtt.subscribe_batch(filter_, receiver.on_events, qos=1, share_group=group)
-
-
-class StreamKeys:
-    def __init__(self, settings: Settings):
-        self.telemetry = key(settings, "telemetry:stream")
-        self.events = key(settings, "events:stream")
-        self.dead = key(settings, "telemetry:dead")
-        self.last = key(settings, "telemetry:last")          # sampled-away samples: newest per key
-        self.queued = key(settings, "telemetry:queued")      # samples in the stream not yet acknowledged
-        self.inflight = key(settings, f"mqtt:inflight:{settings.mqtt_client_id}")
-        self.group = "history-logger"
 
 
 class Stopping(LeaveUnacknowledged):
@@ -200,7 +190,7 @@ class Receiver:
         pipe = self.redis.pipeline(transaction=True)
         step = self.entry_samples
         for start in range(0, len(samples), step):
-            pipe.xadd(k.telemetry, tp.encode_entry(samples[start:start + step]))
+            pipe.xadd(k.telemetry, encode_entry(samples[start:start + step]))
         for entry in dead:
             pipe.xadd(k.dead, entry, maxlen=self.options.dead_letter_max, approximate=True)
         for entry in events:

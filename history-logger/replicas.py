@@ -30,7 +30,8 @@ from common.redis_client import REDIS_TRANSIENT, key
 from common.lifecycle import cancel_tasks
 
 import metrics as m
-from receiver import Receiver, StreamKeys, subscribe
+from receiver import Receiver, subscribe
+from streams import StreamKeys
 from settings import ServiceSettings
 
 log = logging.getLogger("history_logger.replicas")

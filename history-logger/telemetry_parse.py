@@ -1,13 +1,7 @@
-"""Telemetry input → one normalised sample (contract §2.4, §3.1, §7.2), or a rejection with a reason.
-
-Samples travel through the Redis stream several to an entry (`encode_entry`): their metadata as
-compact JSON lists and their full original payloads (which become `telemetry_samples.raw`).
-"""
+"""Telemetry input → one normalised sample (contract §2.4, §3.1, §7.2), or a rejection with a reason."""
 from __future__ import annotations
 
-import datetime as dt
 import re
-from dataclasses import dataclass
 
 import orjson
 from pydantic import ValidationError
@@ -18,8 +12,7 @@ from common.schemas import (MAX_FUTURE_SEC, MIN_EPOCH_SEC, MS_THRESHOLD, IngestS
 from common.topics import Topics, TopicError, check_segment, zone_id_from_segment
 
 import metrics as m
-
-EPOCH = dt.datetime(1970, 1, 1)
+from streams import Sample, to_ms
 _NON_FINITE = re.compile(rb'(?<![\w".])[-+]?(nan|inf(inity)?)(?![\w"])', re.IGNORECASE)
 
 
@@ -30,53 +23,6 @@ class Rejected(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
-
-
-@dataclass(slots=True)
-class Sample:
-    node: str | None        # node uid (None: HTTP sample addressed by zone only)
-    zone: int | None        # explicit zone id (HTTP ingest); MQTT samples take the node's zone
-    channel: str | None
-    metric: str
-    value: float | None
-    ts_ms: int
-    stub: bool
-    raw: bytes               # JSON text of the full payload
-
-    def meta(self) -> list:
-        return [self.node, self.zone, self.channel, self.metric, self.value, self.ts_ms, self.stub]
-
-    @property
-    def key(self) -> tuple:
-        return (self.node, self.zone, self.channel, self.metric)
-
-
-def from_meta(meta: list, raw: bytes = b"null") -> Sample:
-    node, zone, channel, metric, value, ts_ms, stub = meta
-    return Sample(node, zone, channel, metric, value, ts_ms, stub, raw)
-
-
-def encode_entry(samples: list[Sample]) -> dict[bytes, bytes]:
-    """Several samples in one stream entry: `n` count, `d` their metadata, `r` raw payloads joined
-    by NUL (which valid JSON text never contains)."""
-    return {b"n": str(len(samples)).encode(), b"d": orjson.dumps([s.meta() for s in samples]),
-            b"r": b"\0".join(s.raw for s in samples)}
-
-
-def decode_entry(fields: dict[bytes, bytes]) -> list[Sample]:
-    metas = orjson.loads(fields[b"d"])
-    raws = fields[b"r"].split(b"\0")
-    if len(raws) != len(metas):
-        raise ValueError("entry with mismatched d / r")
-    return [from_meta(meta, raw) for meta, raw in zip(metas, raws)]
-
-
-def to_ms(when: dt.datetime) -> int:
-    return (when - EPOCH) // dt.timedelta(milliseconds=1)
-
-
-def from_ms(ms: int) -> dt.datetime:
-    return EPOCH + dt.timedelta(milliseconds=ms)
 
 
 def load_json(payload: bytes) -> object:

@@ -25,9 +25,9 @@ from common.redis_client import REDIS_TRANSIENT
 
 import ingest_log
 import metrics as m
-import telemetry_parse as tp
+import streams
 from node_cache import NodeCache
-from receiver import StreamKeys
+from streams import Sample, StreamKeys
 from stream_consumer import Entry, Transient
 
 log = logging.getLogger("history_logger.writer")
@@ -88,14 +88,14 @@ SELECT entry_ms, entry_seq FROM claimed
 class Row:
     __slots__ = ("entry_id", "sample", "node_id", "zone_id")
 
-    def __init__(self, entry_id: bytes, sample: tp.Sample, node_id: int | None, zone_id: int | None):
+    def __init__(self, entry_id: bytes, sample: Sample, node_id: int | None, zone_id: int | None):
         self.entry_id = entry_id
         self.sample = sample
         self.node_id = node_id
         self.zone_id = zone_id
 
 
-Dead = tuple[bytes, "tp.Sample | None", str]
+Dead = tuple[bytes, "Sample | None", str]
 
 
 class TelemetryWriter:
@@ -114,13 +114,13 @@ class TelemetryWriter:
         A backlog read holds many batches; up to WRITE_CONCURRENCY of them are written at once on
         separate connections (each its own transaction; telemetry_last rows are sorted by key so
         concurrent upserts lock in the same order)."""
-        batches: list[list[tuple[bytes, list[tp.Sample]]]] = []
-        batch: list[tuple[bytes, list[tp.Sample]]] = []
+        batches: list[list[tuple[bytes, list[Sample]]]] = []
+        batch: list[tuple[bytes, list[Sample]]] = []
         size = 0
         dead: list[Dead] = []
         for entry_id, fields in entries:
             try:
-                samples = tp.decode_entry(fields)
+                samples = streams.decode_entry(fields)
             except (KeyError, ValueError, TypeError, orjson.JSONDecodeError):
                 dead.append((entry_id, None, "invalid_entry"))
                 continue
@@ -143,7 +143,7 @@ class TelemetryWriter:
                 if isinstance(result, BaseException):
                     raise result
 
-    async def _batch(self, batch: list[tuple[bytes, list[tp.Sample]]]) -> None:
+    async def _batch(self, batch: list[tuple[bytes, list[Sample]]]) -> None:
         started = time.perf_counter()
         rows, dead = await self._resolve(batch)
         if dead:
@@ -167,7 +167,7 @@ class TelemetryWriter:
             for row in stored:
                 observe(max(0.0, (now_ms - row.sample.ts_ms) / 1000))
 
-    async def _resolve(self, batch: list[tuple[bytes, list[tp.Sample]]]) -> tuple[list[Row], list[Dead]]:
+    async def _resolve(self, batch: list[tuple[bytes, list[Sample]]]) -> tuple[list[Row], list[Dead]]:
         try:
             nodes = await self.cache.resolve({s.node for _, samples in batch for s in samples if s.node})
         except PG_TRANSIENT as exc:
@@ -233,7 +233,7 @@ class TelemetryWriter:
         values, _ = await pipe.execute()
         if not values:
             return 0
-        samples = [tp.from_meta(orjson.loads(d)) for d in values.values()]
+        samples = [streams.from_meta(orjson.loads(d)) for d in values.values()]
         nodes = await self.cache.resolve({s.node for s in samples if s.node})
         rows = []
         for s in samples:
@@ -282,7 +282,7 @@ def _sample_columns(rows: list[Row]) -> tuple[list, ...]:
         metric.append(s.metric)
         value.append(s.value)
         raw.append(s.raw.decode("utf-8", "replace"))
-        ts.append(tp.from_ms(s.ts_ms))
+        ts.append(streams.from_ms(s.ts_ms))
     return zone, node, channel, metric, value, raw, ts
 
 
@@ -302,4 +302,4 @@ def _newest_per_key(rows: list[Row]) -> list[Row]:
 def _last_columns(rows: list[Row]) -> tuple[list, ...]:
     return ([r.zone_id for r in rows], [r.node_id if r.node_id is not None else -1 for r in rows],
             [r.sample.metric for r in rows], [r.sample.channel for r in rows], [r.sample.value for r in rows],
-            [tp.from_ms(r.sample.ts_ms) for r in rows])
+            [streams.from_ms(r.sample.ts_ms) for r in rows])

@@ -4,11 +4,13 @@ PostgreSQL, Redis and Mosquitto are private servers here (common.testing) so the
 stopped and killed; the writer-kill test runs the service as a real process and SIGKILLs it.
 """
 import asyncio
+import os
 import signal
 import time
 
 import asyncpg
 import orjson
+import pytest
 
 from common import testing
 from common.db import Database
@@ -17,13 +19,13 @@ from common.redis_client import redis_client
 from common.testing import drop_redis_keys
 
 import metrics as m
-import telemetry_parse as tp
+import streams
 from node_cache import NodeCache
-from receiver import Receiver, StreamKeys
+from receiver import Receiver
 from settings import ServiceSettings
 from telemetry_writer import TelemetryWriter
 from testing import (Publisher, assert_exactly, fast_settings, seed, start_logger, telemetry_messages, wait_published,
-                     wait_rows, wait_subscribed)
+                     wait_rows, wait_subscribed, writer_pid)
 
 
 async def test_postgres_restarted_mid_stream_loses_nothing():
@@ -58,7 +60,10 @@ async def test_postgres_restarted_mid_stream_loses_nothing():
         pg.close()
 
 
-async def test_writer_killed_mid_stream_no_loss_no_duplicates(settings, db):
+@pytest.mark.parametrize("victim", ["service", "writer"])
+async def test_killed_mid_stream_no_loss_no_duplicates(settings, db, victim):
+    """SIGKILL of the service process (its writer, orphaned, stops by itself) or of its writer
+    process (the service starts another), anywhere between receipt, append, COMMIT and XACK."""
     # A private broker that queues without limit while the service is down (the stock config
     # keeps 1,000 queued QoS1 messages per client and drops the rest).
     with testing.PrivateMosquitto() as broker:
@@ -75,9 +80,16 @@ async def test_writer_killed_mid_stream_no_loss_no_duplicates(settings, db):
             pub.sent = 1
             pub.start()
             await wait_rows(db, 800, 60)
-            proc.kill()  # SIGKILL: anywhere between receipt, stream append, commit and XACK
-            killed_at = await db.fetchval("SELECT count(*) FROM telemetry_samples")
-            proc.start()
+            writer = writer_pid(proc.proc.pid)
+            if victim == "service":
+                proc.kill()
+                killed_at = await db.fetchval("SELECT count(*) FROM telemetry_samples")
+                await testing.eventually(lambda: _gone(writer), 15)
+                proc.start()
+            else:
+                os.kill(writer, signal.SIGKILL)
+                killed_at = await db.fetchval("SELECT count(*) FROM telemetry_samples")
+                await testing.eventually(lambda: _replaced(proc.proc.pid, writer), 20)
             await wait_published(pub)
             try:
                 await wait_rows(db, 4000, 60)
@@ -87,10 +99,20 @@ async def test_writer_killed_mid_stream_no_loss_no_duplicates(settings, db):
             await asyncio.sleep(1.0)  # anything still arriving would be a duplicate
             await assert_exactly(db, 4000)
             assert killed_at < 4000
-            assert proc.terminate() == 0, proc.log()[-2000:]  # SIGTERM: clean exit
+            writer = writer_pid(proc.proc.pid)
+            assert proc.terminate() == 0, proc.log()[-2000:]  # SIGTERM: clean exit, the writer's too
+            assert await _gone(writer)
         finally:
             proc.kill()
             await drop_redis_keys(s)
+
+
+async def _gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z"
+
+
+async def _replaced(service_pid: int, old: int) -> bool:
+    return writer_pid(service_pid) not in (None, old)
 
 
 async def heartbeat_seen(s, db, ids, timeout: float = 30) -> None:
@@ -107,12 +129,12 @@ async def test_crash_between_commit_and_xack_and_dead_consumer_reclaimed(setting
     s = fast_settings(settings)
     ids = await seed(db)
     client = redis_client(s)
-    keys = StreamKeys(s)
+    keys = streams.StreamKeys(s)
     await client.xgroup_create(keys.telemetry, keys.group, id="0", mkstream=True)
     for i in range(30):
-        sample = tp.Sample(ids["node_uid"], None, "ph_sensor", "PH", 6.0, int(time.time() * 1000) + i, False,
+        sample = streams.Sample(ids["node_uid"], None, "ph_sensor", "PH", 6.0, int(time.time() * 1000) + i, False,
                            orjson.dumps({"seq": i}))
-        await client.xadd(keys.telemetry, tp.encode_entry([sample]))
+        await client.xadd(keys.telemetry, streams.encode_entry([sample]))
     own = f"{s.mqtt_client_id}-logger"
     mine = (await client.xreadgroup(keys.group, own, {keys.telemetry: ">"}, count=10))[0][1]
     dead = (await client.xreadgroup(keys.group, "dead-replica", {keys.telemetry: ">"}, count=10))[0][1]
@@ -165,7 +187,7 @@ async def test_an_append_whose_reply_is_lost_is_stored_once(settings):
     async with testing.ReplyLosingProxy(settings.redis_host, settings.redis_port, marker) as proxy:
         through = settings.replace(redis_port=proxy.port)
         client = redis_client(through, resend=False)
-        keys = StreamKeys(through)
+        keys = streams.StreamKeys(through)
         receiver = Receiver(through, ServiceSettings.from_env(through), client, keys)
         try:
             proxy.armed = True
@@ -204,7 +226,7 @@ async def test_queue_sampling_above_90_percent_and_hold_at_capacity(settings, db
     ids = await seed(db)
     service = await start_logger(s, TELEMETRY_SAMPLE_EVERY="10")
     try:
-        await service.telemetry_consumer.stop()  # the writer pauses: the stream fills up
+        await service.writer.stop()  # the writer pauses: the stream fills up
         topic = f"{s.mqtt_topic_root}/gh-1/zn-{ids['zone_id']}/{ids['node_uid']}"
         t0 = int(time.time()) - 500
         fill = [(f"{topic}/ch{i}/telemetry", orjson.dumps({"metric": "EC", "value": 1.0, "ts": t0 + i}), 1, False)
@@ -226,8 +248,7 @@ async def test_queue_sampling_above_90_percent_and_hold_at_capacity(settings, db
                  1, False) for i in range(20)]
         await asyncio.to_thread(testing.publish_sync, s.mqtt_host, s.mqtt_port, held)
         await testing.eventually(lambda: _grew(m.OVERFLOW, overflow_before), 10)
-        service.telemetry_consumer.stopping = False
-        service.telemetry_consumer.start()        # the writer resumes and makes room
+        service.writer.start()        # the writer resumes and makes room
         await wait_rows(db, 94 + 28, 30)   # everything held back is stored once there is room
         await asyncio.sleep(0.5)
         assert await db.fetchval("SELECT count(*) FROM telemetry_samples") == 122

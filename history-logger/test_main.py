@@ -148,4 +148,4 @@ async def test_bad_input_burst_dead_letters_each_with_reason_and_keeps_valid(log
     # still running: a later valid message is stored
     await apublish(s, [(good, {"metric": "PH", "value": 7.0})])
     await wait_rows(db, len(bad) + 1)
-    assert logger.telemetry_consumer.task is not None and not logger.telemetry_consumer.task.done()
+    assert logger.writer.alive

@@ -5,6 +5,7 @@ import orjson
 import pytest
 
 from common.topics import Topics
+import streams
 import telemetry_parse as tp
 
 NOW = time.time()
@@ -68,6 +69,6 @@ def test_timestamps_seconds_ms_iso_and_uptime():
 
 
 def test_entry_round_trip():
-    samples = [tp.Sample("nd-1", None, "ph", "PH", 5.5, 1, False, b'{"a":1}'),
-               tp.Sample(None, 3, None, "EC", None, 2, True, b'{"b":"x\\ny"}')]
-    assert tp.decode_entry(tp.encode_entry(samples)) == samples
+    samples = [streams.Sample("nd-1", None, "ph", "PH", 5.5, 1, False, b'{"a":1}'),
+               streams.Sample(None, 3, None, "EC", None, 2, True, b'{"b":"x\\ny"}')]
+    assert streams.decode_entry(streams.encode_entry(samples)) == samples

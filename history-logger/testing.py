@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import orjson
 
@@ -126,3 +127,15 @@ async def assert_exactly(db, total: int) -> None:
 async def wait_published(pub: Publisher, timeout: float = 60) -> None:
     await asyncio.to_thread(pub.join, timeout)
     assert pub.error is None and pub.sent == pub.total
+
+
+def writer_pid(service_pid: int) -> int | None:
+    """The telemetry writer process of the service process `service_pid` (None while it has none)."""
+    for task in Path(f"/proc/{service_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                if b"writer_process.py" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return int(child)
+            except FileNotFoundError:  # exited meanwhile
+                pass
+    return None
