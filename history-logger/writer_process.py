@@ -65,7 +65,7 @@ class WriterProcess:
         self.relay: Connection | None = None
         self.task: asyncio.Task | None = None
         self.stopping = False
-        self._seen: dict = {}  # the current writer's last report
+        self._seen: list = []  # the current writer's last report
 
     @property
     def alive(self) -> bool:
@@ -108,7 +108,7 @@ class WriterProcess:
             theirs.close()  # the writer holds the only other end: its exit ends the pair
         self.relay = Connection(ours.detach())
         self.relay.send((self.settings, self.options))
-        self._seen = {}
+        self._seen = []
         log.info("writer_process_started", extra={"pid": self.proc.pid})
 
     async def _watch(self) -> None:
@@ -145,11 +145,9 @@ class WriterProcess:
             self.relay = None
 
 
-def apply_report(report: dict, seen: dict) -> dict:
+def apply_report(report: dict, seen: list) -> list:
     """Add to this process's metrics what a writer's cumulative report grew by since `seen`."""
-    for metric in RELAYED:
-        name = metric._name
-        now, before = report["metrics"].get(name, {}), seen.get(name, {})
+    for metric, now, before in zip(RELAYED, report["metrics"], seen or [{}] * len(RELAYED)):
         for labels, value in now.items():
             if isinstance(metric, Histogram):
                 _add_histogram(metric, value, before.get(labels))
@@ -160,8 +158,8 @@ def apply_report(report: dict, seen: dict) -> dict:
 
 
 def _add_histogram(metric: Histogram, value: tuple[list[float], float], before) -> None:
-    """prometheus_client has no public way to add counts to a histogram's buckets; these two
-    attributes are checked by test_writer_process (the relayed exposition equals the writer's)."""
+    """prometheus_client has no public way to add counts to a histogram's buckets: this uses its
+    `_buckets` and `_sum` (test_writer_process reads the relayed histogram back)."""
     counts, total = value
     old_counts, old_total = before if before else ([0.0] * len(counts), 0.0)
     for bucket, new, old in zip(metric._buckets, counts, old_counts):
@@ -172,9 +170,10 @@ def _add_histogram(metric: Histogram, value: tuple[list[float], float], before) 
 
 
 def report(queued: int | None) -> dict:
-    """This process's relayed metrics, cumulative: counters by label values, histograms as
-    (count per bucket, sum)."""
-    out: dict = {}
+    """This process's relayed metrics (in RELAYED order), cumulative: counters by label values,
+    histograms as (count per bucket, sum); `queued` is the queue length after the latest
+    acknowledgement, None when nothing was acknowledged since the last report."""
+    out: list[dict] = []
     for metric in RELAYED:
         values: dict = {}
         for family in metric.collect():
@@ -189,7 +188,7 @@ def report(queued: int | None) -> dict:
                     total = sample.value
             if isinstance(metric, Histogram):  # (relayed histograms have no labels) cumulative → per bucket
                 values[()] = ([b - a for a, b in zip([0.0, *buckets], buckets)], total)
-        out[metric._name] = values
+        out.append(values)
     return {"metrics": out, "queued": queued}
 
 
@@ -255,6 +254,7 @@ class WriterService:
             self.relay.send(report(self.queued))
         except OSError:  # the service is gone
             pass
+        self.queued = None  # (a stale length would overwrite the receiver's fresher one)
 
     async def _parent_alive(self) -> None:
         if os.getppid() != self.parent:
