@@ -18,8 +18,10 @@ import datetime as dt
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -79,6 +81,29 @@ def run(script: str, extra: list[str], timeout: float) -> tuple[list[dict], str,
     return rows, output, elapsed
 
 
+def machine_speed() -> str:
+    """Two calibration figures: absolute results of two machines compare only as these do (the
+    ratios against same-run baselines hold across machines, the absolute targets do not)."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(10_000_000):
+        total += i
+    loop = time.perf_counter() - started
+    a, b = socket.socketpair()
+
+    def echo() -> None:
+        while data := b.recv(64):
+            b.sendall(data)
+    threading.Thread(target=echo, daemon=True).start()
+    started = time.perf_counter()
+    for _ in range(20_000):
+        a.sendall(b"x")
+        a.recv(64)
+    round_trip = (time.perf_counter() - started) / 20_000
+    a.close()
+    return f"{loop:.2f} s for 10 million Python additions, {round_trip * 1e6:.0f} µs per socket round trip"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, BENCHMARKS.md left as it is")
@@ -88,7 +113,7 @@ def main() -> int:
 
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = (f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
-               f"{platform.system()} {platform.release()}")
+               f"{platform.system()} {platform.release()}; {machine_speed()}")
     table, sections = [], []
     for script in args.only or BENCHES:
         print(f"running tools/bench/{script} ...", flush=True)
