@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Iterable, Protocol
+import time
+from typing import Awaitable, Callable, Iterable, Protocol
 
 log = logging.getLogger("common.service")
 
@@ -43,3 +44,18 @@ async def serve_until_signalled(service: Service) -> None:
     log.info("service_stopping")
     await service.stop()
     log.info("service_stopped")
+
+
+async def every(period: float, job: Callable[[], Awaitable[object]], logger: logging.Logger, event: str,
+                running: Callable[[], bool] = lambda: True) -> None:
+    """Run `job` every `period` seconds (start to start) while `running()`: a background loop of a
+    service. A round that fails is logged as `event` and the job runs again next period."""
+    while running():
+        started = time.monotonic()
+        try:
+            await job()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed round is retried next period
+            logger.warning(event, extra={"job": job.__name__, "error": str(exc)[:300]})
+        await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Awaitable, Callable
 
 from common import commands
 from common.db import Database
-from common.lifecycle import cancel_tasks
+from common.lifecycle import cancel_tasks, every
 
 import ingest_log
 import metrics as m
@@ -73,16 +72,8 @@ class Housekeeping:
         await cancel_tasks(self.tasks)
         self.tasks = []
 
-    async def _every(self, period: float, job: Callable[[], Awaitable[object]]) -> None:
-        while not self.stopping:
-            started = time.monotonic()
-            try:
-                await job()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a failed round is retried next period
-                log.warning("housekeeping_failed", extra={"job": job.__name__, "error": str(exc)[:300]})
-            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
+    def _every(self, period: float, job: Callable[[], Awaitable[object]]) -> Awaitable[None]:
+        return every(period, job, log, "housekeeping_failed", lambda: not self.stopping)
 
     async def sweep_timeouts(self) -> int:
         count = await commands.sweep_timeouts(self.db, self.timeout_sec)

@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Awaitable
 
 import redis.asyncio as redis
 
 from common.env import Settings
+from common.lifecycle import cancel_tasks, every
 from common.mqtt import MqttClient
 from common.redis_client import REDIS_TRANSIENT, key
-from common.lifecycle import cancel_tasks
 
 import metrics as m
 from receiver import Receiver, subscribe
@@ -94,15 +95,8 @@ class Replicas:
         pipe.sadd(self.members_key, self.me)
         await pipe.execute()
 
-    async def _every(self, job) -> None:
-        while not self.stopping:
-            try:
-                await job()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - retried next round
-                log.warning("replica_round_failed", extra={"job": job.__name__, "error": str(exc)[:300]})
-            await asyncio.sleep(self.lease_sec / 3)
+    def _every(self, job) -> Awaitable[None]:
+        return every(self.lease_sec / 3, job, log, "replica_round_failed", lambda: not self.stopping)
 
     async def _rescue_dead(self) -> None:
         for member in await self._dead_members():

@@ -32,7 +32,7 @@ from common.db import Database
 from common.env import Settings
 from common.logs import setup_logging
 from common.redis_client import redis_client
-from common.lifecycle import cancel_tasks, serve_until_signalled
+from common.lifecycle import cancel_tasks, every, serve_until_signalled
 
 import metrics as m
 from node_cache import NodeCache
@@ -224,9 +224,9 @@ class WriterService:
     async def start(self) -> None:
         await self.db.connect(wait=False)  # the backlog waits in Redis while PostgreSQL is down
         self.consumer.start()
-        self.tasks = [asyncio.create_task(self._every(RELAY_EVERY_SEC, self._report), name="relay"),
-                      asyncio.create_task(self._every(1.0, self.writer.flush_sampled), name="sampled-last"),
-                      asyncio.create_task(self._every(PARENT_CHECK_SEC, self._parent_alive), name="parent")]
+        self.tasks = [asyncio.create_task(every(period, job, log, "writer_job_failed"), name=job.__name__)
+                      for period, job in ((RELAY_EVERY_SEC, self._report), (1.0, self.writer.flush_sampled),
+                                          (PARENT_CHECK_SEC, self._parent_alive))]
 
     async def stop(self) -> None:
         await self.consumer.stop()  # the batch in hand is written and acknowledged
@@ -235,16 +235,6 @@ class WriterService:
         self.relay.close()
         await self.redis.aclose()
         await self.db.close()
-
-    async def _every(self, period: float, job) -> None:
-        while True:
-            try:
-                await job()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - retried next period
-                log.warning("writer_job_failed", extra={"job": job.__name__, "error": str(exc)[:300]})
-            await asyncio.sleep(period)
 
     async def _report(self) -> None:
         self._report_now()
