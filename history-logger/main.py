@@ -1,8 +1,9 @@
 """history-logger: node → backend MQTT traffic into PostgreSQL, through a Redis stream.
 
 MQTT (QoS1, persistent session, manual PUBACK) → receiver (validate, normalise) → Redis
-streams (PUBACK only after the append) → writers (consumer groups; XACK only after COMMIT)
-→ PostgreSQL. HTTP :9300 ingest + ops, :9301 metrics. See README.md.
+streams (PUBACK only after the append) → writers (consumer groups; XACK only after COMMIT; the
+telemetry writer is a process of its own, writer_process.py) → PostgreSQL. HTTP :9300 ingest +
+ops, :9301 metrics. See README.md.
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ import http_api
 from housekeeping import Housekeeping, prune_streams
 from node_events import NodeEvents
 from receiver import Receiver, subscribe
-from streams import StreamKeys
 from replicas import Replicas
 from settings import ServiceSettings
 from stream_consumer import StreamConsumer
+from streams import StreamKeys
 from writer_process import WriterProcess
 
 log = logging.getLogger("history_logger")

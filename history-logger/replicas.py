@@ -32,8 +32,8 @@ from common.redis_client import REDIS_TRANSIENT, key
 
 import metrics as m
 from receiver import Receiver, subscribe
-from streams import StreamKeys
 from settings import ServiceSettings
+from streams import StreamKeys
 
 log = logging.getLogger("history_logger.replicas")
 

@@ -25,9 +25,8 @@ from common.redis_client import REDIS_TRANSIENT
 
 import ingest_log
 import metrics as m
-import streams
 from node_cache import NodeCache
-from streams import Sample, StreamKeys
+from streams import Sample, StreamKeys, decode_entry, from_meta, from_ms
 from stream_consumer import Entry, Transient
 
 log = logging.getLogger("history_logger.writer")
@@ -120,7 +119,7 @@ class TelemetryWriter:
         dead: list[Dead] = []
         for entry_id, fields in entries:
             try:
-                samples = streams.decode_entry(fields)
+                samples = decode_entry(fields)
             except (KeyError, ValueError, TypeError, orjson.JSONDecodeError):
                 dead.append((entry_id, None, "invalid_entry"))
                 continue
@@ -233,7 +232,7 @@ class TelemetryWriter:
         values, _ = await pipe.execute()
         if not values:
             return 0
-        samples = [streams.from_meta(orjson.loads(d)) for d in values.values()]
+        samples = [from_meta(orjson.loads(d)) for d in values.values()]
         nodes = await self.cache.resolve({s.node for s in samples if s.node})
         rows = []
         for s in samples:
@@ -282,7 +281,7 @@ def _sample_columns(rows: list[Row]) -> tuple[list, ...]:
         metric.append(s.metric)
         value.append(s.value)
         raw.append(s.raw.decode("utf-8", "replace"))
-        ts.append(streams.from_ms(s.ts_ms))
+        ts.append(from_ms(s.ts_ms))
     return zone, node, channel, metric, value, raw, ts
 
 
@@ -302,4 +301,4 @@ def _newest_per_key(rows: list[Row]) -> list[Row]:
 def _last_columns(rows: list[Row]) -> tuple[list, ...]:
     return ([r.zone_id for r in rows], [r.node_id if r.node_id is not None else -1 for r in rows],
             [r.sample.metric for r in rows], [r.sample.channel for r in rows], [r.sample.value for r in rows],
-            [streams.from_ms(r.sample.ts_ms) for r in rows])
+            [from_ms(r.sample.ts_ms) for r in rows])
