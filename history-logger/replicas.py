@@ -61,13 +61,14 @@ class Replicas:
         return key(self.settings, f"logger:rescue:{member}")
 
     async def start(self) -> None:
+        # Alive first, then wait: a rescue of our old session that ends (or gives up) while we wait
+        # must not be followed by another one, which would hold our client id when we connect.
+        await self._renew()
+        self.tasks = [asyncio.create_task(self._every(self._renew), name="replica-lease")]
         deadline = time.monotonic() + RESCUE_MAX_SEC
         while await self.redis.exists(self._rescue_lock(self.me)) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)  # another replica is draining our old session: do not take it back
-        await self._renew()
-        # renewing never waits for a rescue in progress: a slow rescue must not make us look dead
-        self.tasks = [asyncio.create_task(self._every(self._renew), name="replica-lease"),
-                      asyncio.create_task(self._every(self._rescue_dead), name="replica-rescue")]
+        self.tasks.append(asyncio.create_task(self._every(self._rescue_dead), name="replica-rescue"))
 
     async def stop(self, session_ended: bool) -> None:
         self.stopping = True
