@@ -1,6 +1,6 @@
 """The things common.mqtt needs that paho-mqtt has no public API for, in one place.
 
-Both reach into paho's private client state, which may change in any release: this module
+They reach into paho's private client state, which may change in any release: this module
 refuses to load with a paho-mqtt version it was not written for (update the pin in
 common/requirements.txt, re-check these functions against the new paho source and
 `test_paho_compat.py`, then add the version here).

@@ -112,6 +112,17 @@ def wait_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The child processes of process `pid` (from /proc; a thread that ends meanwhile is skipped)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            pass
+    return children
+
+
 async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.05,
                      message: str = "condition") -> Any:
     """Poll `check()` until it returns something truthy; fail with `message` after `timeout`."""

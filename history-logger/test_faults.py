@@ -1,7 +1,8 @@
 """Fault tests: servers restarted or the service killed mid-stream → no loss, no duplicates.
 
 PostgreSQL, Redis and Mosquitto are private servers here (common.testing) so they can be
-stopped and killed; the writer-kill test runs the service as a real process and SIGKILLs it.
+stopped and killed; the kill test runs the service as a real process and SIGKILLs it or its
+writer process.
 """
 import asyncio
 import os

@@ -131,11 +131,10 @@ async def wait_published(pub: Publisher, timeout: float = 60) -> None:
 
 def writer_pid(service_pid: int) -> int | None:
     """The telemetry writer process of the service process `service_pid` (None while it has none)."""
-    for task in Path(f"/proc/{service_pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                if b"writer_process.py" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    return int(child)
-            except FileNotFoundError:  # exited meanwhile
-                pass
+    for child in testing.child_pids(service_pid):
+        try:
+            if b"writer_process.py" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return child
+        except FileNotFoundError:  # exited meanwhile
+            pass
     return None

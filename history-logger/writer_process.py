@@ -231,15 +231,12 @@ class WriterService:
     async def stop(self) -> None:
         await self.consumer.stop()  # the batch in hand is written and acknowledged
         await cancel_tasks(self.tasks)
-        self._report_now()
+        await self._report()  # the last counts
         self.relay.close()
         await self.redis.aclose()
         await self.db.close()
 
     async def _report(self) -> None:
-        self._report_now()
-
-    def _report_now(self) -> None:
         try:
             self.relay.send(report(self.queued))
         except OSError:  # the service is gone

@@ -131,12 +131,11 @@ def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             total += int(line.split()[1]) / 1024
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                total += peak_rss_mb(int(child))
-            except FileNotFoundError:  # exited meanwhile
-                pass
+    for child in testing.child_pids(pid):
+        try:
+            total += peak_rss_mb(child)
+        except FileNotFoundError:  # exited meanwhile
+            pass
     return total
 
 
@@ -145,12 +144,11 @@ def cpu_seconds(pid: int) -> list[float]:
     ticks = os.sysconf("SC_CLK_TCK")
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     out = [(int(fields[11]) + int(fields[12])) / ticks]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                out += cpu_seconds(int(child))
-            except FileNotFoundError:
-                pass
+    for child in testing.child_pids(pid):
+        try:
+            out += cpu_seconds(child)
+        except FileNotFoundError:  # exited meanwhile
+            pass
     return out
 
 
